@@ -1,0 +1,3 @@
+from portrace.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Errors a user can cause or fix, each with its own exit code.
+
+The CLI prints ``portrace: <message>`` on one line and exits with ``exit_code``;
+nothing here is a bug, so nothing here gets a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2  # click's own code for bad arguments (e.g. port 70000)
+
+
+class PortraceError(Exception):
+    exit_code = 1
+
+
+class NeedsRoot(PortraceError):
+    exit_code = 3
+
+
+class NoTracefs(PortraceError):
+    exit_code = 4
+
+
+class NoKernelHeaders(PortraceError):
+    exit_code = 5
+
+
+class BpfUnavailable(PortraceError):
+    exit_code = 6
+
+
+class MissingTracepoint(PortraceError):
+    exit_code = 7
+
+
+class NoBcc(PortraceError):
+    exit_code = 8
+
+
+class StagingFailed(PortraceError):
+    """`portrace demo` could not stage its scenario (netns, processes)."""
+
+    exit_code = 9
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success (also after Ctrl-C / SIGTERM)",
+    1: "unexpected runtime failure",
+    EXIT_USAGE: "bad arguments (e.g. a port outside 1-65535)",
+    NeedsRoot.exit_code: "not running as root",
+    NoTracefs.exit_code: "tracefs is not mounted and could not be mounted",
+    NoKernelHeaders.exit_code: "kernel headers missing: bcc cannot compile the probes",
+    BpfUnavailable.exit_code: "the kernel refused the BPF programs",
+    MissingTracepoint.exit_code: "a tracepoint portrace needs is missing from this kernel",
+    NoBcc.exit_code: "the bcc Python bindings (python3-bpfcc) are not importable",
+    StagingFailed.exit_code: "portrace demo could not stage its scenario",
+}

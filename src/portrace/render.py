@@ -1,0 +1,74 @@
+"""Human output: one compact block per failure, for a person at a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from portrace.diagnose import describe
+from portrace.events import (
+    BindAttempt,
+    BindError,
+    Event,
+    Lost,
+    Ready,
+    StateChange,
+    errno_name,
+    format_endpoint,
+)
+
+MAX_BLOCKERS_SHOWN = 5
+
+
+def _clock(ev: Event) -> str:
+    return ev.ts.astimezone().strftime("%H:%M:%S")
+
+
+def format_failure(ev: BindError) -> list[str]:
+    a = ev.attempt
+    head = (f"{_clock(ev)} {a.comm}[{a.pid}] bind {format_endpoint(a.addr, a.port)} "
+            f"{errno_name(a.errno)}")
+    ns = f"netns {ev.netns.inode}" + (" (portrace's own: the process had exited)"
+                                       if ev.netns.source == "tracer" else "")
+    lines = [click.style(head, bold=True) + click.style(f"  {a.protocol}, {ns}", dim=True)]
+    for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
+        lines.append("  " + click.style(describe(b), fg="yellow"))
+    if len(ev.blockers) > MAX_BLOCKERS_SHOWN:
+        lines.append(f"  ... and {len(ev.blockers) - MAX_BLOCKERS_SHOWN} more (see --json)")
+    if not ev.blockers:
+        lines.append("  " + click.style(ev.verdict.summary, fg="yellow"))
+    lines.append(f"  cause: {click.style(ev.verdict.cause, bold=True)}"
+                 + click.style(f"  (looked up {ev.lookup_ms:.1f} ms after the failure)", dim=True))
+    lines.extend(f"  - {line}" for line in ev.verdict.advice)
+    return lines
+
+
+def format_event(ev: Event, states: bool) -> list[str]:
+    """Lines for one event; transitions and successful binds only with ``states``."""
+    if isinstance(ev, BindError):
+        return format_failure(ev)
+    if isinstance(ev, Ready):
+        where = ", ".join(map(str, ev.ports)) if ev.ports else "every port (failures only)"
+        return [click.style(f"portrace: watching bind() on {where} "
+                            f"(engine {ev.engine}, kernel {ev.kernel}); Ctrl-C to stop", dim=True)]
+    if isinstance(ev, Lost):
+        return [click.style(f"portrace: ring buffer full, {ev.count} records lost", fg="red")]
+    if not states:
+        return []
+    if isinstance(ev, StateChange):
+        who = f" {ev.owner.comm}[{ev.owner.pid}]" if ev.owner else ""
+        return [click.style(f"{_clock(ev)} {ev.local} <-> {ev.remote} {ev.old} -> {ev.new}{who}",
+                            dim=True)]
+    if isinstance(ev, BindAttempt):
+        return [click.style(f"{_clock(ev)} {ev.comm}[{ev.pid}] bind "
+                            f"{format_endpoint(ev.addr, ev.port)} ok", dim=True)]
+    return []
+
+
+def terminal_sink(states: bool,
+                  echo: Callable[[str], None] = click.echo) -> Callable[[Event], None]:
+    def sink(ev: Event) -> None:
+        for line in format_event(ev, states):
+            echo(line)
+    return sink

@@ -1,0 +1,216 @@
+"""Who holds a port right now: sock_diag (via pyroute2) in a given network
+namespace, and every process whose fd table holds each socket's inode.
+
+Kernel facts used here (checked against the source and on 6.18):
+- TIME_WAIT / FIN_WAIT2 minisocks come back from an inet_diag dump with
+  ``idiag_expires`` in ms, uid 0 and inode 0 (net/ipv4/inet_diag.c:
+  inet_twsk_diag_fill).
+- Bound-only TCP sockets are dumped only when the request's state mask has bit
+  13 (TCP_BOUND_INACTIVE, 6.5+) and are reported in state CLOSE; that part of the
+  dump ignores ``idiag_sport``, so ports are filtered here too.
+- A dump is per network namespace: the netlink socket's namespace.
+- Socket inodes are unique machine-wide, so one /proc scan serves every netns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import psutil
+from pyroute2 import DiagSocket
+from pyroute2.netns import popns, pushns
+
+from portrace.events import FAMILIES, Endpoint, Netns, tcp_state_name
+
+TCP_BOUND_INACTIVE = 13
+ALL_STATES = (1 << 14) - 1  # every TCP state plus bit 13 (bound-only sockets)
+MINISOCK_STATES = ("TIME_WAIT", "FIN_WAIT2")
+
+# sock_diag reports an unconnected UDP socket in TCP_CLOSE; ss calls it UNCONN.
+UDP_STATE = {7: "UNCONN", 1: "ESTABLISHED"}
+
+
+@dataclass(frozen=True)
+class SocketEntry:
+    """One socket from a sock_diag dump. ``expires_ms`` is set for minisocks."""
+
+    protocol: str  # tcp | udp
+    family: str  # inet | inet6
+    state: str
+    local: Endpoint
+    remote: Endpoint | None  # None when unconnected
+    inode: int
+    uid: int
+    cookie: int
+    expires_ms: int | None
+    v6only: bool | None  # inet6 only (INET_DIAG_SKV6ONLY)
+    bound_dev_if: int
+
+    @property
+    def minisock(self) -> bool:
+        """A TIME_WAIT/FIN_WAIT2 timewait socket: no inode, no owner process."""
+        return self.protocol == "tcp" and self.inode == 0 and self.state in MINISOCK_STATES
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    ppid: int
+    comm: str
+    fds: tuple[int, ...]
+
+
+@dataclass
+class Snapshot:
+    netns: Netns
+    sockets: list[SocketEntry]
+    holders: dict[int, list[Holder]] = field(default_factory=dict)  # inode -> holders
+
+
+def _ns_inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
+    """An fd on the failing thread's network namespace, or None and portrace's
+    own namespace when the thread is already gone (the caller closes the fd)."""
+    for path in (f"/proc/{pid}/task/{tid}/ns/net", f"/proc/{pid}/ns/net"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        return fd, Netns(inode=os.fstat(fd).st_ino, source="process")
+    return None, Netns(inode=_ns_inode("/proc/self/ns/net"), source="tracer")
+
+
+@contextlib.contextmanager
+def entered(netns_fd: int | None) -> Iterator[None]:
+    """Run the body with this thread in ``netns_fd`` (None: stay where we are)."""
+    if netns_fd is None:
+        yield
+        return
+    pushns(netns_fd)
+    try:
+        yield
+    finally:
+        popns()
+
+
+def socket_protocol(pid: int, fd: int) -> str | None:
+    """``tcp``/``udp`` for a live process's socket fd, from sockfs's
+    ``system.sockprotoname`` xattr (net/socket.c: sockfs_xattr_get); None if gone."""
+    try:
+        name = os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0")
+    except OSError:
+        return None
+    return {b"TCP": "tcp", b"TCPv6": "tcp", b"UDP": "udp", b"UDPv6": "udp"}.get(name)
+
+
+def _entry(protocol: str, msg: dict) -> SocketEntry:
+    attrs = dict(msg.get("attrs", []))
+    family = FAMILIES[msg["idiag_family"]]
+    raw_state = msg["idiag_state"]
+    if protocol == "tcp":
+        state = tcp_state_name(raw_state)
+    else:
+        state = UDP_STATE.get(raw_state, str(raw_state))
+    # Listening, bound-only and unconnected UDP sockets have no peer (port 0).
+    remote = Endpoint(msg["idiag_dst"], msg["idiag_dport"]) if msg["idiag_dport"] else None
+    minisock = protocol == "tcp" and msg["idiag_inode"] == 0 and state in MINISOCK_STATES
+    v6 = attrs.get("INET_DIAG_SKV6ONLY")
+    return SocketEntry(
+        protocol=protocol,
+        family=family,
+        state=state,
+        local=Endpoint(msg["idiag_src"], msg["idiag_sport"]),
+        remote=remote,
+        inode=msg["idiag_inode"],
+        uid=msg["idiag_uid"],
+        cookie=msg["idiag_cookie"],
+        expires_ms=msg["idiag_expires"] if minisock else None,
+        v6only=None if v6 is None else bool(v6),
+        bound_dev_if=msg["idiag_if"],
+    )
+
+
+def dump_port(port: int, protocols: Iterable[str], netns_fd: int | None) -> list[SocketEntry]:
+    """Every socket with local port ``port`` in the namespace, both families.
+
+    Raises OSError if the namespace cannot be entered or sock_diag answers an error.
+    """
+    with entered(netns_fd):
+        ds = DiagSocket()  # the netlink socket keeps the namespace it was made in
+    out: list[SocketEntry] = []
+    try:
+        ds.bind()
+        for protocol in protocols:
+            proto = socket.IPPROTO_TCP if protocol == "tcp" else socket.IPPROTO_UDP
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ds.get_sock_stats(family=family, protocol=proto, states=ALL_STATES,
+                                             sport=port):
+                    if msg["idiag_sport"] == port:
+                        out.append(_entry(protocol, msg))
+    finally:
+        ds.close()
+    return out
+
+
+def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
+    """inode -> every process with an fd on it (an inherited fd counts: it is the
+    same open file). One pass over /proc/*/fd, as ``ss -p`` does."""
+    wanted = {f"socket:[{i}]": i for i in inodes if i}
+    found: dict[int, list[Holder]] = {}
+    if not wanted:
+        return found
+    for proc in psutil.process_iter(["pid", "ppid", "name"]):
+        pid = proc.info["pid"]
+        fds: dict[int, list[int]] = {}
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as it:
+                for entry in it:
+                    try:
+                        target = os.readlink(entry.path)
+                    except OSError:
+                        continue
+                    inode = wanted.get(target)
+                    if inode is not None:
+                        fds.setdefault(inode, []).append(int(entry.name))
+        except OSError:
+            continue  # exited, or a kernel thread
+        for inode, nums in fds.items():
+            found.setdefault(inode, []).append(
+                Holder(pid=pid, ppid=proc.info["ppid"] or 0, comm=proc.info["name"] or "?",
+                       fds=tuple(sorted(nums)))
+            )
+    return found
+
+
+def fd_inode(pid: int, fd: int) -> int | None:
+    """The socket inode behind a process's fd, None if gone or not a socket."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if target.startswith("socket:["):
+        return int(target[8:-1])
+    return None
+
+
+def read_sysctl(name: str, netns_fd: int | None) -> str | None:
+    """A sysctl as the namespace sees it (``net.*`` ones are per netns)."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    with entered(netns_fd):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+
+def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None, netns: Netns) -> Snapshot:
+    socks = dump_port(port, protocols, netns_fd)
+    return Snapshot(netns=netns, sockets=socks, holders=holders_of(s.inode for s in socks))

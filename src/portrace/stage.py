@@ -1,0 +1,221 @@
+"""Stage real port conflicts with real processes, optionally in a throwaway
+network namespace. Used by ``portrace demo`` and the test suite.
+
+Each role runs as its own process (``python -m portrace.stage ROLE ...``),
+names itself with PR_SET_NAME so the tracer's output is readable, prints one
+``ready ...`` line when its sockets are in place, and (with ``--hold``) keeps
+them until its stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from portrace.errors import StagingFailed
+
+PR_SET_NAME = 15
+
+
+def _set_comm(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def _socket(addr: str, udp: bool, reuseaddr: bool, v6only: bool | None) -> socket.socket:
+    s = socket.socket(_family(addr), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    if reuseaddr:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if v6only is not None and s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    return s
+
+
+def _ready(*info: object) -> None:
+    print("ready", *info, flush=True)
+
+
+def _hold() -> None:
+    """Keep everything open until stdin closes (the stager's signal to go)."""
+    while True:
+        r, _, _ = select.select([sys.stdin], [], [], 3600)
+        if r and not sys.stdin.buffer.read1(4096):
+            return
+
+
+def role_listen(a: argparse.Namespace) -> None:
+    s = _socket(a.addr, a.udp, a.reuseaddr, a.v6only)
+    s.bind((a.addr, a.port))
+    if not a.udp:
+        s.listen()
+    _ready(os.getpid())
+    _hold()
+
+
+def role_listen_fork_child(a: argparse.Namespace) -> None:
+    """Listen, hand the fd to a `sleep` child, exit: the child keeps the port."""
+    s = _socket(a.addr, False, False, None)
+    s.bind((a.addr, a.port))
+    s.listen()
+    child = subprocess.Popen(["sleep", str(a.child_seconds)], pass_fds=[s.fileno()],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    _ready(child.pid)
+    os._exit(0)  # no cleanup: the child must outlive us holding the fd
+
+
+def role_timewait(a: argparse.Namespace) -> None:
+    """Serve one connection and close it first (active close), then exit:
+    the server side of the connection is left in TIME_WAIT."""
+    srv = _socket(a.addr, False, False, None)
+    srv.bind((a.addr, a.port))
+    srv.listen()
+    cli = socket.create_connection((a.addr, a.port))
+    client_port = cli.getsockname()[1]
+    conn, _ = srv.accept()
+    conn.close()  # server closes first: ESTABLISHED -> FIN_WAIT1 in this process
+    deadline = time.monotonic() + 5
+    while cli.recv(1) and time.monotonic() < deadline:  # wait for the server's FIN
+        pass
+    cli.close()
+    srv.close()
+    time.sleep(0.05)  # the last ACK lands, the server side enters TIME_WAIT
+    _ready(client_port)
+    os._exit(0)
+
+
+def role_established(a: argparse.Namespace) -> None:
+    """Accept a connection, close the listener, keep the connection open."""
+    srv = _socket(a.addr, False, False, None)
+    srv.bind((a.addr, a.port))
+    srv.listen()
+    cli = socket.create_connection((a.addr, a.port))
+    conn, _ = srv.accept()
+    srv.close()
+    _ready(cli.getsockname()[1])
+    _hold()
+    conn.close()
+
+
+def role_bind(a: argparse.Namespace) -> None:
+    """Try one bind and report it: ``ready ok`` or ``ready EADDRINUSE``."""
+    s = _socket(a.addr, a.udp, a.reuseaddr, a.v6only)
+    try:
+        s.bind((a.addr, a.port))
+        result = "ok"
+    except OSError as exc:
+        result = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    _ready(result)
+    if a.hold:
+        _hold()
+
+
+ROLES = {
+    "listen": role_listen,
+    "listen-fork-child": role_listen_fork_child,
+    "timewait": role_timewait,
+    "established": role_established,
+    "bind": role_bind,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m portrace.stage")
+    p.add_argument("role", choices=sorted(ROLES))
+    p.add_argument("addr")
+    p.add_argument("port", type=int)
+    p.add_argument("--name", default="portrace-stage")
+    p.add_argument("--udp", action="store_true")
+    p.add_argument("--reuseaddr", action="store_true")
+    p.add_argument("--v6only", type=int, choices=(0, 1), default=None)
+    p.add_argument("--hold", action="store_true")
+    p.add_argument("--child-seconds", type=int, default=300)
+    a = p.parse_args(argv)
+    if a.v6only is not None:
+        a.v6only = bool(a.v6only)
+    _set_comm(a.name)
+    ROLES[a.role](a)
+
+
+class Netns:
+    """A throwaway network namespace with loopback up; deleted on exit."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> Netns:
+        _run(["ip", "netns", "add", self.name])
+        try:
+            _run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        except StagingFailed:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+    def sysctl(self, key: str, value: str) -> None:
+        _run(["ip", "netns", "exec", self.name, "sysctl", "-qw", f"{key}={value}"])
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise StagingFailed(f"{' '.join(argv)}: {detail.strip()}") from None
+
+
+class Staged:
+    """One staged role process. ``info`` is what it printed after ``ready``."""
+
+    def __init__(self, role: str, addr: str, port: int, *args: str, name: str,
+                 netns: Netns | None = None, timeout: float = 10.0) -> None:
+        argv = [sys.executable, "-m", "portrace.stage", role, addr, str(port), "--name", name,
+                *args]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns.name, *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.info = self._await_ready(timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _await_ready(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if r else ""
+        if not line.startswith("ready"):
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise StagingFailed(f"staged {self.proc.args!r} did not get ready: "
+                                f"{(line + err).strip()[-500:]}")
+        return line[len("ready"):].strip()
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Close its stdin (it lets go of its sockets) and reap it."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+if __name__ == "__main__":
+    main()
