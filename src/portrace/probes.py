@@ -74,14 +74,38 @@ def kernel_headers_dir() -> Path | None:
     return None
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39  # include/uapi/linux/capability.h
+
+
+def effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def can_load_tracing_bpf(caps: int) -> bool:
+    """CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN (kernel/bpf/syscall.c: bpf_prog_load)."""
+    def has(cap: int) -> bool:
+        return bool(caps >> cap & 1)
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
 def preflight() -> Path:
     """Check what loading needs, cheapest first. Returns the tracefs root.
 
-    Raises NeedsRoot, NoBcc, NoTracefs, MissingTracepoint, NoKernelHeaders.
+    Raises NeedsRoot, BpfUnavailable, NoBcc, NoTracefs, MissingTracepoint,
+    NoKernelHeaders.
     """
     if os.geteuid() != 0:
         raise errors.NeedsRoot(
             "needs root to load BPF programs and read other processes' sockets: run with sudo"
+        )
+    if not can_load_tracing_bpf(effective_caps()):
+        raise errors.BpfUnavailable(
+            "root, but without CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN: the kernel will refuse "
+            "the BPF programs (a container or capability bounding set dropped them)"
         )
     try:
         import bcc  # noqa: F401
@@ -202,15 +226,15 @@ class Probes:
                 f"the kernel refused the BPF programs ({msg}); portrace needs CAP_BPF and "
                 "CAP_PERFMON (or CAP_SYS_ADMIN) and tracepoint BPF support (CONFIG_BPF_EVENTS)"
             ) from None
-        self._layout = self._bpf["pt_layout"].Leaf
-        cfg = self._bpf["config"]
+        self._layout = self._bpf[b"pt_layout"].Leaf
+        cfg = self._bpf[b"config"]
         value = cfg.Leaf()
         value.all_ports = 0 if self.ports else 1
-        watched = self._bpf["watched_ports"]
+        watched = self._bpf[b"watched_ports"]
         for port in self.ports:
             watched[watched.Key(port)] = watched.Leaf(1)
         cfg[cfg.Key(0)] = value  # last: the filter is complete before it applies
-        self._bpf["events"].open_ring_buffer(self._on_record)
+        self._bpf[b"events"].open_ring_buffer(self._on_record)
 
     def _on_record(self, _ctx: Any, data: Any, _size: int) -> None:
         rec = ctypes.cast(data, ctypes.POINTER(self._layout)).contents
@@ -226,14 +250,14 @@ class Probes:
 
     def take_lost(self) -> int:
         """Records dropped (ring buffer full) since the previous call."""
-        total = int(self._bpf["lost"].sum(0).value)
+        total = int(self._bpf[b"lost"].sum(0).value)
         new = total - self._lost_seen
         self._lost_seen = total
         return new
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close."""
-        table = self._bpf["closers"]
+        table = self._bpf[b"closers"]
         key = table.Key()
         fam = socket.AF_INET if family == "inet" else socket.AF_INET6
         key.family, key.sport, key.dport = fam, local.port, remote.port

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Idempotent host setup for portrace, run as root (`sudo make setup`):
+#  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2;
+#  2. kernel headers for bcc: linux-headers-$(uname -r) when the distribution
+#     has it, else its generic headers package linked as /lib/modules/$(uname -r)/build;
+#  3. tracefs (and debugfs) mounted;
+#  4. .venv from the interpreter bcc belongs to, with --system-site-packages,
+#     and portrace installed into it with its test extras.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+KREL=$(uname -r)
+SYS_PY=/usr/bin/python3
+say() { printf 'setup: %s\n' "$*"; }
+warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (sudo make setup)" >&2
+    exit 3
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+missing() {
+    local pkg out=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || out+=("$pkg")
+    done
+    echo "${out[@]:-}"
+}
+
+# 1. OS packages
+need=$(missing python3-bpfcc python3-venv iproute2 procps)
+if [ -n "$need" ]; then
+    say "installing $need"
+    # shellcheck disable=SC2086
+    apt_install $need
+fi
+
+# 2. Kernel headers
+build="/lib/modules/$KREL/build"
+if [ -d "$build/include" ]; then
+    say "kernel headers: $build"
+else
+    if [ "$apt_updated" -eq 0 ]; then apt-get update -qq; apt_updated=1; fi
+    if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+        say "installing linux-headers-$KREL"
+        apt_install "linux-headers-$KREL"
+    else
+        # shellcheck source=/dev/null
+        . /etc/os-release
+        case "${ID:-}" in
+            ubuntu) generic=linux-headers-generic ;;
+            *) generic="linux-headers-$(dpkg --print-architecture)" ;;
+        esac
+        say "no linux-headers-$KREL package for this (custom) kernel; using $generic"
+        apt_install "$generic"
+        # The newest headers the generic package pulled in, and their common half.
+        hdr=""
+        for d in /usr/src/linux-headers-*/; do
+            d=${d%/}
+            case "$d" in *-common) continue ;; esac
+            [ -d "$d/include" ] || continue
+            if [ -z "$hdr" ] || [ "$(printf '%s\n%s\n' "$hdr" "$d" | sort -V | tail -n1)" = "$d" ]; then
+                hdr=$d
+            fi
+        done
+        [ -n "$hdr" ] || { echo "setup: $generic installed no headers under /usr/src" >&2; exit 5; }
+        common="${hdr%-*}-common"
+        mkdir -p "/lib/modules/$KREL"
+        ln -sfn "$hdr" "$build"
+        [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$KREL/source"
+        warn "linked $hdr as $build for kernel $KREL."
+        warn "This is safe for portrace's probes only because they read tracepoint arguments and"
+        warn "user memory, whose layout bcc takes from the running kernel's tracefs format files;"
+        warn "struct offsets from these headers would be wrong for $KREL, so no probe uses them."
+    fi
+fi
+
+# 3. tracefs / debugfs
+if [ ! -d /sys/kernel/tracing/events ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
+fi
+if ! mountpoint -q /sys/kernel/debug 2>/dev/null; then
+    mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
+fi
+if [ -d /sys/kernel/tracing/events ] || [ -d /sys/kernel/debug/tracing/events ]; then
+    say "tracefs: mounted"
+else
+    echo "setup: could not mount tracefs at /sys/kernel/tracing" >&2
+    exit 4
+fi
+
+# 4. venv on the interpreter that owns bcc
+if ! "$SYS_PY" -c 'import bcc' 2>/dev/null; then
+    echo "setup: $SYS_PY cannot import bcc even after installing python3-bpfcc" >&2
+    exit 8
+fi
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+    say "creating .venv from $SYS_PY with --system-site-packages"
+    rm -rf .venv
+    "$SYS_PY" -m venv --system-site-packages .venv
+fi
+stamp=.venv/.portrace-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing portrace into .venv (with test extras)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+        | grep -v '^WARNING: Location' || true
+    .venv/bin/python -c 'import portrace.cli, bcc, pyroute2, psutil, click, elftools'
+    touch "$stamp"
+fi
+say "ready: .venv/bin/portrace"

@@ -1,0 +1,125 @@
+"""Real-kernel harness. One `portrace --json --states` process watches every
+port the tests use; tests stage conflicts with real processes (portrace.stage)
+and wait for what the probes report.
+
+Policy: BPF tests skip only when not root outside CI. Under CI (CI set), not
+being root or failing to load BPF is a test failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from portrace.stage import Netns
+
+IN_CI = bool(os.environ.get("CI"))
+BASE_PORT = 19100
+PORTS = list(range(BASE_PORT, BASE_PORT + 20))
+READY_TIMEOUT_S = 120
+
+
+def need_root() -> None:
+    if os.geteuid() == 0:
+        return
+    if IN_CI:
+        pytest.fail("CI must run the BPF tests as root; this run is not root")
+    pytest.skip("needs root (BPF, sock_diag of other processes); runs in CI")
+
+
+def bpf_unavailable(why: str) -> None:
+    if IN_CI:
+        pytest.fail(f"BPF could not be loaded in CI: {why}")
+    pytest.skip(f"BPF could not be loaded here: {why}")
+
+
+class TracerProcess:
+    """A running `portrace --json --states PORTS...`; collects its JSON lines."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "portrace", "--json", "--states", *map(str, ports)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            with self._cond:
+                self.events.append(ev)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15.0,
+                 start: int = 0) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events[start:]:
+                    if pred(ev):
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not self._reader.is_alive():
+                    return None
+                self._cond.wait(left)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="session")
+def tracer() -> Iterator[TracerProcess]:
+    need_root()
+    t = TracerProcess(PORTS)
+    ready = t.wait_for(lambda e: e["type"] == "ready", timeout=READY_TIMEOUT_S)
+    if ready is None:
+        code, err = t.stop()
+        bpf_unavailable(f"portrace exited {code}: {err.strip()[-800:]}")
+    yield t
+    code, err = t.stop()
+    assert code == 0, f"portrace did not exit cleanly on SIGTERM ({code}): {err[-800:]}"
+
+
+@pytest.fixture(scope="session")
+def netns() -> Iterator[Netns]:
+    need_root()
+    with Netns(f"portrace-test-{os.getpid()}") as ns:
+        yield ns
+
+
+def netns_inode(ns: Netns) -> int:
+    return os.stat(f"/run/netns/{ns.name}").st_ino
+
+
+_next_port = iter(PORTS)
+
+
+@pytest.fixture
+def port() -> int:
+    """A watched port no other test uses."""
+    return next(_next_port)
