@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import contract
@@ -197,3 +199,21 @@ def test_every_event_printed_meets_the_json_contract(tracer):
     assert {"ready", "state", "bind", "bind_error"} <= kinds
     for ev in events:
         contract.check(ev)
+
+
+def test_tracing_never_causes_eaddrinuse(tracer, port):
+    """A tight bind/close loop on a watched port must not fail because portrace
+    looked: no fd of a binding process may be pinned by the tracer."""
+    loop = (
+        "import socket\n"
+        f"for i in range(3000):\n"
+        "    s = socket.socket()\n"
+        f"    s.bind(('127.0.0.1', {port}))\n"
+        "    s.close()\n"
+        "print('ok')\n"
+    )
+    mark = tracer.mark()
+    r = subprocess.run([sys.executable, "-c", loop], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr[-500:]
+    assert tracer.wait_for(lambda e: e["type"] == "bind" and e["port"] == port,
+                           start=mark) is not None  # the probes did see the loop

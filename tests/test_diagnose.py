@@ -109,7 +109,7 @@ def test_holders_binders_and_closers_are_attached():
     tw = sock("TIME_WAIT", "127.0.0.1", remote=peer, inode=0, expires_ms=59860)
     lst = sock("LISTEN", "0.0.0.0", inode=7001)
     holders = {7001: [Holder(pid=3367, ppid=1, comm="sleep", fds=(3,))]}
-    binders = {7001: Task(pid=3366, tid=3366, comm="old-server", ts=NOW)}
+    binders = {("inet", "0.0.0.0", 9090): Task(pid=3366, tid=3366, comm="old-server", ts=NOW)}
     closer = Closer(pid=3363, comm="old-server", ts=NOW)
     closers = {("inet", tw.local, peer): closer}
     got = find_blockers(req("0.0.0.0"), [tw, lst], holders, closers, binders)
@@ -177,3 +177,16 @@ def test_gone_blocker_says_so_and_shows_last_seen():
 def test_other_errno_is_not_called_a_conflict():
     v = verdict(req("0.0.0.0"), attempt("0.0.0.0", errno=13), [], {}, None, "process")
     assert v.cause == "not_a_conflict" and "EACCES" in v.summary
+
+
+@pytest.mark.parametrize(("mine", "theirs", "v6only", "phrase"), [
+    ("127.0.0.1", "::", False, "covers IPv4 because that socket is not IPV6_V6ONLY"),
+    ("127.0.0.1", "::ffff:127.0.0.1", False, "v4-mapped IPv6 address"),
+    ("::", "0.0.0.0", None, "A [::] socket without IPV6_V6ONLY also claims IPv4"),
+    ("::ffff:127.0.0.1", "0.0.0.0", None, "v4-mapped address ::ffff:127.0.0.1 is the IPv4"),
+])
+def test_cross_family_note_names_the_real_reason(mine, theirs, v6only, phrase):
+    r = req(mine)
+    blockers = find_blockers(r, [sock("LISTEN", theirs, v6only=v6only)], {}, {}, {})
+    v = verdict(r, attempt(mine), blockers, {}, None, "process")
+    assert any(phrase in line for line in v.advice), v.advice

@@ -57,6 +57,9 @@ EADDRINUSE = 98
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
 
+# (family, addr, port) a successful bind() asked for; the key of ``binders``.
+BoundAddress = tuple[str, str, int]
+
 
 @dataclass(frozen=True)
 class Request:
@@ -144,11 +147,16 @@ def _rank(sock: SocketEntry) -> tuple[int, float]:
     return (1, 0.0)
 
 
-def _processes(inode: int, holders: Mapping[int, Sequence[Holder]],
-               binders: Mapping[int, Task]) -> tuple[ProcessRef, ...]:
-    held = holders.get(inode, ())
-    binder = binders.get(inode)
+def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
+               binders: Mapping[BoundAddress, Task]) -> tuple[ProcessRef, ...]:
+    """Holders of the socket, and whether each inherited it: the probes saw
+    another process bind this address (and that process no longer holds it,
+    or holds it too), or the holder shares it with its parent."""
+    held = holders.get(s.inode, ())
     pids = {h.pid for h in held}
+    binder = binders.get((s.family, s.local.addr, s.local.port))
+    if binder is not None and len(held) > 1 and binder.pid not in pids:
+        binder = None  # several holders, none the binder: cannot tell who inherited
     refs = []
     for h in sorted(held, key=lambda h: h.pid):
         if binder is not None:
@@ -166,11 +174,12 @@ def find_blockers(
     sockets: Sequence[SocketEntry],
     holders: Mapping[int, Sequence[Holder]],
     closers: Mapping[tuple[str, Endpoint, Endpoint], Closer],
-    binders: Mapping[int, Task],
+    binders: Mapping[BoundAddress, Task],
 ) -> list[Blocker]:
     """The sockets on the requested port whose address overlaps, ordered
     LISTEN, live, bound-only, minisocks. ``closers`` is keyed by
-    (family, local, remote) of minisocks; ``binders`` by socket inode."""
+    (family, local, remote) of minisocks; ``binders`` by the address a
+    successful bind() asked for."""
     found = [
         s for s in sockets
         if s.local.port == req.port
@@ -187,7 +196,7 @@ def find_blockers(
             family=s.family,
             local=s.local,
             remote=s.remote,
-            processes=_processes(s.inode, holders, binders) if s.inode else (),
+            processes=_processes(s, holders, binders) if s.inode else (),
             inode=s.inode,
             uid=s.uid,
             expires_s=None if s.expires_ms is None else s.expires_ms / 1000.0,
@@ -264,12 +273,18 @@ _NOT_TW_REUSE = (
 
 
 def _overlap_note(req: Request, b: Blocker) -> str | None:
+    """Why two sockets of different families meet (ipv6_rcv_saddr_equal)."""
     if req.family == "inet" and b.family == "inet6":
-        return (f"{b.local} covers IPv4 because that socket is not IPV6_V6ONLY "
-                "(ipv6_rcv_saddr_equal): set IPV6_V6ONLY on it, or serve both families from "
-                "one dual-stack socket.")
+        if IPv6(b.local.addr).ipv4_mapped is not None:
+            return (f"{b.local} is a v4-mapped IPv6 address: to the kernel it is the IPv4 "
+                    f"address {IPv6(b.local.addr).ipv4_mapped}.")
+        return (f"{b.local} covers IPv4 because that socket is not IPV6_V6ONLY: set "
+                "IPV6_V6ONLY on it, or serve both families from one dual-stack socket.")
     if req.family == "inet6" and b.family == "inet":
-        return (f"Your [::] socket without IPV6_V6ONLY also claims IPv4, which {b.local} holds: "
+        if IPv6(req.addr).ipv4_mapped is not None:
+            return (f"The v4-mapped address {req.addr} is the IPv4 address "
+                    f"{IPv6(req.addr).ipv4_mapped} to the kernel, which {b.local} covers.")
+        return (f"A [::] socket without IPV6_V6ONLY also claims IPv4, which {b.local} holds: "
                 "set IPV6_V6ONLY on the new socket if it should serve IPv6 only.")
     return None
 

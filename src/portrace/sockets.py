@@ -189,17 +189,6 @@ def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
     return found
 
 
-def fd_inode(pid: int, fd: int) -> int | None:
-    """The socket inode behind a process's fd, None if gone or not a socket."""
-    try:
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    if target.startswith("socket:["):
-        return int(target[8:-1])
-    return None
-
-
 def read_sysctl(name: str, netns_fd: int | None) -> str | None:
     """A sysctl as the namespace sees it (``net.*`` ones are per netns)."""
     path = "/proc/sys/" + name.replace(".", "/")

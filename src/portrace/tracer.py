@@ -34,7 +34,7 @@ from portrace.probes import Probes
 Sink = Callable[[Event], None]
 
 HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
-MAX_BINDERS = 4096  # socket inode -> who bound it, most recent kept
+MAX_BINDERS = 4096  # bound address -> who bound it last, most recent kept
 
 
 class Tracer:
@@ -51,7 +51,7 @@ class Tracer:
         self.pid = pid
         self.probes = Probes(self.ports, self._on_event, ringbuf_pages=ringbuf_pages)
         self.history: dict[int, deque[StateChange]] = {}
-        self.binders: OrderedDict[int, Task] = OrderedDict()
+        self.binders: OrderedDict[diagnose.BoundAddress, Task] = OrderedDict()
         self.lost_total = 0
         self.failures = 0
 
@@ -92,11 +92,13 @@ class Tracer:
             self.sink(self.diagnose(ev))
 
     def _remember_binder(self, ev: BindAttempt) -> None:
-        inode = sockets.fd_inode(ev.pid, ev.fd)
-        if inode is None:
-            return
-        self.binders[inode] = Task(pid=ev.pid, tid=ev.tid, comm=ev.comm, ts=ev.ts)
-        self.binders.move_to_end(inode)
+        # Keyed by address, not by the socket's inode: reading the inode means
+        # readlink(/proc/pid/fd/N), which pins the file (proc_fd_link takes a
+        # reference), so a socket closed meanwhile would be released late, by
+        # us, and the process's next bind() would fail with EADDRINUSE.
+        key = (ev.family, ev.addr, ev.port)
+        self.binders[key] = Task(pid=ev.pid, tid=ev.tid, comm=ev.comm, ts=ev.ts)
+        self.binders.move_to_end(key)
         while len(self.binders) > MAX_BINDERS:
             self.binders.popitem(last=False)
 
