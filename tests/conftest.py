@@ -44,9 +44,10 @@ def bpf_unavailable(why: str) -> None:
 class TracerProcess:
     """A running `portrace --json --states PORTS...`; collects its JSON lines."""
 
-    def __init__(self, ports: list[int]) -> None:
+    def __init__(self, ports: list[int], extra: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "portrace", "--json", "--states", *map(str, ports)],
+            [sys.executable, "-m", "portrace", "--json", "--states", *(extra or []),
+             *map(str, ports)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.events: list[dict[str, Any]] = []

@@ -3,6 +3,7 @@ must see the failed bind() and name the real blocker."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -217,3 +218,34 @@ def test_tracing_never_causes_eaddrinuse(tracer, port):
     assert r.stdout.strip() == "ok", r.stderr[-500:]
     assert tracer.wait_for(lambda e: e["type"] == "bind" and e["port"] == port,
                            start=mark) is not None  # the probes did see the loop
+
+
+def test_all_ports_with_pid_filter_streams_only_that_process_failures(netns, tmp_path):
+    """`portrace --json -p PID -o FILE` (no port): every port, failures only."""
+    port = 19177  # not among the session tracer's ports
+    holder = Staged("listen", "0.0.0.0", port, "--hold", name="holder", netns=netns)
+    mine = Staged("bind", "0.0.0.0", port, "--wait", "--hold", name="watched",
+                  netns=netns, first="waiting")
+    other = Staged("bind", "0.0.0.0", port, "--wait", "--hold", name="unwatched",
+                   netns=netns, first="waiting")
+    evidence = tmp_path / "evidence.jsonl"
+    t = TracerProcess([], extra=["-p", str(mine.pid), "-o", str(evidence)])
+    try:
+        ready = t.wait_for(lambda e: e["type"] == "ready", timeout=120)
+        assert ready is not None and ready["ports"] == []
+        mark = t.mark()
+        assert other.go() == "EADDRINUSE" and mine.go() == "EADDRINUSE"
+        ev = t.wait_for(lambda e: e["type"] == "bind_error", start=mark)
+        assert ev is not None and ev["pid"] == mine.pid and ev["comm"] == "watched"
+        assert ev["verdict"]["cause"] == "listener"
+        assert t.wait_for(lambda e: e["pid"] == other.pid, timeout=1.0, start=mark) is None
+    finally:
+        for s in (mine, other, holder):
+            s.release()
+        code, err = t.stop()
+    assert code == 0, err
+    # Only failures left the kernel: no transitions, no successful binds.
+    assert {e["type"] for e in t.events} == {"ready", "bind_error"}
+    recorded = [json.loads(line) for line in evidence.read_text().splitlines()]
+    assert [e["type"] for e in recorded] == ["ready", "bind_error"]
+    assert recorded[1] == ev

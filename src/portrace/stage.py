@@ -109,8 +109,12 @@ def role_established(a: argparse.Namespace) -> None:
 
 
 def role_bind(a: argparse.Namespace) -> None:
-    """Try one bind and report it: ``ready ok`` or ``ready EADDRINUSE``."""
+    """Try one bind and report it: ``ready ok`` or ``ready EADDRINUSE``.
+    With ``--wait``: first print ``waiting`` and bind only once a line arrives."""
     s = _socket(a.addr, a.udp, a.reuseaddr, a.v6only)
+    if a.wait:
+        print("waiting", flush=True)
+        sys.stdin.readline()
     try:
         s.bind((a.addr, a.port))
         result = "ok"
@@ -140,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reuseaddr", action="store_true")
     p.add_argument("--v6only", type=int, choices=(0, 1), default=None)
     p.add_argument("--hold", action="store_true")
+    p.add_argument("--wait", action="store_true")
     p.add_argument("--child-seconds", type=int, default=300)
     a = p.parse_args(argv)
     if a.v6only is not None:
@@ -182,29 +187,38 @@ class Staged:
     """One staged role process. ``info`` is what it printed after ``ready``."""
 
     def __init__(self, role: str, addr: str, port: int, *args: str, name: str,
-                 netns: Netns | None = None, timeout: float = 10.0) -> None:
+                 netns: Netns | None = None, timeout: float = 10.0,
+                 first: str = "ready") -> None:
         argv = [sys.executable, "-m", "portrace.stage", role, addr, str(port), "--name", name,
                 *args]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns.name, *argv]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self.info = self._await_ready(timeout)
+        self.info = self._await(first, timeout)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _await_ready(self, timeout: float) -> str:
+    def go(self, timeout: float = 10.0) -> str:
+        """Let a ``--wait`` role act; returns what it printed after ``ready``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.info = self._await("ready", timeout)
+        return self.info
+
+    def _await(self, word: str, timeout: float) -> str:
         assert self.proc.stdout is not None
         r, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if r else ""
-        if not line.startswith("ready"):
+        if not line.startswith(word):
             self.proc.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise StagingFailed(f"staged {self.proc.args!r} did not get ready: "
                                 f"{(line + err).strip()[-500:]}")
-        return line[len("ready"):].strip()
+        return line[len(word):].strip()
 
     def release(self, timeout: float = 5.0) -> None:
         """Close its stdin (it lets go of its sockets) and reap it."""
