@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from portrace.stage import Netns
+from portrace.stage import ScratchNetns
 
 IN_CI = bool(os.environ.get("CI"))
 BASE_PORT = 19100
@@ -107,13 +107,13 @@ def tracer() -> Iterator[TracerProcess]:
 
 
 @pytest.fixture(scope="session")
-def netns() -> Iterator[Netns]:
+def netns() -> Iterator[ScratchNetns]:
     need_root()
-    with Netns(f"portrace-test-{os.getpid()}") as ns:
+    with ScratchNetns(f"portrace-test-{os.getpid()}") as ns:
         yield ns
 
 
-def netns_inode(ns: Netns) -> int:
+def netns_inode(ns: ScratchNetns) -> int:
     return os.stat(f"/run/netns/{ns.name}").st_ino
 
 

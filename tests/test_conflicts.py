@@ -14,13 +14,14 @@ from typing import Any
 import contract
 from conftest import PORTS, TracerProcess, netns_inode
 
-from portrace.stage import Netns, Staged
+from portrace.stage import ScratchNetns, Staged
 
 ISO_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
 def fail_bind(tracer: TracerProcess, addr: str, port: int, *args: str,
-              netns: Netns | None = None, hold: bool = True) -> tuple[Staged, dict[str, Any]]:
+              netns: ScratchNetns | None = None, hold: bool = True
+              ) -> tuple[Staged, dict[str, Any]]:
     """A `new-server` process binds addr:port; returns it and portrace's bind_error."""
     mark = tracer.mark()
     binder = Staged("bind", addr, port, *args, *(["--hold"] if hold else []),
@@ -33,6 +34,21 @@ def fail_bind(tracer: TracerProcess, addr: str, port: int, *args: str,
     assert ev["errno"] == "EADDRINUSE" and ev["port"] == port and ev["comm"] == "new-server"
     assert ISO_TS.match(ev["ts"])
     return binder, ev
+
+
+def bind_unreported(tracer: TracerProcess, addr: str, port: int,
+                    netns: ScratchNetns) -> dict[str, Any]:
+    """A bind that must succeed: the probes see it, and no bind_error follows."""
+    mark = tracer.mark()
+    binder = Staged("bind", addr, port, name="new-server", netns=netns)
+    binder.release()
+    assert binder.info == "ok"
+    seen = tracer.wait_for(lambda e: e["type"] == "bind" and e["pid"] == binder.pid,
+                           start=mark)
+    assert seen is not None, "the probes did not see the successful bind()"
+    assert tracer.wait_for(lambda e: e["type"] == "bind_error" and e["port"] == port,
+                           timeout=1.0, start=mark) is None
+    return seen
 
 
 def test_time_wait_on_server_side_of_loopback_connection(tracer, netns, port):
@@ -107,17 +123,10 @@ def test_ipv6_wildcard_listener_blocks_ipv4_bind(tracer, netns, port):
 def test_ipv6_only_listener_does_not_block_ipv4(tracer, netns, port):
     holder = Staged("listen", "::", port, "--v6only", "1", "--hold", name="v6-only",
                     netns=netns)
-    mark = tracer.mark()
     try:
-        binder = Staged("bind", "0.0.0.0", port, name="new-server", netns=netns)
-        binder.release()
+        bind_unreported(tracer, "0.0.0.0", port, netns)
     finally:
         holder.release()
-    assert binder.info == "ok"
-    assert tracer.wait_for(lambda e: e["type"] == "bind" and e["pid"] == binder.pid,
-                           start=mark) is not None
-    assert tracer.wait_for(lambda e: e["type"] == "bind_error" and e["port"] == port,
-                           timeout=1.0, start=mark) is None
 
 
 def test_udp_conflict(tracer, netns, port):
@@ -154,17 +163,11 @@ def test_accepted_connection_outlives_its_listener(tracer, netns, port):
 
 def test_bind_to_other_address_on_same_port_succeeds_without_event(tracer, netns, port):
     holder = Staged("listen", "127.0.0.1", port, "--hold", name="holder", netns=netns)
-    mark = tracer.mark()
     try:
-        other = Staged("bind", "127.0.0.2", port, name="new-server", netns=netns)
-        other.release()
+        seen = bind_unreported(tracer, "127.0.0.2", port, netns)
     finally:
         holder.release()
-    assert other.info == "ok"
-    seen = tracer.wait_for(lambda e: e["type"] == "bind" and e["pid"] == other.pid, start=mark)
-    assert seen is not None and seen["addr"] == "127.0.0.2"  # the probes did see it
-    assert tracer.wait_for(lambda e: e["type"] == "bind_error" and e["port"] == port,
-                           timeout=1.0, start=mark) is None
+    assert seen["addr"] == "127.0.0.2"
 
 
 def test_failing_process_that_exits_at_once_in_host_namespace(tracer, port):
@@ -249,3 +252,20 @@ def test_all_ports_with_pid_filter_streams_only_that_process_failures(netns, tmp
     recorded = [json.loads(line) for line in evidence.read_text().splitlines()]
     assert [e["type"] for e in recorded] == ["ready", "bind_error"]
     assert recorded[1] == ev
+
+
+def test_orphaned_fin_wait2_bounded_by_the_namespace_fin_timeout(tracer, port):
+    with ScratchNetns(f"portrace-fw2-{os.getpid()}") as ns:
+        ns.sysctl("net.ipv4.tcp_fin_timeout", "17")  # this namespace only
+        old = Staged("finwait2", "127.0.0.1", port, "--hold", name="old-server", netns=ns)
+        try:
+            _, ev = fail_bind(tracer, "127.0.0.1", port, netns=ns)
+        finally:
+            old.release()
+    assert ev["verdict"]["cause"] == "fin_wait2"
+    [fw2] = ev["blockers"]
+    assert fw2["state"] == "FIN_WAIT2" and fw2["minisock"] is True
+    assert fw2["remote"] == {"addr": "127.0.0.1", "port": int(old.info)}
+    assert 0 < fw2["expires_s"] <= 17.0
+    assert fw2["closed_by"]["comm"] == "old-server"
+    assert any("net.ipv4.tcp_fin_timeout = 17 s" in a for a in ev["verdict"]["advice"])

@@ -17,7 +17,7 @@ import click
 
 from portrace.events import BindError, Event
 from portrace.render import format_failure
-from portrace.stage import Netns, Staged
+from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
 
 WAIT_S = 15.0
@@ -55,7 +55,7 @@ def run_demo(port: int) -> int:
 
     stop = threading.Event()
     results = []
-    with Netns(f"portrace-demo-{os.getpid()}") as ns:
+    with ScratchNetns(f"portrace-demo-{os.getpid()}") as ns:
         tracer = Tracer([tw_port, listen_port], sink)
         click.secho("portrace demo: compiling and attaching the probes...", dim=True)
         tracer.start()

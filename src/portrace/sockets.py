@@ -26,8 +26,7 @@ from pyroute2.netns import popns, pushns
 
 from portrace.events import FAMILIES, Endpoint, Netns, tcp_state_name
 
-TCP_BOUND_INACTIVE = 13
-ALL_STATES = (1 << 14) - 1  # every TCP state plus bit 13 (bound-only sockets)
+ALL_STATES = (1 << 14) - 1  # every TCP state plus bit 13, TCP_BOUND_INACTIVE
 MINISOCK_STATES = ("TIME_WAIT", "FIN_WAIT2")
 
 # sock_diag reports an unconnected UDP socket in TCP_CLOSE; ss calls it UNCONN.
@@ -52,8 +51,12 @@ class SocketEntry:
 
     @property
     def minisock(self) -> bool:
-        """A TIME_WAIT/FIN_WAIT2 timewait socket: no inode, no owner process."""
-        return self.protocol == "tcp" and self.inode == 0 and self.state in MINISOCK_STATES
+        return is_minisock(self.protocol, self.inode, self.state)
+
+
+def is_minisock(protocol: str, inode: int, state: str) -> bool:
+    """A TIME_WAIT/FIN_WAIT2 timewait socket: no inode, so no owner process."""
+    return protocol == "tcp" and inode == 0 and state in MINISOCK_STATES
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,9 @@ class Holder:
 
 @dataclass
 class Snapshot:
-    netns: Netns
     sockets: list[SocketEntry]
     holders: dict[int, list[Holder]] = field(default_factory=dict)  # inode -> holders
-
-
-def _ns_inode(path: str) -> int:
-    return os.stat(path).st_ino
+    sysctls: dict[str, str] = field(default_factory=dict)  # as the namespace sees them
 
 
 def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
@@ -84,7 +83,7 @@ def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
         except OSError:
             continue
         return fd, Netns(inode=os.fstat(fd).st_ino, source="process")
-    return None, Netns(inode=_ns_inode("/proc/self/ns/net"), source="tracer")
+    return None, Netns(inode=os.stat("/proc/self/ns/net").st_ino, source="tracer")
 
 
 @contextlib.contextmanager
@@ -120,7 +119,7 @@ def _entry(protocol: str, msg: dict) -> SocketEntry:
         state = UDP_STATE.get(raw_state, str(raw_state))
     # Listening, bound-only and unconnected UDP sockets have no peer (port 0).
     remote = Endpoint(msg["idiag_dst"], msg["idiag_dport"]) if msg["idiag_dport"] else None
-    minisock = protocol == "tcp" and msg["idiag_inode"] == 0 and state in MINISOCK_STATES
+    minisock = is_minisock(protocol, msg["idiag_inode"], state)
     v6 = attrs.get("INET_DIAG_SKV6ONLY")
     return SocketEntry(
         protocol=protocol,
@@ -137,25 +136,16 @@ def _entry(protocol: str, msg: dict) -> SocketEntry:
     )
 
 
-def dump_port(port: int, protocols: Iterable[str], netns_fd: int | None) -> list[SocketEntry]:
-    """Every socket with local port ``port`` in the namespace, both families.
-
-    Raises OSError if the namespace cannot be entered or sock_diag answers an error.
-    """
-    with entered(netns_fd):
-        ds = DiagSocket()  # the netlink socket keeps the namespace it was made in
+def _dump_port(ds: DiagSocket, port: int, protocols: Iterable[str]) -> list[SocketEntry]:
+    """Every socket with local port ``port`` in ``ds``'s namespace, both families."""
     out: list[SocketEntry] = []
-    try:
-        ds.bind()
-        for protocol in protocols:
-            proto = socket.IPPROTO_TCP if protocol == "tcp" else socket.IPPROTO_UDP
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for msg in ds.get_sock_stats(family=family, protocol=proto, states=ALL_STATES,
-                                             sport=port):
-                    if msg["idiag_sport"] == port:
-                        out.append(_entry(protocol, msg))
-    finally:
-        ds.close()
+    for protocol in protocols:
+        proto = socket.IPPROTO_TCP if protocol == "tcp" else socket.IPPROTO_UDP
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ds.get_sock_stats(family=family, protocol=proto, states=ALL_STATES,
+                                         sport=port):
+                if msg["idiag_sport"] == port:
+                    out.append(_entry(protocol, msg))
     return out
 
 
@@ -189,17 +179,25 @@ def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
     return found
 
 
-def read_sysctl(name: str, netns_fd: int | None) -> str | None:
-    """A sysctl as the namespace sees it (``net.*`` ones are per netns)."""
-    path = "/proc/sys/" + name.replace(".", "/")
+def _read_sysctl(name: str) -> str | None:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
+             sysctls: Iterable[str] = ()) -> Snapshot:
+    """The sockets on ``port`` in the namespace of ``netns_fd`` (None: ours), who
+    holds them, and the named sysctls as that namespace sees them (``net.*``
+    ones are per netns). Raises OSError if the namespace cannot be entered."""
     with entered(netns_fd):
-        try:
-            with open(path) as f:
-                return f.read().strip()
-        except OSError:
-            return None
-
-
-def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None, netns: Netns) -> Snapshot:
-    socks = dump_port(port, protocols, netns_fd)
-    return Snapshot(netns=netns, sockets=socks, holders=holders_of(s.inode for s in socks))
+        ds = DiagSocket()  # the netlink socket keeps the namespace it was made in
+        values = {name: v for name in sysctls if (v := _read_sysctl(name)) is not None}
+    try:
+        ds.bind()
+        socks = _dump_port(ds, port, protocols)
+    finally:
+        ds.close()
+    return Snapshot(sockets=socks, holders=holders_of(s.inode for s in socks), sysctls=values)

@@ -95,6 +95,22 @@ def role_timewait(a: argparse.Namespace) -> None:
     os._exit(0)
 
 
+def role_finwait2(a: argparse.Namespace) -> None:
+    """Accept a connection and close it and the listener, while the client
+    never closes: the server side is an orphaned FIN_WAIT2 minisock."""
+    srv = _socket(a.addr, False, False, None)
+    srv.bind((a.addr, a.port))
+    srv.listen()
+    cli = socket.create_connection((a.addr, a.port))
+    conn, _ = srv.accept()
+    conn.close()  # FIN sent; the client's ACK moves the orphan to FIN_WAIT2
+    srv.close()
+    time.sleep(0.05)
+    _ready(cli.getsockname()[1])
+    _hold()  # the client keeps its end open: no FIN ever comes back
+    cli.close()
+
+
 def role_established(a: argparse.Namespace) -> None:
     """Accept a connection, close the listener, keep the connection open."""
     srv = _socket(a.addr, False, False, None)
@@ -130,6 +146,7 @@ ROLES = {
     "listen-fork-child": role_listen_fork_child,
     "timewait": role_timewait,
     "established": role_established,
+    "finwait2": role_finwait2,
     "bind": role_bind,
 }
 
@@ -153,13 +170,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ROLES[a.role](a)
 
 
-class Netns:
+class ScratchNetns:
     """A throwaway network namespace with loopback up; deleted on exit."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def __enter__(self) -> Netns:
+    def __enter__(self) -> ScratchNetns:
         _run(["ip", "netns", "add", self.name])
         try:
             _run(["ip", "-n", self.name, "link", "set", "lo", "up"])
@@ -187,7 +204,7 @@ class Staged:
     """One staged role process. ``info`` is what it printed after ``ready``."""
 
     def __init__(self, role: str, addr: str, port: int, *args: str, name: str,
-                 netns: Netns | None = None, timeout: float = 10.0,
+                 netns: ScratchNetns | None = None, timeout: float = 10.0,
                  first: str = "ready") -> None:
         argv = [sys.executable, "-m", "portrace.stage", role, addr, str(port), "--name", name,
                 *args]

@@ -35,6 +35,7 @@ Sink = Callable[[Event], None]
 
 HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
 MAX_BINDERS = 4096  # bound address -> who bound it last, most recent kept
+SYSCTLS = ("net.ipv4.tcp_fin_timeout",)  # what the verdicts quote, per netns
 
 
 class Tracer:
@@ -53,7 +54,6 @@ class Tracer:
         self.history: dict[int, deque[StateChange]] = {}
         self.binders: OrderedDict[diagnose.BoundAddress, Task] = OrderedDict()
         self.lost_total = 0
-        self.failures = 0
 
     def start(self) -> Ready:
         self.probes.open()
@@ -88,7 +88,6 @@ class Tracer:
             if self.pid is None or ev.pid == self.pid:
                 self.sink(ev)
         elif self.pid is None or ev.pid == self.pid:
-            self.failures += 1
             self.sink(self.diagnose(ev))
 
     def _remember_binder(self, ev: BindAttempt) -> None:
@@ -110,27 +109,22 @@ class Tracer:
             attempt = dataclasses.replace(attempt, protocol=protocol)
             cmdline = _cmdline(attempt.pid)
             req = diagnose.Request.of(attempt)
-            snap = None
-            sysctls: dict[str, str] = {}
+            snap = sockets.Snapshot(sockets=[])
             if attempt.errno == diagnose.EADDRINUSE:
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
-                snap = sockets.snapshot(attempt.port, protos, netns_fd, netns)
-                value = sockets.read_sysctl("net.ipv4.tcp_fin_timeout", netns_fd)
-                if value is not None:
-                    sysctls["net.ipv4.tcp_fin_timeout"] = value
+                snap = sockets.snapshot(attempt.port, protos, netns_fd, SYSCTLS)
             lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)
-        socks = snap.sockets if snap else []
-        closers = self._closers(socks)
-        blockers = diagnose.find_blockers(req, socks, snap.holders if snap else {}, closers,
-                                          self.binders)
+        blockers = diagnose.find_blockers(req, snap.sockets, snap.holders,
+                                          self._closers(snap.sockets), self.binders)
         last_seen = None
         if not blockers:
             seen = self.history.get(attempt.port)
             last_seen = seen[-1] if seen else None
-        verdict = diagnose.verdict(req, attempt, blockers, sysctls, last_seen, netns.source)
+        verdict = diagnose.verdict(req, attempt, blockers, snap.sysctls, last_seen,
+                                   netns.source)
         return BindError(attempt=attempt, cmdline=cmdline, netns=netns,
                          blockers=tuple(blockers), verdict=verdict, lookup_ms=lookup_ms,
                          last_seen=last_seen)
