@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from portrace.events import BindAttempt, Lost
+from portrace.events import SocketCall, Lost
 from portrace.stage import Staged
 from portrace.tracer import Tracer
 
@@ -85,7 +85,7 @@ def flood(binds: int, workers: int) -> None:
     stop.set()
     poller.join()
     tracer.close()
-    delivered = sum(1 for e in seen if isinstance(e, BindAttempt))
+    delivered = sum(1 for e in seen if isinstance(e, SocketCall))
     lost = sum(e.count for e in seen if isinstance(e, Lost))
     print(f"flood: {per * workers} binds from {workers} processes in {elapsed:.2f} s "
           f"({per * workers / elapsed:,.0f}/s): delivered {delivered}, lost {lost}, "

@@ -4,10 +4,16 @@
  * user memory only (no kernel struct offsets), so it is correct on any
  * kernel whose tracepoint formats bcc reads at load time.
  *
- *   syscalls:sys_{enter,exit}_socket  protocol of each (process, fd)
- *   syscalls:sys_enter_close          forget a closed fd
- *   syscalls:sys_{enter,exit}_bind    the address asked for, and the result
- *   sock:inet_sock_set_state          transitions, and who closed a socket
+ *   syscalls:sys_{enter,exit}_socket      a socket's protocol, per (process, fd)
+ *   syscalls:sys_{enter,exit}_setsockopt  SO_REUSEADDR/SO_REUSEPORT/IPV6_V6ONLY/
+ *                                         SO_BINDTODEVICE, per (process, fd)
+ *   syscalls:sys_{enter,exit}_accept{,4}  accepted sockets inherit the listener's
+ *   syscalls:sys_{enter,exit}_close, _shutdown  forget an fd; hand its options
+ *                                         to the transition the close causes
+ *   syscalls:sys_{enter,exit}_bind        the address asked for, and the result
+ *   syscalls:sys_{enter,exit}_listen      listen() failures (the port re-check)
+ *   syscalls:sys_{enter,exit}_connect     EADDRNOTAVAIL: no local port left
+ *   sock:inet_sock_set_state              transitions, and who closed a socket
  *
  * Filtering happens here, by the watched-port map, so an idle port costs
  * userspace nothing.
@@ -33,7 +39,18 @@
 #define PT_TCP_LISTEN 10
 #define PT_TCP_CLOSING 11
 
+/* include/uapi/asm-generic/socket.h, include/uapi/linux/in6.h, errno.h */
+#define PT_SOL_SOCKET 1
+#define PT_SO_REUSEADDR 2
+#define PT_SO_REUSEPORT 15
+#define PT_SO_BINDTODEVICE 25
+#define PT_SOL_IPV6 41
+#define PT_IPV6_V6ONLY 26
+#define PT_EADDRINUSE 98
+#define PT_EADDRNOTAVAIL 99
+
 #define PT_SOCK_TYPE_MASK 0xf	/* strips SOCK_NONBLOCK | SOCK_CLOEXEC */
+#define PT_ALL_DEFAULT_OPTS (PT_OPT_REUSEADDR | PT_OPT_REUSEPORT | PT_OPT_BINDTODEVICE)
 
 struct pt_socket_args {
 	int family;
@@ -41,9 +58,12 @@ struct pt_socket_args {
 	int protocol;
 };
 
-struct pt_bind_args {
+/* A syscall's arguments, kept from sys_enter_* to sys_exit_* per thread. */
+struct pt_pending {
 	int fd;
-	__u16 family;
+	__u8 opt;		/* setsockopt: the PT_OPT_* bit */
+	__u8 on;		/* setsockopt: the value asked for */
+	__u16 family;		/* bind/connect: from the sockaddr */
 	__u16 port;
 	__u8 addr[16];
 };
@@ -57,8 +77,11 @@ BPF_HASH(watched_ports, __u16, __u8, 1024);
 BPF_ARRAY(pt_layout, union pt_event, 1);
 
 BPF_HASH(socket_args, __u32, struct pt_socket_args, 10240);	/* by tid */
-BPF_TABLE("lru_hash", __u64, __u8, sock_proto, 65536);	/* tgid<<32|fd */
-BPF_HASH(bind_args, __u32, struct pt_bind_args, 10240);		/* by tid */
+BPF_HASH(pending, __u32, struct pt_pending, 10240);		/* by tid */
+/* Options of the socket a close()/shutdown() in progress acts on, by tid,
+ * for the ESTABLISHED -> FIN_WAIT1 transition that syscall causes. */
+BPF_HASH(closing, __u32, struct pt_opts, 10240);
+BPF_TABLE("lru_hash", __u64, struct pt_sockinfo, sockinfo, 65536);	/* tgid<<32|fd */
 BPF_TABLE("lru_hash", __u64, struct pt_task, owners, 65536);	/* by skaddr */
 /* Who closed a socket that became a TIME_WAIT / FIN_WAIT2 minisock, keyed
  * by its 4-tuple: the minisock is a new object, so skaddr cannot find it,
@@ -86,6 +109,16 @@ static __always_inline void count_lost(void)
 		(*n)++;
 }
 
+static __always_inline __u32 cur_tid(void)
+{
+	return (__u32)bpf_get_current_pid_tgid();
+}
+
+static __always_inline __u64 fd_key(int fd)
+{
+	return (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)fd;
+}
+
 static __always_inline void fill_task(struct pt_task *t)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -93,6 +126,57 @@ static __always_inline void fill_task(struct pt_task *t)
 	t->pid = id >> 32;
 	t->tid = (__u32)id;
 	bpf_get_current_comm(&t->comm, sizeof(t->comm));
+}
+
+/* Read a sockaddr from the caller: sockaddr_in first, so a short IPv4
+ * buffer at a page end is not over-read. Returns 0 for AF_INET/AF_INET6. */
+static __always_inline int read_sockaddr(const void *uaddr, struct pt_pending *p)
+{
+	struct sockaddr_in6 sa = {};
+	if (bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), uaddr))
+		return -1;
+	if (sa.sin6_family == AF_INET6 && bpf_probe_read_user(&sa, sizeof(sa), uaddr))
+		return -1;
+	if (sa.sin6_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
+		__builtin_memcpy(p->addr, &sin->sin_addr, 4);
+	} else if (sa.sin6_family == AF_INET6) {
+		__builtin_memcpy(p->addr, &sa.sin6_addr, 16);
+	} else {
+		return -1;
+	}
+	p->family = sa.sin6_family;
+	p->port = bpf_ntohs(sa.sin6_port);
+	return 0;
+}
+
+/* Emit a failed (or, for bind, successful) call on the socket at fd. */
+static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
+				      struct pt_sockinfo *si)
+{
+	struct pt_call *e = events.ringbuf_reserve(sizeof(union pt_event));
+	if (!e) {
+		count_lost();
+		return;
+	}
+	e->kind = kind;
+	e->protocol = si ? si->protocol : 0;
+	e->family = p->family;
+	e->port = p->port;
+	e->local_port = (kind == PT_CONNECT_ERROR && si) ? si->port : 0;
+	e->fd = p->fd;
+	e->err = ret < 0 ? -ret : 0;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	if (si)
+		e->opts = si->opts;
+	else
+		__builtin_memset(&e->opts, 0, sizeof(e->opts));
+	e->pad = 0;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	fill_task(&e->task);
+	__builtin_memset(&e->task.opts, 0, sizeof(e->task.opts) + sizeof(e->task.pad));
+	__builtin_memcpy(e->addr, p->addr, 16);
+	events.ringbuf_submit(e, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
@@ -104,39 +188,161 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 		.type = args->type & PT_SOCK_TYPE_MASK,
 		.protocol = args->protocol,
 	};
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid = cur_tid();
 	socket_args.update(&tid, &sa);
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)id;
+	__u32 tid = cur_tid();
 	struct pt_socket_args *sa = socket_args.lookup(&tid);
 	if (!sa)
 		return 0;
 	__u8 proto = 0;
-	if (sa->type == SOCK_STREAM &&
-	    (sa->protocol == 0 || sa->protocol == IPPROTO_TCP))
+	if (sa->type == SOCK_STREAM && (sa->protocol == 0 || sa->protocol == IPPROTO_TCP))
 		proto = IPPROTO_TCP;
-	else if (sa->type == SOCK_DGRAM &&
-		 (sa->protocol == 0 || sa->protocol == IPPROTO_UDP))
+	else if (sa->type == SOCK_DGRAM && (sa->protocol == 0 || sa->protocol == IPPROTO_UDP))
 		proto = IPPROTO_UDP;
 	socket_args.delete(&tid);
 	if (args->ret < 0 || !proto)
 		return 0;
-	__u64 key = (id & 0xffffffff00000000ULL) | (__u32)args->ret;
-	sock_proto.update(&key, &proto);
+	/* A new socket has every option off, but IPV6_V6ONLY, whose default
+	 * is the namespace's net.ipv6.bindv6only. */
+	struct pt_sockinfo si = {
+		.protocol = proto,
+		.opts = { .known = PT_ALL_DEFAULT_OPTS, .on = 0 },
+	};
+	__u64 key = fd_key(args->ret);
+	sockinfo.update(&key, &si);
 	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt)
+{
+	struct pt_pending p = { .fd = args->fd };
+	int level = args->level, name = args->optname;
+	if (level == PT_SOL_SOCKET && name == PT_SO_REUSEADDR)
+		p.opt = PT_OPT_REUSEADDR;
+	else if (level == PT_SOL_SOCKET && name == PT_SO_REUSEPORT)
+		p.opt = PT_OPT_REUSEPORT;
+	else if (level == PT_SOL_SOCKET && name == PT_SO_BINDTODEVICE)
+		p.opt = PT_OPT_BINDTODEVICE;
+	else if (level == PT_SOL_IPV6 && name == PT_IPV6_V6ONLY)
+		p.opt = PT_OPT_V6ONLY;
+	else
+		return 0;
+	if (p.opt == PT_OPT_BINDTODEVICE) {
+		/* A device name; an empty one unbinds. */
+		char first = 0;
+		if (args->optlen > 0 && bpf_probe_read_user(&first, 1, args->optval))
+			return 0;
+		p.on = first != 0;
+	} else {
+		int v = 0;
+		if (args->optlen < (int)sizeof(v) ||
+		    bpf_probe_read_user(&v, sizeof(v), args->optval))
+			return 0;
+		p.on = v != 0;
+	}
+	__u32 tid = cur_tid();
+	pending.update(&tid, &p);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_setsockopt)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = pending.lookup(&tid);
+	if (!p)
+		return 0;
+	if (args->ret == 0) {
+		__u64 key = fd_key(p->fd);
+		struct pt_sockinfo fresh = {};
+		struct pt_sockinfo *si = sockinfo.lookup_or_try_init(&key, &fresh);
+		if (si) {
+			si->opts.known |= p->opt;
+			if (p->on)
+				si->opts.on |= p->opt;
+			else
+				si->opts.on &= ~p->opt;
+		}
+	}
+	pending.delete(&tid);
+	return 0;
+}
+
+/* accept() and accept4(): the new socket is a clone of the listener
+ * (sk_clone_lock copies sk_reuse, sk_reuseport, sk_bound_dev_if). */
+static __always_inline int accept_enter(int fd)
+{
+	struct pt_pending p = { .fd = fd };
+	__u32 tid = cur_tid();
+	pending.update(&tid, &p);
+	return 0;
+}
+
+static __always_inline int accept_exit(long ret)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = pending.lookup(&tid);
+	if (!p)
+		return 0;
+	if (ret >= 0) {
+		__u64 lkey = fd_key(p->fd);
+		struct pt_sockinfo *listener = sockinfo.lookup(&lkey);
+		if (listener) {
+			struct pt_sockinfo child = *listener;
+			__u64 ckey = fd_key(ret);
+			sockinfo.update(&ckey, &child);
+		}
+	}
+	pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
+
+static __always_inline void remember_closing(int fd)
+{
+	__u64 key = fd_key(fd);
+	struct pt_sockinfo *si = sockinfo.lookup(&key);
+	if (!si)
+		return;
+	struct pt_opts opts = si->opts;
+	__u32 tid = cur_tid();
+	closing.update(&tid, &opts);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-	/* A reused fd number must not inherit a closed socket's protocol. */
-	__u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) |
-		    (__u32)args->fd;
-	sock_proto.delete(&key);
+	remember_closing(args->fd);
+	/* A reused fd number must not inherit a closed socket's info. */
+	__u64 key = fd_key(args->fd);
+	sockinfo.delete(&key);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_close)
+{
+	__u32 tid = cur_tid();
+	closing.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
+{
+	remember_closing(args->fd);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_shutdown)
+{
+	__u32 tid = cur_tid();
+	closing.delete(&tid);
 	return 0;
 }
 
@@ -146,70 +352,107 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 	if (!cfg)
 		return 0;
 	/* Read the address from the caller's memory now: after a failed bind
-	 * the kernel has reset the socket's port to 0. sockaddr_in first, so
-	 * a short IPv4 buffer at a page end is not over-read. */
-	struct sockaddr_in6 sa = {};
-	if (bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), args->umyaddr))
+	 * the kernel has reset the socket's port to 0. */
+	struct pt_pending p = { .fd = args->fd };
+	if (read_sockaddr(args->umyaddr, &p))
 		return 0;
-	if (sa.sin6_family == AF_INET6 &&
-	    bpf_probe_read_user(&sa, sizeof(sa), args->umyaddr))
+	/* Port 0 (autobind) is kept too: its failure is ephemeral exhaustion. */
+	if (p.port != 0 && !port_watched(cfg, p.port))
 		return 0;
-	if (sa.sin6_family != AF_INET && sa.sin6_family != AF_INET6)
-		return 0;
-
-	struct pt_bind_args ba = {
-		.fd = args->fd,
-		.family = sa.sin6_family,
-		.port = bpf_ntohs(sa.sin6_port),
-	};
-	if (!port_watched(cfg, ba.port))
-		return 0;
-	if (ba.family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
-		__builtin_memcpy(ba.addr, &sin->sin_addr, 4);
-	} else {
-		__builtin_memcpy(ba.addr, &sa.sin6_addr, 16);
-	}
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	bind_args.update(&tid, &ba);
+	__u32 tid = cur_tid();
+	pending.update(&tid, &p);
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_bind)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)id;
-	struct pt_bind_args *ba = bind_args.lookup(&tid);
-	if (!ba)
-		return 0;
+	__u32 tid = cur_tid();
+	struct pt_pending *p = pending.lookup(&tid);
 	struct pt_config *cfg = get_config();
+	if (!p || !cfg)
+		return 0;
 	long ret = args->ret;
-	/* Successes are streamed only for watched ports, so a tracer on every
-	 * port sends userspace nothing but failures. */
-	if (!cfg || (ret == 0 && cfg->all_ports)) {
-		bind_args.delete(&tid);
-		return 0;
+	__u64 key = fd_key(p->fd);
+	struct pt_sockinfo *si;
+	if (ret == 0) {
+		/* A socket older than the probes gets an entry too (options
+		 * unknown), so a later listen() failure knows its address. */
+		struct pt_sockinfo fresh = {};
+		si = sockinfo.lookup_or_try_init(&key, &fresh);
+		if (si) {
+			si->family = p->family;
+			si->port = p->port;
+			__builtin_memcpy(si->addr, p->addr, 16);
+		}
+		/* Successes are streamed only for watched ports, so a tracer on
+		 * every port sends userspace nothing but failures. */
+		if (!cfg->all_ports && p->port != 0)
+			emit_call(PT_BIND_OK, p, ret, si);
+	} else {
+		si = sockinfo.lookup(&key);
+		emit_call(PT_BIND_ERROR, p, ret, si);
 	}
-	struct pt_bind *e = events.ringbuf_reserve(sizeof(union pt_event));
-	if (!e) {
-		count_lost();
-		bind_args.delete(&tid);
+	pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_listen)
+{
+	struct pt_pending p = { .fd = args->fd };
+	__u32 tid = cur_tid();
+	pending.update(&tid, &p);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_listen)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = pending.lookup(&tid);
+	struct pt_config *cfg = get_config();
+	if (!p || !cfg)
 		return 0;
+	if (args->ret < 0) {
+		__u64 key = fd_key(p->fd);
+		struct pt_sockinfo *si = sockinfo.lookup(&key);
+		if (si) {
+			p->family = si->family;
+			p->port = si->port;
+			__builtin_memcpy(p->addr, si->addr, 16);
+		}
+		/* port 0: not seen bound, so listen() autobound (or the bind
+		 * predates the probes); userspace tells which. */
+		if (p->port == 0 || port_watched(cfg, p->port))
+			emit_call(PT_LISTEN_ERROR, p, args->ret, si);
 	}
-	__u64 key = (id & 0xffffffff00000000ULL) | (__u32)ba->fd;
-	__u8 *proto = sock_proto.lookup(&key);
-	e->kind = ret < 0 ? PT_BIND_ERROR : PT_BIND_OK;
-	e->protocol = proto ? *proto : 0;
-	e->family = ba->family;
-	e->port = ba->port;
-	e->fd = ba->fd;
-	e->err = ret < 0 ? -ret : 0;
-	e->uid = (__u32)bpf_get_current_uid_gid();
-	e->cgroup_id = bpf_get_current_cgroup_id();
-	fill_task(&e->task);
-	__builtin_memcpy(e->addr, ba->addr, 16);
-	events.ringbuf_submit(e, 0);
-	bind_args.delete(&tid);
+	pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+	struct pt_config *cfg = get_config();
+	if (!cfg)
+		return 0;
+	struct pt_pending p = { .fd = args->fd };
+	if (read_sockaddr(args->uservaddr, &p) || !port_watched(cfg, p.port))
+		return 0;
+	__u32 tid = cur_tid();
+	pending.update(&tid, &p);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = pending.lookup(&tid);
+	if (!p)
+		return 0;
+	long ret = args->ret;
+	if (ret == -PT_EADDRNOTAVAIL || ret == -PT_EADDRINUSE) {
+		__u64 key = fd_key(p->fd);
+		emit_call(PT_CONNECT_ERROR, p, ret, sockinfo.lookup(&key));
+	}
+	pending.delete(&tid);
 	return 0;
 }
 
@@ -232,6 +475,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	    (olds == PT_TCP_CLOSE_WAIT && news == PT_TCP_LAST_ACK)) {
 		struct pt_task t = {};
 		fill_task(&t);
+		__u32 tid = t.tid;
+		struct pt_opts *opts = closing.lookup(&tid);
+		if (opts)
+			t.opts = *opts;
 		owners.update(&skaddr, &t);
 	}
 
@@ -260,9 +507,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		struct pt_state *e = events.ringbuf_reserve(sizeof(union pt_event));
 		if (e) {
 			e->kind = PT_STATE;
+			e->pad = 0;
 			e->protocol = args->protocol;
 			e->oldstate = olds;
 			e->newstate = news;
+			e->pad2 = 0;
 			e->ts_ns = bpf_ktime_get_ns();
 			e->skaddr = skaddr;
 			e->tuple = tuple;

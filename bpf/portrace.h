@@ -13,17 +13,35 @@
 #define PT_COMM_LEN 16
 
 enum pt_kind {
-	PT_BIND_ERROR = 1,	/* bind() returned < 0 on a watched port */
+	PT_BIND_ERROR = 1,	/* bind() returned < 0 on a watched port, or port 0 */
 	PT_BIND_OK = 2,		/* bind() succeeded on a watched port */
 	PT_STATE = 3,		/* inet_sock_set_state on a watched local port */
+	PT_LISTEN_ERROR = 4,	/* listen() returned < 0 on a watched or unbound socket */
+	PT_CONNECT_ERROR = 5,	/* connect() to a watched port: EADDRNOTAVAIL/EADDRINUSE */
 };
 
-/* Who was on the CPU in process context, and when (CLOCK_MONOTONIC ns). */
+/* Socket options the probes saw, from socket() (defaults) and setsockopt(). */
+enum pt_opt {
+	PT_OPT_REUSEADDR = 1,
+	PT_OPT_REUSEPORT = 2,
+	PT_OPT_V6ONLY = 4,
+	PT_OPT_BINDTODEVICE = 8,	/* bound to some device (the name is not kept) */
+};
+
+struct pt_opts {
+	__u8 known;		/* PT_OPT_* bits whose value below is known */
+	__u8 on;		/* PT_OPT_* bits that are set */
+};
+
+/* Who was on the CPU in process context, and when (CLOCK_MONOTONIC ns);
+ * opts: the options of the socket it acted on, when the probes know them. */
 struct pt_task {
 	__u64 ts_ns;
 	__u32 pid;		/* tgid */
 	__u32 tid;
 	char comm[PT_COMM_LEN];
+	struct pt_opts opts;
+	__u8 pad[6];
 };
 
 /* One end of a socket, in network byte order as the kernel keeps it:
@@ -37,16 +55,20 @@ struct pt_tuple {
 	__u8 daddr[16];
 };
 
-struct pt_bind {
+/* bind(), listen() or connect() on a socket. addr/port: for bind the address
+ * asked for; for listen the address the probes saw it bound to (port 0: not
+ * bound, listen() autobinds); for connect the destination. */
+struct pt_call {
 	__u8 kind;
 	__u8 protocol;		/* IPPROTO_TCP/UDP from socket(), 0 = not seen */
-	__u16 family;		/* from the sockaddr passed to bind() */
-	__u16 port;		/* host order, from the sockaddr */
-	__u16 pad;
+	__u16 family;
+	__u16 port;		/* host order */
+	__u16 local_port;	/* connect: the port it was bound to, 0 = none */
 	__s32 fd;
 	__s32 err;		/* positive errno; 0 for PT_BIND_OK */
 	__u32 uid;
-	__u32 pad2;
+	struct pt_opts opts;
+	__u16 pad;
 	__u64 cgroup_id;
 	struct pt_task task;
 	__u8 addr[16];
@@ -69,8 +91,18 @@ struct pt_state {
 };
 
 union pt_event {
-	struct pt_bind bind;
+	struct pt_call call;
 	struct pt_state state;
+};
+
+/* What the probes know of one (process, fd) socket. */
+struct pt_sockinfo {
+	__u8 protocol;		/* 0 = socket() not seen */
+	__u8 pad;
+	struct pt_opts opts;
+	__u16 family;		/* of the address bound, 0 = no bind() seen */
+	__u16 port;
+	__u8 addr[16];
 };
 
 struct pt_config {

@@ -57,7 +57,7 @@ def test_time_wait_on_server_side_of_loopback_connection(tracer, netns, port):
     client_port = int(old.info)
     _, ev = fail_bind(tracer, "127.0.0.1", port, netns=netns)
 
-    assert ev["netns"] == {"inode": netns_inode(netns), "source": "process"}
+    assert ev["netns"] == {"inode": netns_inode(netns), "source": "process", "name": netns.name}
     assert ev["protocol"] == "tcp" and ev["family"] == "inet"
     assert ev["verdict"]["cause"] == "time_wait"
     [tw] = ev["blockers"]

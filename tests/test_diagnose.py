@@ -5,12 +5,22 @@ Socket rows are what sock_diag returned on 6.18 for the staged scenarios
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 
 import pytest
 
-from portrace.diagnose import Request, find_blockers, overlaps, verdict
-from portrace.events import BindAttempt, Closer, Endpoint, StateChange, Task
+from portrace.advice import verdict
+from portrace.diagnose import Request, find_blockers, overlaps
+from portrace.events import (
+    UNKNOWN_OPTS,
+    Closer,
+    Endpoint,
+    SocketCall,
+    SockOpts,
+    StateChange,
+    Task,
+)
 from portrace.sockets import Holder, SocketEntry
 
 NOW = datetime(2026, 11, 24, 6, 26, 26, tzinfo=timezone.utc)
@@ -27,12 +37,12 @@ def sock(state: str, addr: str, port: int = 9090, *, family: str | None = None,
                        v6only=v6only, bound_dev_if=0)
 
 
-def attempt(addr: str, port: int = 9090, *, protocol: str = "tcp", errno: int = 98
-            ) -> BindAttempt:
-    return BindAttempt(ts=NOW, pid=3364, tid=3364, comm="new-server", uid=0, fd=3,
-                       errno=errno, protocol=protocol,
-                       family="inet6" if ":" in addr else "inet", addr=addr, port=port,
-                       cgroup_id=1)
+def attempt(addr: str, port: int = 9090, *, protocol: str = "tcp", errno: int = 98,
+            call: str = "bind", opts: SockOpts = UNKNOWN_OPTS, uid: int = 0) -> SocketCall:
+    return SocketCall(ts=NOW, call=call, pid=3364, tid=3364, comm="new-server", uid=uid, fd=3,
+                      errno=errno, protocol=protocol,
+                      family="inet6" if ":" in addr else "inet", addr=addr, port=port,
+                      cgroup_id=1, opts=opts)
 
 
 def req(addr: str, v6only: bool | None = None) -> Request:
@@ -109,7 +119,8 @@ def test_holders_binders_and_closers_are_attached():
     tw = sock("TIME_WAIT", "127.0.0.1", remote=peer, inode=0, expires_ms=59860)
     lst = sock("LISTEN", "0.0.0.0", inode=7001)
     holders = {7001: [Holder(pid=3367, ppid=1, comm="sleep", fds=(3,))]}
-    binders = {("inet", "0.0.0.0", 9090): Task(pid=3366, tid=3366, comm="old-server", ts=NOW)}
+    binders = {("inet", "0.0.0.0", 9090): dataclasses.replace(attempt("0.0.0.0"), pid=3366,
+                                                              errno=0)}
     closer = Closer(pid=3363, comm="old-server", ts=NOW)
     closers = {("inet", tw.local, peer): closer}
     got = find_blockers(req("0.0.0.0"), [tw, lst], holders, closers, binders)

@@ -9,7 +9,7 @@ import threading
 from conftest import bpf_unavailable, need_root
 
 from portrace.errors import PortraceError
-from portrace.events import BindAttempt, Lost
+from portrace.events import Lost, SocketCall
 from portrace.tracer import Tracer
 
 PORT = 19190
@@ -33,7 +33,7 @@ def test_every_record_is_delivered_or_counted_lost():
         tracer.run(stop)  # drains what fit, then reports what did not
     finally:
         tracer.close()
-    delivered = sum(1 for e in seen if isinstance(e, BindAttempt) and e.port == PORT)
+    delivered = sum(1 for e in seen if isinstance(e, SocketCall) and e.port == PORT)
     lost = sum(e.count for e in seen if isinstance(e, Lost))
     assert lost > 0, "a 4 KiB ring buffer cannot hold 2000 records"
     assert delivered + lost == BINDS

@@ -16,7 +16,7 @@ import click
 import psutil
 
 from portrace import errors
-from portrace.events import BindAttempt, Event, StateChange
+from portrace.events import Event, SocketCall, StateChange
 from portrace.evidence import JsonLinesSink
 from portrace.render import terminal_sink
 from portrace.tracer import Tracer
@@ -75,7 +75,7 @@ def watch(ports: Sequence[int], as_json: bool, output: IO[str] | None, pid: int 
     def sink(ev: Event) -> None:
         # Transitions and successful binds reach the screen only with --states;
         # the evidence file gets everything.
-        if states or not isinstance(ev, (StateChange, BindAttempt)):
+        if states or not isinstance(ev, (StateChange, SocketCall)):
             shown(ev)
         if recorded is not None:
             recorded(ev)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import click
 
-from portrace.events import BindError, Event
+from portrace.events import CallError, Event
 from portrace.render import format_failure
 from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
@@ -23,7 +23,7 @@ from portrace.tracer import Tracer
 WAIT_S = 15.0
 
 
-def _await_failure(caught: queue.Queue[BindError], port: int) -> BindError | None:
+def _await_failure(caught: queue.Queue[CallError], port: int) -> CallError | None:
     try:
         while True:
             ev = caught.get(timeout=WAIT_S)
@@ -33,7 +33,7 @@ def _await_failure(caught: queue.Queue[BindError], port: int) -> BindError | Non
         return None
 
 
-def _check(title: str, ev: BindError | None, ok: Callable[[BindError], bool]) -> bool:
+def _check(title: str, ev: CallError | None, ok: Callable[[CallError], bool]) -> bool:
     if ev is None:
         click.secho(f"  MISSED: no failure reported within {WAIT_S:.0f} s", fg="red")
         return False
@@ -47,10 +47,10 @@ def _check(title: str, ev: BindError | None, ok: Callable[[BindError], bool]) ->
 
 def run_demo(port: int) -> int:
     tw_port, listen_port = port, port + 1
-    caught: queue.Queue[BindError] = queue.Queue()
+    caught: queue.Queue[CallError] = queue.Queue()
 
     def sink(ev: Event) -> None:
-        if isinstance(ev, BindError):
+        if isinstance(ev, CallError):
             caught.put(ev)
 
     stop = threading.Event()

@@ -1,44 +1,99 @@
-"""Pair a failed bind() with what blocks it, and say why, as the kernel would.
+"""Which sockets block a failed bind()/listen(), by the kernel's own rules.
 
-Pure functions of data (a snapshot, close history, sysctls): unit-testable
-without root. Each rule names the kernel function it mirrors (Linux 6.x):
+Pure functions of data (a sock_diag snapshot, the options the probes saw,
+close history): unit-testable without root. Every rule portrace applies is in
+RULES below, with the kernel function it mirrors (Linux 6.x), so a reader can
+check each against the source. Verdict text lives in portrace.advice.
 
-- Address overlap: net/ipv4/inet_connection_sock.c: inet_rcv_saddr_equal,
-  ipv4_rcv_saddr_equal, ipv6_rcv_saddr_equal (match_wildcard = true on bind), and
-  __inet_bhash2_conflict (an IPV6_V6ONLY socket never conflicts with IPv4 or
-  v4-mapped). A specific, non-mapped IPv6 bind is made IPV6_V6ONLY by the kernel
-  (net/ipv6/af_inet6.c: __inet6_bind).
-- TCP reuse: inet_bind_conflict: no conflict if both have SO_REUSEADDR and the
-  old one is not LISTEN, or both SO_REUSEPORT and the old one is TIME_WAIT or has
-  the same uid. Different bound devices never conflict.
-- UDP reuse: net/ipv4/udp.c: udp_lib_lport_inuse: no conflict if both have
-  SO_REUSEADDR, or both SO_REUSEPORT under the same uid.
-- Minisocks keep the old socket's SO_REUSEADDR/SO_REUSEPORT
-  (net/ipv4/inet_timewait_sock.c: inet_twsk_alloc).
-
-The probes do not yet see SO_REUSEADDR/SO_REUSEPORT, IPV6_V6ONLY set by
-setsockopt() or SO_BINDTODEVICE on the failing socket, so no overlapping socket
-is excluded on those grounds: every socket listed could be the one.
+Options (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, SO_BINDTODEVICE) are
+three-valued: True/False when the probes saw them, None when not. A socket is
+left out only when the rules say it certainly does not conflict.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from portrace.events import (
-    BindAttempt,
+    UNKNOWN_OPTS,
     Blocker,
     Closer,
     Endpoint,
     ProcessRef,
-    StateChange,
-    Task,
-    Verdict,
-    errno_name,
+    SocketCall,
+    SockOpts,
 )
 from portrace.sockets import Holder, SocketEntry
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str  # file: function, in the kernel tree
+    says: str
+
+
+RULES: dict[str, Rule] = {
+    "overlap": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_rcv_saddr_equal, ipv6_rcv_saddr_equal",
+        "two local addresses overlap when equal or either is a wildcard; [::] without "
+        "IPV6_V6ONLY also covers IPv4; a v4-mapped address is its IPv4 address"),
+    "v6only_specific": Rule(
+        "net/ipv6/af_inet6.c: __inet6_bind",
+        "binding a specific, non-mapped IPv6 address sets IPV6_V6ONLY"),
+    "v6only_never_v4": Rule(
+        "net/ipv4/inet_connection_sock.c: __inet_bhash2_conflict",
+        "an IPV6_V6ONLY socket never conflicts with an IPv4 or v4-mapped bind"),
+    "device": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_bind_conflict",
+        "sockets bound to different devices (SO_BINDTODEVICE) never conflict"),
+    "reuseaddr": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_bind_conflict",
+        "no conflict when both sockets have SO_REUSEADDR and the old one is not LISTEN"),
+    "reuseport": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_bind_conflict",
+        "no conflict when both sockets have SO_REUSEPORT and the old one is TIME_WAIT "
+        "or belongs to the same uid"),
+    "udp_reuse": Rule(
+        "net/ipv4/udp.c: udp_lib_lport_inuse",
+        "UDP: no conflict when both have SO_REUSEADDR, or both SO_REUSEPORT and the "
+        "same uid"),
+    "minisock_keeps_flags": Rule(
+        "net/ipv4/inet_timewait_sock.c: inet_twsk_alloc",
+        "a TIME_WAIT / FIN_WAIT2 minisock keeps the closed socket's SO_REUSEADDR and "
+        "SO_REUSEPORT"),
+    "accept_keeps_flags": Rule(
+        "net/core/sock.c: sk_clone_lock",
+        "an accepted socket is a clone of its listener and keeps its options"),
+    "listen_recheck": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_csk_listen_start",
+        "listen() checks the port again as a LISTEN socket: two SO_REUSEADDR sockets "
+        "may share an address until one listens"),
+    "timewait_len": Rule(
+        "include/net/tcp.h: TCP_TIMEWAIT_LEN",
+        "TIME_WAIT lasts 60 s, fixed at compile time; in-window segments re-arm it"),
+    "fin_timeout": Rule(
+        "net/ipv4/tcp.c: tcp_close; include/net/tcp.h: tcp_fin_time",
+        "net.ipv4.tcp_fin_timeout bounds how long an orphaned FIN_WAIT2 lives"),
+    "tw_reuse": Rule(
+        "net/ipv4/tcp_ipv4.c: tcp_twsk_unique",
+        "net.ipv4.tcp_tw_reuse lets connect() take over a TIME_WAIT 4-tuple: 1 = any, "
+        "2 = loopback only; needs timestamps seen on it (tcp_timestamps), waits "
+        "tcp_tw_reuse_delay ms after it entered TIME_WAIT, never for a FIN_WAIT2 minisock; "
+        "bind() and listen() never read it"),
+    "autobind": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_csk_find_open_port",
+        "bind() to port 0 and listen() on an unbound socket pick a free port of "
+        "ip_local_port_range, skipping ip_local_reserved_ports; none free: EADDRINUSE"),
+    "connect_port": Rule(
+        "net/ipv4/inet_hashtables.c: __inet_hash_connect",
+        "connect() on an unbound socket picks a local port whose 4-tuple is unused "
+        "(or a reusable TIME_WAIT's); none left: EADDRNOTAVAIL"),
+    "destroy": Rule(
+        "net/ipv4/tcp.c: tcp_abort (CONFIG_INET_DIAG_DESTROY)",
+        "sock_diag can destroy a socket, TIME_WAIT included: ss -K"),
+}
 
 CAUSES = (
     "listener",
@@ -47,12 +102,13 @@ CAUSES = (
     "time_wait",
     "fin_wait2",
     "udp_socket",
+    "ephemeral_exhausted",
     "unknown",
     "not_a_conflict",
 )
 
-TCP_TIMEWAIT_LEN_S = 60  # include/net/tcp.h; a compile-time constant
-EADDRINUSE = 98
+TCP_TIMEWAIT_LEN_S = 60
+EADDRINUSE, EADDRNOTAVAIL = 98, 99
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
@@ -63,10 +119,10 @@ BoundAddress = tuple[str, str, int]
 
 @dataclass(frozen=True)
 class Request:
-    """The address a failing socket asked for.
+    """The address a failing socket asked for (bind) or holds (listen).
 
-    ``v6only``: True/False when known, None when it depends on IPV6_V6ONLY /
-    net.ipv6.bindv6only, which the probes do not see yet.
+    ``v6only``: True/False when known, None when IPV6_V6ONLY was not seen and
+    net.ipv6.bindv6only was not given.
     """
 
     protocol: str  # tcp | udp | unknown
@@ -74,15 +130,34 @@ class Request:
     addr: str
     port: int
     v6only: bool | None = None
+    opts: SockOpts = UNKNOWN_OPTS
+    uid: int | None = None
+    call: str = "bind"
 
     @classmethod
-    def of(cls, attempt: BindAttempt) -> Request:
-        v6only = None
+    def of(cls, attempt: SocketCall, bindv6only: bool | None = None) -> Request:
+        v6only = attempt.opts.v6only
         if attempt.family == "inet6":
             a = IPv6(attempt.addr)
             if not a.is_unspecified and a.ipv4_mapped is None:
-                v6only = True  # __inet6_bind forces it for a specific address
-        return cls(attempt.protocol, attempt.family, attempt.addr, attempt.port, v6only)
+                v6only = True  # RULES["v6only_specific"]
+            elif v6only is None:
+                v6only = bindv6only
+        return cls(attempt.protocol, attempt.family, attempt.addr, attempt.port, v6only,
+                   attempt.opts, attempt.uid, attempt.call)
+
+
+def all3(*vals: bool | None) -> bool | None:
+    """Three-valued AND: False if any is False, None if any is unknown."""
+    if any(v is False for v in vals):
+        return False
+    return None if any(v is None for v in vals) else True
+
+
+def any3(*vals: bool | None) -> bool | None:
+    if any(v is True for v in vals):
+        return True
+    return None if any(v is None for v in vals) else False
 
 
 def _v4_view(family: str, addr: str) -> IPv4 | None:
@@ -135,6 +210,24 @@ def overlaps(req: Request, sock: SocketEntry) -> bool:
     return _overlaps(req, req.v6only, sock)
 
 
+def conflicts(req: Request, sock: SocketEntry, opts: SockOpts) -> bool | None:
+    """Whether ``sock`` (with options ``opts``) blocks ``req`` once the addresses
+    overlap: RULES device, reuseaddr, reuseport (TCP) or udp_reuse. None when an
+    unknown option decides it."""
+    if sock.bound_dev_if and req.opts.bound_to_device is not False:
+        return None  # both may be bound, to devices we cannot compare
+    same_uid = None if req.uid is None or sock.minisock else req.uid == sock.uid
+    if sock.protocol == "udp":
+        passes = any3(all3(req.opts.reuseaddr, opts.reuseaddr),
+                      all3(req.opts.reuseport, opts.reuseport, same_uid))
+    else:
+        passes = any3(
+            all3(req.opts.reuseaddr, opts.reuseaddr, sock.state != "LISTEN"),
+            all3(req.opts.reuseport, opts.reuseport,
+                 any3(sock.state == "TIME_WAIT", same_uid)))
+    return None if passes is None else not passes
+
+
 def _rank(sock: SocketEntry) -> tuple[int, float]:
     """LISTEN first, then other live sockets, then bound-only, then minisocks
     (longest-lived first: the port is free only when the last one expires)."""
@@ -148,7 +241,7 @@ def _rank(sock: SocketEntry) -> tuple[int, float]:
 
 
 def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
-               binders: Mapping[BoundAddress, Task]) -> tuple[ProcessRef, ...]:
+               binders: Mapping[BoundAddress, SocketCall]) -> tuple[ProcessRef, ...]:
     """Holders of the socket, and whether each inherited it: the probes saw
     another process bind this address (and that process no longer holds it,
     or holds it too), or the holder shares it with its parent."""
@@ -169,28 +262,55 @@ def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
     return tuple(refs)
 
 
+def _options(s: SocketEntry, closer: Closer | None, fd_opts: Mapping[int, SockOpts],
+             binders: Mapping[BoundAddress, SocketCall]) -> tuple[SockOpts, str | None]:
+    """A socket's options and where they come from: the close that made the
+    minisock (RULES minisock_keeps_flags), the probes' record of a holder's fd
+    (accepted sockets included: accept_keeps_flags), or the process seen
+    binding its address (an inherited fd is the same socket)."""
+    if s.minisock:
+        return (closer.opts, "closer") if closer is not None else (UNKNOWN_OPTS, None)
+    if s.inode in fd_opts:
+        return fd_opts[s.inode], "probes"
+    binder = binders.get((s.family, s.local.addr, s.local.port))
+    if binder is not None:
+        return binder.opts, "binder"
+    return UNKNOWN_OPTS, None
+
+
 def find_blockers(
     req: Request,
     sockets: Sequence[SocketEntry],
     holders: Mapping[int, Sequence[Holder]],
     closers: Mapping[tuple[str, Endpoint, Endpoint], Closer],
-    binders: Mapping[BoundAddress, Task],
+    binders: Mapping[BoundAddress, SocketCall],
+    fd_opts: Mapping[int, SockOpts] | None = None,
+    exclude_inodes: Iterable[int] = (),
 ) -> list[Blocker]:
-    """The sockets on the requested port whose address overlaps, ordered
-    LISTEN, live, bound-only, minisocks. ``closers`` is keyed by
-    (family, local, remote) of minisocks; ``binders`` by the address a
-    successful bind() asked for."""
-    found = [
-        s for s in sockets
-        if s.local.port == req.port
-        and (req.protocol == "unknown" or s.protocol == req.protocol)
-        and overlaps(req, s)
-    ]
-    found.sort(key=_rank)
-    out = []
-    for s in found:
-        closed_by = closers.get((s.family, s.local, s.remote)) if s.remote else None
-        out.append(Blocker(
+    """The sockets on the requested port that overlap the request and may
+    conflict with it, ordered LISTEN, live, bound-only, minisocks.
+
+    ``closers``: minisock closers by (family, local, remote). ``binders``: the
+    last successful bind() seen per (family, addr, port). ``fd_opts``: options
+    the probes hold for a socket inode via a holder's fd. ``exclude_inodes``:
+    the failing socket itself (bound, when listen() fails)."""
+    skip = set(exclude_inodes) - {0}
+    fd_opts = fd_opts or {}
+    found = []
+    for s in sockets:
+        if (s.local.port != req.port or s.inode in skip
+                or (req.protocol != "unknown" and s.protocol != req.protocol)
+                or not overlaps(req, s)):
+            continue
+        closer = closers.get((s.family, s.local, s.remote)) if s.remote else None
+        opts, source = _options(s, closer, fd_opts, binders)
+        verdict = conflicts(req, s, opts)
+        if verdict is False:
+            continue
+        found.append((s, closer, opts, source, verdict))
+    found.sort(key=lambda row: _rank(row[0]))
+    return [
+        Blocker(
             state=s.state,
             protocol=s.protocol,
             family=s.family,
@@ -200,12 +320,16 @@ def find_blockers(
             inode=s.inode,
             uid=s.uid,
             expires_s=None if s.expires_ms is None else s.expires_ms / 1000.0,
-            closed_by=closed_by,
+            closed_by=closer,
             minisock=s.minisock,
             v6only=s.v6only,
             bound_dev_if=s.bound_dev_if,
-        ))
-    return out
+            opts=opts,
+            opts_source=source,
+            conflict=verdict,
+        )
+        for s, closer, opts, source, verdict in found
+    ]
 
 
 def cause_of(b: Blocker) -> str:
@@ -233,6 +357,9 @@ def describe(b: Blocker) -> str:
         parts.append(f"{b.expires_s:.1f} s left")
     if b.closed_by is not None:
         parts.append(f"closed by {b.closed_by.comm}[{b.closed_by.pid}]")
+    if b.opts.reuseaddr is not None:
+        parts.append(f"SO_REUSEADDR {'on' if b.opts.reuseaddr else 'off'}"
+                     + (", SO_REUSEPORT on" if b.opts.reuseport else ""))
     if b.processes:
         held = ", ".join(
             f"{p.comm}[{p.pid}]" + (" (inherited fd)" if p.inherited else "") for p in b.processes
@@ -243,162 +370,3 @@ def describe(b: Blocker) -> str:
     return ", ".join(parts)
 
 
-def _holders_phrase(b: Blocker) -> str:
-    return ", ".join(f"{p.comm}[{p.pid}]" for p in b.processes)
-
-
-def _kill_advice(b: Blocker) -> str:
-    pids = " ".join(str(p.pid) for p in b.processes)
-    text = f"Now: stop what holds it: `kill {pids}` ({_holders_phrase(b)})."
-    if any(p.inherited for p in b.processes):
-        text += (" It holds an fd it inherited (fork/exec) from the process that bound the "
-                 "socket; open listeners with SOCK_CLOEXEC, or close them in the child.")
-    return text
-
-
-def _ss_kill(b: Blocker) -> str:
-    dst = f" dst {b.remote}" if b.remote else ""
-    state = b.state.lower().replace("_", "-")
-    return f"`ss -K state {state} src {b.local}{dst}`"
-
-
-_REUSEADDR_WHY = (
-    "two SO_REUSEADDR sockets conflict only when the old one is LISTEN "
-    "(net/ipv4/inet_connection_sock.c: inet_bind_conflict)"
-)
-_NOT_TW_REUSE = (
-    "Does not apply: net.ipv4.tcp_tw_reuse is read only on the connect() path "
-    "(net/ipv4/tcp_ipv4.c: tcp_twsk_unique), never by bind()"
-)
-
-
-def _overlap_note(req: Request, b: Blocker) -> str | None:
-    """Why two sockets of different families meet (ipv6_rcv_saddr_equal)."""
-    if req.family == "inet" and b.family == "inet6":
-        if IPv6(b.local.addr).ipv4_mapped is not None:
-            return (f"{b.local} is a v4-mapped IPv6 address: to the kernel it is the IPv4 "
-                    f"address {IPv6(b.local.addr).ipv4_mapped}.")
-        return (f"{b.local} covers IPv4 because that socket is not IPV6_V6ONLY: set "
-                "IPV6_V6ONLY on it, or serve both families from one dual-stack socket.")
-    if req.family == "inet6" and b.family == "inet":
-        if IPv6(req.addr).ipv4_mapped is not None:
-            return (f"The v4-mapped address {req.addr} is the IPv4 address "
-                    f"{IPv6(req.addr).ipv4_mapped} to the kernel, which {b.local} covers.")
-        return (f"A [::] socket without IPV6_V6ONLY also claims IPv4, which {b.local} holds: "
-                "set IPV6_V6ONLY on the new socket if it should serve IPv6 only.")
-    return None
-
-
-def verdict(req: Request, attempt: BindAttempt, blockers: Sequence[Blocker],
-            sysctls: Mapping[str, str], last_seen: StateChange | None,
-            netns_source: str) -> Verdict:
-    """The cause (one of CAUSES), a one-line summary and ordered advice:
-    what to do now, what to change in code, which common fixes do not apply."""
-    if attempt.errno != EADDRINUSE:
-        return _not_a_conflict(attempt, sysctls)
-    if not blockers:
-        return _gone(req, last_seen, netns_source)
-    b = blockers[0]
-    cause = cause_of(b)
-    advice: list[str] = []
-    note = _overlap_note(req, b)
-    others = len(blockers) - 1
-    more = f" (+{others} more socket{'s' if others > 1 else ''} on the port)" if others else ""
-
-    if cause == "listener":
-        summary = f"{describe(b)}{more}"
-        advice.append(_kill_advice(b) if b.processes else
-                      "Now: the listener has no process left; it goes away when its last "
-                      "accepted connection closes.")
-        if note:
-            advice.append(note)
-        advice.append("In code: SO_REUSEADDR cannot pass a LISTEN socket (inet_bind_conflict); "
-                      "to run two servers on one port at once, set SO_REUSEPORT on both "
-                      "before bind(), under the same uid.")
-    elif cause in ("time_wait", "fin_wait2"):
-        minis = [x for x in blockers if x.minisock]
-        left = max(x.expires_s or 0.0 for x in minis)
-        what = "TIME_WAIT" if cause == "time_wait" else "orphaned FIN_WAIT2"
-        head = describe(b) if len(minis) == 1 else (
-            f"{len(minis)} {what} sockets on {b.local.port}; the last ends in {left:.1f} s")
-        summary = head + (more if len(minis) == 1 else "")
-        advice.append(f"Now: wait {left:.0f} s, or destroy it: {_ss_kill(b)} "
-                      "(needs CONFIG_INET_DIAG_DESTROY; tcp_abort).")
-        if cause == "time_wait":
-            advice.append(f"TIME_WAIT lasts TCP_TIMEWAIT_LEN = {TCP_TIMEWAIT_LEN_S} s "
-                          "(include/net/tcp.h, fixed at compile time; in-window segments "
-                          "re-arm it); no sysctl shortens it.")
-        else:
-            fin = sysctls.get("net.ipv4.tcp_fin_timeout")
-            advice.append("The peer never sent its FIN. An orphaned FIN_WAIT2 lives "
-                          f"net.ipv4.tcp_fin_timeout = {fin or '?'} s in this namespace "
-                          "(net/ipv4/tcp.c: tcp_close, tcp_fin_time): lowering it shortens this "
-                          "case, and only this one.")
-        advice.append("In code: set SO_REUSEADDR on the listening socket before bind() in both "
-                      "the old and the new process: the minisock keeps the old socket's flag "
-                      f"(net/ipv4/inet_timewait_sock.c: inet_twsk_alloc), and {_REUSEADDR_WHY}.")
-        if cause == "time_wait":
-            advice.append(_NOT_TW_REUSE + "; net.ipv4.tcp_fin_timeout bounds orphaned FIN_WAIT2 "
-                          "only, not TIME_WAIT.")
-        else:
-            advice.append(_NOT_TW_REUSE + ".")
-    elif cause == "connected_socket":
-        summary = f"{describe(b)}{more}"
-        if b.processes:
-            advice.append(_kill_advice(b) + f" Or abort the connection: {_ss_kill(b)}.")
-        else:
-            advice.append(f"Now: no process holds it any more; it ends with the connection, or "
-                          f"abort it: {_ss_kill(b)}.")
-        advice.append("A connection accepted by the old server keeps the port after its "
-                      "listener closed. In code: set SO_REUSEADDR on the listening socket before "
-                      "bind() in both old and new server (accepted sockets inherit it); "
-                      f"{_REUSEADDR_WHY}.")
-        advice.append(_NOT_TW_REUSE + ".")
-    elif cause == "bound_socket":
-        summary = f"bound, not listening: {describe(b)}{more}"
-        advice.append(_kill_advice(b) if b.processes else "Now: no process holds it.")
-        if note:
-            advice.append(note)
-        advice.append("In code: a socket bound but never listened on still owns the port; "
-                      "close it, or set SO_REUSEADDR on both sockets: " + _REUSEADDR_WHY + ".")
-    else:  # udp_socket
-        summary = f"{describe(b)}{more}"
-        advice.append(_kill_advice(b) if b.processes else "Now: no process holds it.")
-        if note:
-            advice.append(note)
-        advice.append("In code: UDP sockets share a port when both set SO_REUSEADDR, or both "
-                      "SO_REUSEPORT under the same uid (net/ipv4/udp.c: udp_lib_lport_inuse).")
-    return Verdict(cause=cause, summary=summary, advice=tuple(advice))
-
-
-def _gone(req: Request, last_seen: StateChange | None, netns_source: str) -> Verdict:
-    ep = Endpoint(req.addr, req.port)
-    summary = f"nothing on port {req.port} overlaps {ep} any more: the blocker was gone by lookup"
-    advice = ["Now: a retry may already succeed."]
-    if last_seen is not None:
-        who = f" ({last_seen.owner.comm}[{last_seen.owner.pid}])" if last_seen.owner else ""
-        summary += (f"; last seen on the port: {last_seen.local} <-> {last_seen.remote} "
-                    f"{last_seen.old} -> {last_seen.new}{who}")
-    if netns_source == "tracer":
-        advice.append("The failing process exited before its network namespace could be read; "
-                      "portrace looked in its own. If that process ran in a container, its "
-                      "blocker is in the container's namespace.")
-    return Verdict(cause="unknown", summary=summary, advice=tuple(advice))
-
-
-_ERRNO_ADVICE = {
-    "EACCES": "Ports below net.ipv4.ip_unprivileged_port_start need CAP_NET_BIND_SERVICE "
-              "(net/ipv4/af_inet.c: inet_bind_sk).",
-    "EADDRNOTAVAIL": "The address is not assigned in this network namespace; IP_FREEBIND or "
-                     "net.ipv4.ip_nonlocal_bind allow binding it anyway.",
-    "EINVAL": "The socket is already bound, or the address length or family is wrong.",
-}
-
-
-def _not_a_conflict(attempt: BindAttempt, sysctls: Mapping[str, str]) -> Verdict:
-    name = errno_name(attempt.errno)
-    return Verdict(
-        cause="not_a_conflict",
-        summary=f"bind() failed with {name}, not a port conflict: nothing was looked up",
-        advice=(_ERRNO_ADVICE.get(name, "See bind(2) for this errno."),),
-    )

@@ -1,7 +1,7 @@
 """Typed events, and their JSON Lines form (the contract in shared/DESIGN.md).
 
-Kernel records (see ``bpf/portrace.h``) become ``BindAttempt`` and ``StateChange``;
-the pipeline adds ``Ready``, ``Lost`` and the diagnosed ``BindError``. Every
+Kernel records (see ``bpf/portrace.h``) become ``SocketCall`` and ``StateChange``;
+the pipeline adds ``Ready``, ``Lost`` and the diagnosed ``CallError``. Every
 object serialised by :func:`to_json` has ``type`` and ``ts`` (ISO 8601 UTC, µs).
 """
 
@@ -111,14 +111,39 @@ class StateChange:
 
 
 @dataclass(frozen=True)
-class BindAttempt:
-    """A ``bind()`` on a watched port, read at ``sys_enter_bind`` / ``sys_exit_bind``.
+class SockOpts:
+    """Socket options as the probes saw them (socket() defaults, setsockopt()).
 
-    ``errno`` is 0 on success. ``protocol`` is what ``socket()`` asked for,
-    ``unknown`` when the socket predates the probes.
+    Each is True/False when seen, None when unknown (the socket predates the
+    probes, or for v6only: never set, so net.ipv6.bindv6only decides).
+    """
+
+    reuseaddr: bool | None = None
+    reuseport: bool | None = None
+    v6only: bool | None = None
+    bound_to_device: bool | None = None
+
+    def to_json(self) -> dict[str, bool | None]:
+        return {"so_reuseaddr": self.reuseaddr, "so_reuseport": self.reuseport,
+                "ipv6_v6only": self.v6only, "so_bindtodevice": self.bound_to_device}
+
+
+UNKNOWN_OPTS = SockOpts()
+
+
+@dataclass(frozen=True)
+class SocketCall:
+    """A ``bind()``, ``listen()`` or ``connect()`` the probes reported.
+
+    ``addr``/``port``: for bind the address asked for; for listen the address
+    the socket was seen bound to (port 0: not seen bound, listen() autobinds);
+    for connect the destination. ``errno`` is 0 on success. ``protocol`` is
+    what ``socket()`` asked for, ``unknown`` when the socket predates the probes.
+    ``local_port``: for connect, the port the socket was bound to (0: none).
     """
 
     ts: datetime
+    call: str  # bind | listen | connect
     pid: int
     tid: int
     comm: str
@@ -130,14 +155,12 @@ class BindAttempt:
     addr: str
     port: int
     cgroup_id: int
+    opts: SockOpts = UNKNOWN_OPTS
+    local_port: int = 0
 
     @property
     def ok(self) -> bool:
         return self.errno == 0
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.addr, self.port)
 
 
 @dataclass(frozen=True)
@@ -158,11 +181,13 @@ class ProcessRef:
 @dataclass(frozen=True)
 class Closer:
     """Who closed a socket that is now a minisock: the process seen at
-    ESTABLISHED -> FIN_WAIT1 (or CLOSE_WAIT -> LAST_ACK), and when."""
+    ESTABLISHED -> FIN_WAIT1 (or CLOSE_WAIT -> LAST_ACK), when, and the
+    socket's options at that close (the minisock keeps them)."""
 
     pid: int
     comm: str
     ts: datetime
+    opts: SockOpts = UNKNOWN_OPTS
 
 
 @dataclass(frozen=True)
@@ -180,6 +205,23 @@ class Blocker:
     minisock: bool
     v6only: bool | None
     bound_dev_if: int
+    opts: SockOpts = UNKNOWN_OPTS
+    # Where opts come from: "probes" (this socket's fd), "binder" (the process
+    # seen binding this address), "closer" (the close that made the minisock).
+    opts_source: str | None = None
+    conflict: bool | None = None  # the kernel's rule, given what is known
+
+
+@dataclass(frozen=True)
+class PortUsage:
+    """The ephemeral port range of a namespace and how much of it is taken."""
+
+    low: int
+    high: int
+    reserved: int  # ports of the range in ip_local_reserved_ports
+    in_use: int  # distinct local ports of the range held by some socket
+    by_state: dict[str, int]  # sockets on those ports, by state
+    time_wait_to_destination: int | None = None  # connect(): TIME_WAIT toward it
 
 
 @dataclass(frozen=True)
@@ -195,32 +237,39 @@ class Netns:
 
     ``source``: ``process`` when read from the failing thread's
     ``/proc/<pid>/task/<tid>/ns/net``; ``tracer`` when that process had already
-    exited and portrace's own namespace was used instead.
+    exited and portrace's own namespace was used instead. ``name``: its name
+    under /run/netns (``ip netns``), if it has one.
     """
 
     inode: int
     source: str
+    name: str | None = None
 
 
 @dataclass(frozen=True)
-class BindError:
-    """A failed bind() with what blocked it, as printed and recorded."""
+class CallError:
+    """A failed bind()/listen()/connect() with what blocked it, as printed."""
 
-    attempt: BindAttempt
+    attempt: SocketCall
     cmdline: list[str] | None
     netns: Netns
     blockers: tuple[Blocker, ...]
     verdict: Verdict
     lookup_ms: float  # from the failure in the kernel to the sock_diag snapshot
     last_seen: StateChange | None = None  # when no blocker was left to find
-    type: str = field(default="bind_error", init=False)
+    usage: PortUsage | None = None  # ephemeral exhaustion: the range and its use
+    sysctls: dict[str, str] = field(default_factory=dict)  # as the netns sees them
+
+    @property
+    def type(self) -> str:
+        return f"{self.attempt.call}_error"
 
     @property
     def ts(self) -> datetime:
         return self.attempt.ts
 
 
-Event = Union[Ready, Lost, StateChange, BindAttempt, BindError]
+Event = Union[Ready, Lost, StateChange, SocketCall, CallError]
 
 
 def _endpoint(ep: Endpoint | None) -> dict[str, Any] | None:
@@ -253,7 +302,16 @@ def _blocker(b: Blocker) -> dict[str, Any]:
         "minisock": b.minisock,
         "v6only": b.v6only,
         "bound_dev_if": b.bound_dev_if,
+        "options": {**b.opts.to_json(), "source": b.opts_source},
+        "conflicts": b.conflict,
     }
+
+
+def _usage(u: PortUsage | None) -> dict[str, Any] | None:
+    if u is None:
+        return None
+    return {"range": [u.low, u.high], "reserved": u.reserved, "in_use": u.in_use,
+            "by_state": dict(u.by_state), "time_wait_to_destination": u.time_wait_to_destination}
 
 
 def _state(ev: StateChange) -> dict[str, Any]:
@@ -281,10 +339,10 @@ def to_json(ev: Event) -> dict[str, Any]:
         return {"type": "lost", "ts": iso(ev.ts), "count": ev.count}
     if isinstance(ev, StateChange):
         return _state(ev)
-    if isinstance(ev, BindAttempt):
+    if isinstance(ev, SocketCall):
+        # Failed calls are only ever emitted diagnosed, as CallError.
         return {
-            # Failed attempts are only ever emitted diagnosed, as BindError.
-            "type": "bind",
+            "type": ev.call,
             "ts": iso(ev.ts),
             "pid": ev.pid,
             "tid": ev.tid,
@@ -296,11 +354,12 @@ def to_json(ev: Event) -> dict[str, Any]:
             "family": ev.family,
             "addr": ev.addr,
             "port": ev.port,
+            "options": ev.opts.to_json(),
         }
-    if isinstance(ev, BindError):
+    if isinstance(ev, CallError):
         a = ev.attempt
-        return {
-            "type": "bind_error",
+        out = {
+            "type": ev.type,
             "ts": iso(a.ts),
             "pid": a.pid,
             "tid": a.tid,
@@ -313,11 +372,18 @@ def to_json(ev: Event) -> dict[str, Any]:
             "family": a.family,
             "addr": a.addr,
             "port": a.port,
-            "netns": {"inode": ev.netns.inode, "source": ev.netns.source},
+            "options": a.opts.to_json(),
+            "netns": {"inode": ev.netns.inode, "source": ev.netns.source, "name": ev.netns.name},
             "blockers": [_blocker(b) for b in ev.blockers],
             "verdict": {"cause": ev.verdict.cause, "summary": ev.verdict.summary,
                         "advice": list(ev.verdict.advice)},
             "lookup_ms": round(ev.lookup_ms, 3),
             "last_seen": None if ev.last_seen is None else _state(ev.last_seen),
+            "ephemeral": _usage(ev.usage),
+            "sysctls": dict(ev.sysctls),
         }
+        if a.call == "connect":
+            out["destination"] = {"addr": a.addr, "port": a.port}
+            out["local_port"] = a.local_port or None
+        return out
     raise TypeError(f"not an event: {ev!r}")

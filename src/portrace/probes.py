@@ -23,24 +23,27 @@ from portrace import errors
 from portrace.events import (
     FAMILIES,
     PROTOCOLS,
-    BindAttempt,
+    UNKNOWN_OPTS,
     Closer,
     Endpoint,
+    SocketCall,
+    SockOpts,
     StateChange,
     Task,
     tcp_state_name,
 )
 
-PT_BIND_ERROR, PT_BIND_OK, PT_STATE = 1, 2, 3
+PT_BIND_ERROR, PT_BIND_OK, PT_STATE, PT_LISTEN_ERROR, PT_CONNECT_ERROR = 1, 2, 3, 4, 5
+CALLS = {PT_BIND_ERROR: "bind", PT_BIND_OK: "bind", PT_LISTEN_ERROR: "listen",
+         PT_CONNECT_ERROR: "connect"}
+PT_OPT_REUSEADDR, PT_OPT_REUSEPORT, PT_OPT_V6ONLY, PT_OPT_BINDTODEVICE = 1, 2, 4, 8
 
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-TRACEPOINTS = (
-    "sock/inet_sock_set_state",
-    "syscalls/sys_enter_bind",
-    "syscalls/sys_exit_bind",
-    "syscalls/sys_enter_socket",
-    "syscalls/sys_exit_socket",
-    "syscalls/sys_enter_close",
+TRACEPOINTS = ("sock/inet_sock_set_state",) + tuple(
+    f"syscalls/sys_{edge}_{call}"
+    for call in ("bind", "listen", "connect", "socket", "setsockopt", "accept", "accept4",
+                 "close", "shutdown")
+    for edge in ("enter", "exit")
 )
 
 
@@ -148,6 +151,16 @@ def _addr(family: int, raw: Any) -> str:
     return socket.inet_ntop(socket.AF_INET6, data[:16])
 
 
+def decode_opts(raw: Any) -> SockOpts:
+    """``struct pt_opts`` -> SockOpts (None where the bit is not known)."""
+    def bit(b: int) -> bool | None:
+        return bool(raw.on & b) if raw.known & b else None
+    if not raw.known:
+        return UNKNOWN_OPTS
+    return SockOpts(reuseaddr=bit(PT_OPT_REUSEADDR), reuseport=bit(PT_OPT_REUSEPORT),
+                    v6only=bit(PT_OPT_V6ONLY), bound_to_device=bit(PT_OPT_BINDTODEVICE))
+
+
 def _task(raw: Any, clock: MonotonicClock) -> Task | None:
     if raw.pid == 0:
         return None
@@ -155,9 +168,10 @@ def _task(raw: Any, clock: MonotonicClock) -> Task | None:
                 ts=clock.wall(raw.ts_ns))
 
 
-def decode_bind(raw: Any, clock: MonotonicClock) -> BindAttempt:
-    return BindAttempt(
+def decode_call(raw: Any, clock: MonotonicClock) -> SocketCall:
+    return SocketCall(
         ts=clock.wall(raw.task.ts_ns),
+        call=CALLS[raw.kind],
         pid=raw.task.pid,
         tid=raw.task.tid,
         comm=raw.task.comm.decode(errors="replace"),
@@ -165,10 +179,12 @@ def decode_bind(raw: Any, clock: MonotonicClock) -> BindAttempt:
         fd=raw.fd,
         errno=raw.err,
         protocol=PROTOCOLS.get(raw.protocol, "unknown"),
-        family=FAMILIES.get(raw.family, str(raw.family)),
-        addr=_addr(raw.family, raw.addr),
+        family=FAMILIES.get(raw.family, "inet"),
+        addr=_addr(raw.family or socket.AF_INET, raw.addr),
         port=raw.port,
         cgroup_id=raw.cgroup_id,
+        opts=decode_opts(raw.opts),
+        local_port=raw.local_port,
     )
 
 
@@ -190,7 +206,7 @@ def decode_state(raw: Any, clock: MonotonicClock) -> StateChange:
 class Probes:
     """The attached tracepoints for a set of ports (empty: every port).
 
-    ``on_event`` receives ``BindAttempt`` and ``StateChange`` objects from
+    ``on_event`` receives ``SocketCall`` and ``StateChange`` objects from
     :meth:`poll`. In all-ports mode only failed binds arrive.
     """
 
@@ -238,9 +254,9 @@ class Probes:
 
     def _on_record(self, _ctx: Any, data: Any, _size: int) -> None:
         rec = ctypes.cast(data, ctypes.POINTER(self._layout)).contents
-        kind = rec.bind.kind
-        if kind in (PT_BIND_ERROR, PT_BIND_OK):
-            self.on_event(decode_bind(rec.bind, self.clock))
+        kind = rec.call.kind
+        if kind in CALLS:
+            self.on_event(decode_call(rec.call, self.clock))
         elif kind == PT_STATE:
             self.on_event(decode_state(rec.state, self.clock))
 
@@ -269,7 +285,18 @@ class Probes:
         except KeyError:
             return None
         task = _task(raw, self.clock)
-        return None if task is None else Closer(pid=task.pid, comm=task.comm, ts=task.ts)
+        if task is None:
+            return None
+        return Closer(pid=task.pid, comm=task.comm, ts=task.ts, opts=decode_opts(raw.opts))
+
+    def sockopts(self, pid: int, fd: int) -> SockOpts | None:
+        """What the probes know of a live process's socket fd, None if nothing."""
+        table = self._bpf[b"sockinfo"]
+        try:
+            raw = table[table.Key(pid << 32 | fd)]
+        except KeyError:
+            return None
+        return decode_opts(raw.opts)
 
     def close(self) -> None:
         if self._bpf is not None:

@@ -8,11 +8,11 @@ import click
 
 from portrace.diagnose import describe
 from portrace.events import (
-    BindAttempt,
-    BindError,
+    CallError,
     Event,
     Lost,
     Ready,
+    SocketCall,
     StateChange,
     errno_name,
     format_endpoint,
@@ -25,18 +25,22 @@ def _clock(ev: Event) -> str:
     return ev.ts.astimezone().strftime("%H:%M:%S")
 
 
-def format_failure(ev: BindError) -> list[str]:
+def format_failure(ev: CallError) -> list[str]:
     a = ev.attempt
-    head = (f"{_clock(ev)} {a.comm}[{a.pid}] bind {format_endpoint(a.addr, a.port)} "
-            f"{errno_name(a.errno)}")
-    ns = f"netns {ev.netns.inode}" + (" (portrace's own: the process had exited)"
-                                       if ev.netns.source == "tracer" else "")
+    target = format_endpoint(a.addr, a.port)
+    if a.call == "connect":
+        target = "-> " + target
+    elif a.port == 0:
+        target = "(ephemeral port)" if a.call == "listen" else target
+    head = f"{_clock(ev)} {a.comm}[{a.pid}] {a.call} {target} {errno_name(a.errno)}"
+    ns = f"netns {ev.netns.name or ev.netns.inode}" + (
+        " (portrace's own: the process had exited)" if ev.netns.source == "tracer" else "")
     lines = [click.style(head, bold=True) + click.style(f"  {a.protocol}, {ns}", dim=True)]
     for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
         lines.append("  " + click.style(describe(b), fg="yellow"))
     if len(ev.blockers) > MAX_BLOCKERS_SHOWN:
         lines.append(f"  ... and {len(ev.blockers) - MAX_BLOCKERS_SHOWN} more (see --json)")
-    if not ev.blockers:
+    if not ev.blockers:  # exhaustion, gone, or another errno: the summary says it
         lines.append("  " + click.style(ev.verdict.summary, fg="yellow"))
     lines.append(f"  cause: {click.style(ev.verdict.cause, bold=True)}"
                  + click.style(f"  (looked up {ev.lookup_ms:.1f} ms after the failure)", dim=True))
@@ -46,7 +50,7 @@ def format_failure(ev: BindError) -> list[str]:
 
 def format_event(ev: Event, states: bool) -> list[str]:
     """Lines for one event; transitions and successful binds only with ``states``."""
-    if isinstance(ev, BindError):
+    if isinstance(ev, CallError):
         return format_failure(ev)
     if isinstance(ev, Ready):
         where = ", ".join(map(str, ev.ports)) if ev.ports else "every port (failures only)"
@@ -60,8 +64,8 @@ def format_event(ev: Event, states: bool) -> list[str]:
         who = f" {ev.owner.comm}[{ev.owner.pid}]" if ev.owner else ""
         return [click.style(f"{_clock(ev)} {ev.local} <-> {ev.remote} {ev.old} -> {ev.new}{who}",
                             dim=True)]
-    if isinstance(ev, BindAttempt):
-        return [click.style(f"{_clock(ev)} {ev.comm}[{ev.pid}] bind "
+    if isinstance(ev, SocketCall):
+        return [click.style(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
                             f"{format_endpoint(ev.addr, ev.port)} ok", dim=True)]
     return []
 

@@ -24,7 +24,7 @@ import psutil
 from pyroute2 import DiagSocket
 from pyroute2.netns import popns, pushns
 
-from portrace.events import FAMILIES, Endpoint, Netns, tcp_state_name
+from portrace.events import FAMILIES, Endpoint, Netns, PortUsage, tcp_state_name
 
 ALL_STATES = (1 << 14) - 1  # every TCP state plus bit 13, TCP_BOUND_INACTIVE
 MINISOCK_STATES = ("TIME_WAIT", "FIN_WAIT2")
@@ -74,6 +74,24 @@ class Snapshot:
     sysctls: dict[str, str] = field(default_factory=dict)  # as the namespace sees them
 
 
+NETNS_NAMES = "/run/netns"  # where `ip netns add` pins named namespaces
+
+
+def netns_name(inode: int) -> str | None:
+    """The ``ip netns`` name of a namespace, if it has one."""
+    try:
+        with os.scandir(NETNS_NAMES) as it:
+            for entry in it:
+                try:
+                    if os.stat(entry.path).st_ino == inode:
+                        return entry.name
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return None
+
+
 def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
     """An fd on the failing thread's network namespace, or None and portrace's
     own namespace when the thread is already gone (the caller closes the fd)."""
@@ -82,8 +100,10 @@ def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             continue
-        return fd, Netns(inode=os.fstat(fd).st_ino, source="process")
-    return None, Netns(inode=os.stat("/proc/self/ns/net").st_ino, source="tracer")
+        inode = os.fstat(fd).st_ino
+        return fd, Netns(inode=inode, source="process", name=netns_name(inode))
+    inode = os.stat("/proc/self/ns/net").st_ino
+    return None, Netns(inode=inode, source="tracer", name=netns_name(inode))
 
 
 @contextlib.contextmanager
@@ -136,17 +156,46 @@ def _entry(protocol: str, msg: dict) -> SocketEntry:
     )
 
 
-def _dump_port(ds: DiagSocket, port: int, protocols: Iterable[str]) -> list[SocketEntry]:
-    """Every socket with local port ``port`` in ``ds``'s namespace, both families."""
+def _dump(ds: DiagSocket, port: int, protocols: Iterable[str]) -> list[SocketEntry]:
+    """Every socket with local port ``port`` (0: every port) in ``ds``'s
+    namespace, both families."""
     out: list[SocketEntry] = []
     for protocol in protocols:
         proto = socket.IPPROTO_TCP if protocol == "tcp" else socket.IPPROTO_UDP
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ds.get_sock_stats(family=family, protocol=proto, states=ALL_STATES,
                                          sport=port):
-                if msg["idiag_sport"] == port:
+                if not port or msg["idiag_sport"] == port:
                     out.append(_entry(protocol, msg))
     return out
+
+
+def parse_port_set(text: str) -> set[int]:
+    """``ip_local_reserved_ports`` syntax: ``8080,9000-9010``."""
+    ports: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        ports.update(range(int(lo), int(hi or lo) + 1))
+    return ports
+
+
+def port_usage(socks: Iterable[SocketEntry], port_range: str, reserved: str,
+               destination: Endpoint | None = None) -> PortUsage:
+    """How much of the ephemeral range ``port_range`` (``"LOW HIGH"``) the
+    sockets of a namespace take; with ``destination``, how many of them are
+    TIME_WAIT toward it."""
+    low, high = (int(x) for x in port_range.split())
+    taken = parse_port_set(reserved) & set(range(low, high + 1))
+    in_range = [s for s in socks if low <= s.local.port <= high]
+    by_state: dict[str, int] = {}
+    for s in in_range:
+        by_state[s.state] = by_state.get(s.state, 0) + 1
+    tw = None
+    if destination is not None:
+        tw = sum(1 for s in socks if s.state == "TIME_WAIT" and s.remote == destination)
+    return PortUsage(low=low, high=high, reserved=len(taken),
+                     in_use=len({s.local.port for s in in_range}), by_state=by_state,
+                     time_wait_to_destination=tw)
 
 
 def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
@@ -179,6 +228,17 @@ def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
     return found
 
 
+def fd_inode(pid: int, fd: int) -> int | None:
+    """The socket inode behind a live process's fd. Failure time only: the
+    readlink pins the file for microseconds (proc_fd_link takes a reference),
+    so calling this on every successful bind could itself cause EADDRINUSE."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return int(target[8:-1]) if target.startswith("socket:[") else None
+
+
 def _read_sysctl(name: str) -> str | None:
     try:
         with open("/proc/sys/" + name.replace(".", "/")) as f:
@@ -188,16 +248,18 @@ def _read_sysctl(name: str) -> str | None:
 
 
 def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
-             sysctls: Iterable[str] = ()) -> Snapshot:
-    """The sockets on ``port`` in the namespace of ``netns_fd`` (None: ours), who
-    holds them, and the named sysctls as that namespace sees them (``net.*``
-    ones are per netns). Raises OSError if the namespace cannot be entered."""
+             sysctls: Iterable[str] = (), holders: bool = True) -> Snapshot:
+    """The sockets on ``port`` (0: every port) in the namespace of ``netns_fd``
+    (None: ours), who holds them, and the named sysctls as that namespace sees
+    them (``net.*`` ones are per netns). Raises OSError if the namespace cannot
+    be entered."""
     with entered(netns_fd):
         ds = DiagSocket()  # the netlink socket keeps the namespace it was made in
         values = {name: v for name in sysctls if (v := _read_sysctl(name)) is not None}
     try:
         ds.bind()
-        socks = _dump_port(ds, port, protocols)
+        socks = _dump(ds, port, protocols)
     finally:
         ds.close()
-    return Snapshot(sockets=socks, holders=holders_of(s.inode for s in socks), sysctls=values)
+    held = holders_of(s.inode for s in socks) if holders else {}
+    return Snapshot(sockets=socks, holders=held, sysctls=values)

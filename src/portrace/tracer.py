@@ -17,17 +17,17 @@ from datetime import datetime, timezone
 
 import psutil
 
-from portrace import diagnose, sockets
+from portrace import advice, diagnose, sockets
 from portrace.events import (
-    BindAttempt,
-    BindError,
+    CallError,
     Closer,
     Endpoint,
     Event,
     Lost,
     Ready,
+    SocketCall,
+    SockOpts,
     StateChange,
-    Task,
 )
 from portrace.probes import Probes
 
@@ -35,7 +35,17 @@ Sink = Callable[[Event], None]
 
 HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
 MAX_BINDERS = 4096  # bound address -> who bound it last, most recent kept
-SYSCTLS = ("net.ipv4.tcp_fin_timeout",)  # what the verdicts quote, per netns
+# What the verdicts quote, read in the failing process's namespace.
+SYSCTLS = (
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv6.bindv6only",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.ip_autobind_reuse",
+    "net.ipv4.tcp_tw_reuse",
+    "net.ipv4.tcp_tw_reuse_delay",
+    "net.ipv4.tcp_timestamps",
+)
 
 
 class Tracer:
@@ -52,7 +62,7 @@ class Tracer:
         self.pid = pid
         self.probes = Probes(self.ports, self._on_event, ringbuf_pages=ringbuf_pages)
         self.history: dict[int, deque[StateChange]] = {}
-        self.binders: OrderedDict[diagnose.BoundAddress, Task] = OrderedDict()
+        self.binders: OrderedDict[diagnose.BoundAddress, SocketCall] = OrderedDict()
         self.lost_total = 0
 
     def start(self) -> Ready:
@@ -79,7 +89,7 @@ class Tracer:
             self.lost_total += lost
             self.sink(Lost(ts=datetime.now(timezone.utc), count=lost))
 
-    def _on_event(self, ev: StateChange | BindAttempt) -> None:
+    def _on_event(self, ev: StateChange | SocketCall) -> None:
         if isinstance(ev, StateChange):
             self.history.setdefault(ev.local.port, deque(maxlen=HISTORY_PER_PORT)).append(ev)
             self.sink(ev)
@@ -90,44 +100,89 @@ class Tracer:
         elif self.pid is None or ev.pid == self.pid:
             self.sink(self.diagnose(ev))
 
-    def _remember_binder(self, ev: BindAttempt) -> None:
+    def _remember_binder(self, ev: SocketCall) -> None:
         # Keyed by address, not by the socket's inode: reading the inode means
         # readlink(/proc/pid/fd/N), which pins the file (proc_fd_link takes a
         # reference), so a socket closed meanwhile would be released late, by
         # us, and the process's next bind() would fail with EADDRINUSE.
         key = (ev.family, ev.addr, ev.port)
-        self.binders[key] = Task(pid=ev.pid, tid=ev.tid, comm=ev.comm, ts=ev.ts)
+        self.binders[key] = ev
         self.binders.move_to_end(key)
         while len(self.binders) > MAX_BINDERS:
             self.binders.popitem(last=False)
 
-    def diagnose(self, attempt: BindAttempt) -> BindError:
-        """Snapshot the port in the failing thread's netns and judge it."""
+    def diagnose(self, attempt: SocketCall) -> CallError:
+        """Snapshot the port (or, for ephemeral exhaustion, the whole range) in
+        the failing thread's netns and judge it."""
         netns_fd, netns = sockets.open_netns(attempt.pid, attempt.tid)
         try:
             protocol = sockets.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
             attempt = dataclasses.replace(attempt, protocol=protocol)
             cmdline = _cmdline(attempt.pid)
-            req = diagnose.Request.of(attempt)
+            # A failed listen() leaves its socket bound: it must not blame itself.
+            own = sockets.fd_inode(attempt.pid, attempt.fd) if attempt.call == "listen" else None
             snap = sockets.Snapshot(sockets=[])
-            if attempt.errno == diagnose.EADDRINUSE:
+            if attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL):
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
-                snap = sockets.snapshot(attempt.port, protos, netns_fd, SYSCTLS)
+                whole_range = attempt.call == "connect" or attempt.port == 0
+                snap = sockets.snapshot(0 if whole_range else attempt.port, protos, netns_fd,
+                                        SYSCTLS, holders=not whole_range)
+                attempt, snap = self._locate_listen(attempt, snap, own)
             lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)
-        blockers = diagnose.find_blockers(req, snap.sockets, snap.holders,
-                                          self._closers(snap.sockets), self.binders)
+        sysctls = snap.sysctls
+        v6default = sysctls.get("net.ipv6.bindv6only")
+        req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
+        usage = None
+        blockers: list = []
+        if attempt.call == "connect" or attempt.port == 0:
+            if "net.ipv4.ip_local_port_range" in sysctls:
+                dest = Endpoint(attempt.addr, attempt.port) if attempt.call == "connect" else None
+                usage = sockets.port_usage(snap.sockets, sysctls["net.ipv4.ip_local_port_range"],
+                                           sysctls.get("net.ipv4.ip_local_reserved_ports", ""),
+                                           dest)
+        else:
+            blockers = diagnose.find_blockers(
+                req, snap.sockets, snap.holders, self._closers(snap.sockets), self.binders,
+                self._fd_opts(snap.holders), exclude_inodes=[own] if own else [])
         last_seen = None
-        if not blockers:
+        if not blockers and usage is None:
             seen = self.history.get(attempt.port)
             last_seen = seen[-1] if seen else None
-        verdict = diagnose.verdict(req, attempt, blockers, snap.sysctls, last_seen,
-                                   netns.source)
-        return BindError(attempt=attempt, cmdline=cmdline, netns=netns,
+        verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
+        return CallError(attempt=attempt, cmdline=cmdline, netns=netns,
                          blockers=tuple(blockers), verdict=verdict, lookup_ms=lookup_ms,
-                         last_seen=last_seen)
+                         last_seen=last_seen, usage=usage, sysctls=sysctls)
+
+    @staticmethod
+    def _locate_listen(attempt: SocketCall, snap: sockets.Snapshot, own: int | None
+                       ) -> tuple[SocketCall, sockets.Snapshot]:
+        """listen() with no bind seen: if its socket is bound after all (the bind
+        predates the probes), judge that port instead of ephemeral exhaustion."""
+        if attempt.call != "listen" or attempt.port != 0 or not own:
+            return attempt, snap
+        mine = next((s for s in snap.sockets if s.inode == own and s.local.port), None)
+        if mine is None:
+            return attempt, snap  # unbound: listen() autobound and found nothing free
+        attempt = dataclasses.replace(attempt, addr=mine.local.addr, port=mine.local.port,
+                                      family=mine.family)
+        on_port = [s for s in snap.sockets if s.local.port == mine.local.port]
+        return attempt, sockets.Snapshot(sockets=on_port,
+                                         holders=sockets.holders_of(s.inode for s in on_port),
+                                         sysctls=snap.sysctls)
+
+    def _fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]:
+        """Options the probes recorded for each socket inode, via a holder's fd."""
+        out: dict[int, SockOpts] = {}
+        for inode, held in holders.items():
+            for h in held:
+                found = next((o for fd in h.fds if (o := self.probes.sockopts(h.pid, fd))), None)
+                if found is not None:
+                    out[inode] = found
+                    break
+        return out
 
     def _closers(self, socks: list[sockets.SocketEntry]
                  ) -> dict[tuple[str, Endpoint, Endpoint], Closer]:

@@ -1,0 +1,324 @@
+"""Verdicts: the cause, the exact blocker, and the fixes that work for it, in
+order: what to do now, what to change in code, and which common fixes do not
+apply and why. Every claim quotes a rule of portrace.diagnose.RULES."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+
+from portrace.diagnose import (
+    EADDRINUSE,
+    EADDRNOTAVAIL,
+    RULES,
+    TCP_TIMEWAIT_LEN_S,
+    Request,
+    cause_of,
+    describe,
+)
+from portrace.events import (
+    Blocker,
+    Endpoint,
+    PortUsage,
+    SocketCall,
+    StateChange,
+    Verdict,
+    errno_name,
+)
+
+
+def cite(rule: str) -> str:
+    return f"({RULES[rule].source})"
+
+
+def _holders_phrase(b: Blocker) -> str:
+    return ", ".join(f"{p.comm}[{p.pid}]" for p in b.processes)
+
+
+def _kill_advice(b: Blocker) -> str:
+    if not b.processes:
+        return "Now: no process holds it any more."
+    pids = " ".join(str(p.pid) for p in b.processes)
+    text = f"Now: stop what holds it: `kill {pids}` ({_holders_phrase(b)})."
+    if any(p.inherited for p in b.processes):
+        text += (" It holds an fd it inherited (fork/exec) from the process that bound the "
+                 "socket; open listeners with SOCK_CLOEXEC, or close them in the child.")
+    return text
+
+
+def _ss_kill(b: Blocker) -> str:
+    dst = f" dst {b.remote}" if b.remote else ""
+    state = b.state.lower().replace("_", "-")
+    return f"`ss -K state {state} src {b.local}{dst}`"
+
+
+def _onoff(v: bool | None) -> str:
+    return "unknown" if v is None else ("set" if v else "not set")
+
+
+def _old_name(b: Blocker) -> str:
+    if b.closed_by is not None:
+        return f"the old socket (closed by {b.closed_by.comm}[{b.closed_by.pid}])"
+    if b.processes:
+        return f"the old socket (held by {_holders_phrase(b)})"
+    return "the old socket"
+
+
+def _reuseaddr_why(req: Request, b: Blocker) -> str:
+    """Why SO_REUSEADDR did not let the new socket past a non-LISTEN blocker."""
+    new, old = req.opts.reuseaddr, b.opts.reuseaddr
+    old_name = _old_name(b)
+    keeps = ", and the minisock keeps that" if b.minisock else ""
+    if new is False and old is False:
+        return f"Neither {old_name} nor the new socket set SO_REUSEADDR."
+    if new is False:
+        return (f"The new socket did not set SO_REUSEADDR ({old_name}: "
+                f"{_onoff(old)}).")
+    if old is False:
+        return (f"The new socket set SO_REUSEADDR, but {old_name} did not{keeps}: the new "
+                "socket's flag alone does not pass it.")
+    return ("SO_REUSEADDR on both would pass it; the probes did not see which socket lacked "
+            f"it (new: {_onoff(new)}, old: {_onoff(old)}).")
+
+
+def _reuseport_note(req: Request, b: Blocker) -> str | None:
+    if req.opts.reuseport and b.opts.reuseport and not b.minisock and req.uid is not None \
+            and req.uid != b.uid:
+        return (f"SO_REUSEPORT is set on both, but refused: the old socket belongs to uid "
+                f"{b.uid} and this process runs as uid {req.uid} {cite('reuseport')}.")
+    if req.opts.reuseport and b.opts.reuseport is False:
+        return "The new socket set SO_REUSEPORT, but the old one did not: both need it."
+    return None
+
+
+def _overlap_note(req: Request, b: Blocker) -> str | None:
+    """Why two sockets of different families meet (RULES overlap)."""
+    if req.family == "inet" and b.family == "inet6":
+        mapped = ipaddress.IPv6Address(b.local.addr).ipv4_mapped
+        if mapped is not None:
+            return (f"{b.local} is a v4-mapped IPv6 address: to the kernel it is the IPv4 "
+                    f"address {mapped}.")
+        return (f"{b.local} covers IPv4 because that socket is not IPV6_V6ONLY: set "
+                "IPV6_V6ONLY on it, or serve both families from one dual-stack socket.")
+    if req.family == "inet6" and b.family == "inet":
+        mapped = ipaddress.IPv6Address(req.addr).ipv4_mapped
+        if mapped is not None:
+            return (f"The v4-mapped address {req.addr} is the IPv4 address {mapped} to the "
+                    f"kernel, which {b.local} covers.")
+        return (f"A [::] socket without IPV6_V6ONLY also claims IPv4, which {b.local} holds: "
+                "set IPV6_V6ONLY on the new socket if it should serve IPv6 only.")
+    return None
+
+
+NOT_TW_REUSE = ("Does not apply: net.ipv4.tcp_tw_reuse is read only on the connect() path "
+                f"{cite('tw_reuse')}, never by bind() or listen()")
+
+
+def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
+            sysctls: Mapping[str, str], last_seen: StateChange | None,
+            netns_source: str, usage: PortUsage | None = None) -> Verdict:
+    """The verdict for one failure (causes: portrace.diagnose.CAUSES)."""
+    if attempt.call == "connect":
+        return _connect_exhausted(attempt, usage, sysctls)
+    if attempt.errno != EADDRINUSE:
+        return _not_a_conflict(attempt)
+    if req.port == 0:
+        return _autobind_exhausted(attempt, usage, sysctls)
+    if not blockers:
+        return _gone(req, attempt, last_seen, netns_source)
+    b = blockers[0]
+    cause = cause_of(b)
+    others = len(blockers) - 1
+    more = f" (+{others} more socket{'s' if others > 1 else ''} on the port)" if others else ""
+    advice: list[str] = []
+    note = _overlap_note(req, b)
+    rp = _reuseport_note(req, b)
+
+    if cause == "listener":
+        summary = describe(b) + more
+        if attempt.call == "listen":
+            summary = f"listen() found {b.local} already listening: {summary}"
+        advice.append(_kill_advice(b) if b.processes else
+                      "Now: the listener has no process left; it goes away when its last "
+                      "accepted connection closes.")
+        for extra in (note, rp):
+            if extra:
+                advice.append(extra)
+        if attempt.call == "listen":
+            advice.append("Two SO_REUSEADDR sockets may bind the same address, but only one "
+                          f"may listen: listen() checks the port again {cite('listen_recheck')}.")
+        elif req.opts.reuseaddr:
+            advice.append("The new socket's SO_REUSEADDR does not help: it never passes a "
+                          f"LISTEN socket {cite('reuseaddr')}.")
+        advice.append("In code: to run two listeners on one port at once, set SO_REUSEPORT on "
+                      f"both before bind(), under the same uid {cite('reuseport')}; SO_REUSEADDR "
+                      "cannot pass a LISTEN socket.")
+    elif cause in ("time_wait", "fin_wait2"):
+        minis = [x for x in blockers if x.minisock]
+        left = max(x.expires_s or 0.0 for x in minis)
+        what = "TIME_WAIT" if cause == "time_wait" else "orphaned FIN_WAIT2"
+        summary = (describe(b) + more if len(minis) == 1 else
+                   f"{len(minis)} {what} sockets on {b.local.port}; the last ends in {left:.1f} s")
+        advice.append(f"Now: wait {left:.0f} s, or destroy it: {_ss_kill(b)} "
+                      f"{cite('destroy')}.")
+        advice.append(_reuseaddr_why(req, b))
+        if rp:
+            advice.append(rp)
+        if cause == "time_wait":
+            advice.append(f"TIME_WAIT lasts TCP_TIMEWAIT_LEN = {TCP_TIMEWAIT_LEN_S} s "
+                          f"{cite('timewait_len')}; no sysctl shortens it.")
+        else:
+            fin = sysctls.get("net.ipv4.tcp_fin_timeout")
+            advice.append("The peer never sent its FIN. An orphaned FIN_WAIT2 lives "
+                          f"net.ipv4.tcp_fin_timeout = {fin or '?'} s in this namespace "
+                          f"{cite('fin_timeout')}: lowering it shortens this case, and only "
+                          "this one.")
+        advice.append("In code: set SO_REUSEADDR on the listening socket before bind() in both "
+                      "the old and the new process: the minisock keeps the old socket's flag "
+                      f"{cite('minisock_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
+                      f"only when the old one is LISTEN {cite('reuseaddr')}.")
+        advice.append(NOT_TW_REUSE + ("; net.ipv4.tcp_fin_timeout bounds orphaned FIN_WAIT2 "
+                                      "only, not TIME_WAIT." if cause == "time_wait" else "."))
+    elif cause in ("connected_socket", "bound_socket"):
+        summary = ("bound, not listening: " if cause == "bound_socket" else "") + describe(b) + more
+        now = _kill_advice(b)
+        if cause == "connected_socket":
+            now += f" Or abort the connection: {_ss_kill(b)}."
+        advice.append(now)
+        for extra in (note, _reuseaddr_why(req, b), rp):
+            if extra:
+                advice.append(extra)
+        if cause == "connected_socket":
+            advice.append("A connection accepted by the old server keeps the port after its "
+                          "listener closed. In code: set SO_REUSEADDR on the listening socket "
+                          "before bind() in both old and new server; accepted sockets inherit it "
+                          f"{cite('accept_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
+                          f"only when the old one is LISTEN {cite('reuseaddr')}.")
+        else:
+            advice.append("In code: a socket bound but never listened on still owns the port; "
+                          "close it, or set SO_REUSEADDR on both sockets "
+                          f"{cite('reuseaddr')}.")
+        advice.append(NOT_TW_REUSE + ".")
+    else:  # udp_socket
+        summary = describe(b) + more
+        advice.append(_kill_advice(b))
+        for extra in (note, rp):
+            if extra:
+                advice.append(extra)
+        advice.append(f"In code: {RULES['udp_reuse'].says} {cite('udp_reuse')}; here the new "
+                      f"socket's SO_REUSEADDR is {_onoff(req.opts.reuseaddr)}, the old one's "
+                      f"{_onoff(b.opts.reuseaddr)}.")
+    return Verdict(cause=cause, summary=summary, advice=tuple(advice))
+
+
+def _range_phrase(u: PortUsage) -> str:
+    size = u.high - u.low + 1
+    states = ", ".join(f"{n} {st}" for st, n in sorted(u.by_state.items(), key=lambda x: -x[1]))
+    return (f"ip_local_port_range {u.low}-{u.high} ({size} ports, {u.reserved} reserved): "
+            f"{u.in_use} in use" + (f" ({states})" if states else ""))
+
+
+def _autobind_exhausted(attempt: SocketCall, usage: PortUsage | None,
+                        sysctls: Mapping[str, str]) -> Verdict:
+    how = "bind() to port 0" if attempt.call == "bind" else "listen() on an unbound socket"
+    summary = f"{how} found no free ephemeral port"
+    if usage is not None:
+        summary += ": " + _range_phrase(usage)
+    advice = [
+        "Now: close sockets that hold ports of the range, or widen it: "
+        "`sysctl -w net.ipv4.ip_local_port_range=\"LOW HIGH\"` (per network namespace) "
+        f"{cite('autobind')}.",
+        "In code: bind servers to a fixed port; for outgoing connections let connect() pick "
+        "the port (it can share a local port across destinations; bind(0) cannot) "
+        f"{cite('connect_port')}.",
+        "net.ipv4.ip_autobind_reuse = 1 lets bind(0) share a port with sockets that are not "
+        "listening when both set SO_REUSEADDR (now "
+        f"{sysctls.get('net.ipv4.ip_autobind_reuse', '?')}) {cite('autobind')}.",
+        NOT_TW_REUSE + ".",
+    ]
+    return Verdict(cause="ephemeral_exhausted", summary=summary, advice=tuple(advice))
+
+
+def _is_loopback(addr: str) -> bool:
+    a = ipaddress.ip_address(addr)
+    mapped = getattr(a, "ipv4_mapped", None)
+    return a.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
+                       sysctls: Mapping[str, str]) -> Verdict:
+    dest = Endpoint(attempt.addr, attempt.port)
+    name = errno_name(attempt.errno)
+    if attempt.errno not in (EADDRNOTAVAIL, EADDRINUSE):
+        return _not_a_conflict(attempt)
+    summary = f"connect() to {dest} found no free local port ({name})"
+    if usage is not None:
+        summary += ": " + _range_phrase(usage)
+        if usage.time_wait_to_destination is not None:
+            summary += f"; {usage.time_wait_to_destination} in TIME_WAIT toward {dest}"
+    reuse = sysctls.get("net.ipv4.tcp_tw_reuse")
+    delay = sysctls.get("net.ipv4.tcp_tw_reuse_delay", "1000")
+    stamps = sysctls.get("net.ipv4.tcp_timestamps")
+    tw = usage.time_wait_to_destination if usage else None
+    advice = ["Now: fewer concurrent connections to it, or widen net.ipv4.ip_local_port_range "
+              f"(per network namespace) {cite('connect_port')}."]
+    src = cite("tw_reuse")
+    if tw == 0:
+        advice.append("TIME_WAIT is not the problem here (none toward this destination): "
+                      "live connections hold the ports, so net.ipv4.tcp_tw_reuse cannot help.")
+    elif stamps == "0":
+        advice.append("net.ipv4.tcp_tw_reuse cannot help while net.ipv4.tcp_timestamps = 0: "
+                      f"reuse needs a timestamp seen on the old connection {src}.")
+    elif reuse == "0":
+        advice.append("net.ipv4.tcp_tw_reuse = 0: set it to 1 (or 2 when the destination is "
+                      "loopback) so connect() can take over TIME_WAIT 4-tuples older than "
+                      f"tcp_tw_reuse_delay = {delay} ms {src}.")
+    elif reuse == "2" and not _is_loopback(attempt.addr):
+        advice.append(f"net.ipv4.tcp_tw_reuse = 2 applies to loopback only, and {dest.addr} is "
+                      f"not loopback: 1 would apply here {src}.")
+    elif reuse is not None:
+        advice.append(f"net.ipv4.tcp_tw_reuse = {reuse} already applies: a TIME_WAIT 4-tuple is "
+                      f"taken over only {delay} ms (tcp_tw_reuse_delay) after it began, so "
+                      f"connections faster than that still run out {src}.")
+    advice.append("In code: reuse connections (keep-alive, pooling) instead of one per request, "
+                  "or spread over more source addresses (IP_BIND_ADDRESS_NO_PORT before bind()).")
+    advice.append("Does not apply: net.ipv4.tcp_fin_timeout does not shorten TIME_WAIT "
+                  f"{cite('timewait_len')}, and FIN_WAIT2 minisocks are never reused {src}.")
+    return Verdict(cause="ephemeral_exhausted", summary=summary, advice=tuple(advice))
+
+
+def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
+          netns_source: str) -> Verdict:
+    ep = Endpoint(req.addr, req.port)
+    summary = (f"nothing on port {req.port} blocks {ep} any more: the blocker was gone by "
+               "lookup")
+    advice = ["Now: a retry may already succeed."]
+    if last_seen is not None:
+        who = f" ({last_seen.owner.comm}[{last_seen.owner.pid}])" if last_seen.owner else ""
+        age = (attempt.ts - last_seen.ts).total_seconds()
+        summary += (f"; last seen on the port {age:.1f} s before the failure: "
+                    f"{last_seen.local} <-> {last_seen.remote} "
+                    f"{last_seen.old} -> {last_seen.new}{who}")
+    if netns_source == "tracer":
+        advice.append("The failing process exited before its network namespace could be read; "
+                      "portrace looked in its own. If that process ran in a container, its "
+                      "blocker is in the container's namespace.")
+    return Verdict(cause="unknown", summary=summary, advice=tuple(advice))
+
+
+_ERRNO_ADVICE = {
+    "EACCES": "Ports below net.ipv4.ip_unprivileged_port_start need CAP_NET_BIND_SERVICE "
+              "(net/ipv4/af_inet.c: __inet_bind).",
+    "EADDRNOTAVAIL": "The address is not assigned in this network namespace; IP_FREEBIND or "
+                     "net.ipv4.ip_nonlocal_bind allow binding it anyway.",
+    "EINVAL": "The socket is already bound, or the address length or family is wrong.",
+}
+
+
+def _not_a_conflict(attempt: SocketCall) -> Verdict:
+    name = errno_name(attempt.errno)
+    return Verdict(
+        cause="not_a_conflict",
+        summary=f"{attempt.call}() failed with {name}, not a port conflict: nothing was looked up",
+        advice=(_ERRNO_ADVICE.get(name, f"See {attempt.call}(2) for this errno."),),
+    )
