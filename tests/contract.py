@@ -9,7 +9,7 @@ ISO_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 TCP_STATES = {"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
               "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING"}
 CAUSES = {"listener", "connected_socket", "bound_socket", "time_wait", "fin_wait2",
-          "udp_socket", "unknown", "not_a_conflict"}
+          "udp_socket", "ephemeral_exhausted", "unknown", "not_a_conflict"}
 
 
 def _endpoint(ep: Any) -> None:

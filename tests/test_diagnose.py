@@ -181,7 +181,9 @@ def test_gone_blocker_says_so_and_shows_last_seen():
                        owner=Task(pid=9, tid=9, comm="old-server", ts=NOW))
     v = verdict(req("127.0.0.1"), attempt("127.0.0.1"), [], {}, last, "tracer")
     assert v.cause == "unknown"
-    assert "gone by lookup" in v.summary and "LISTEN -> CLOSE (old-server[9])" in v.summary
+    assert "gone by lookup" in v.summary
+    assert "last socket seen on the port: 127.0.0.1:9090 <-> 127.0.0.1:5 entering CLOSE, by " \
+           "old-server[9], 0.000 s before the failure" in v.summary
     assert any("exited before its network namespace" in a for a in v.advice)
 
 
@@ -201,3 +203,34 @@ def test_cross_family_note_names_the_real_reason(mine, theirs, v6only, phrase):
     blockers = find_blockers(r, [sock("LISTEN", theirs, v6only=v6only)], {}, {}, {})
     v = verdict(r, attempt(mine), blockers, {}, None, "process")
     assert any(phrase in line for line in v.advice), v.advice
+
+
+def test_connect_exhaustion_by_fin_wait2_says_tw_reuse_cannot_help():
+    from portrace.events import PortUsage
+    usage = PortUsage(low=42000, high=42007, reserved=0, in_use=8, by_state={"FIN_WAIT2": 8},
+                      time_wait_to_destination=0, fin_wait2_to_destination=8)
+    a = attempt("127.0.0.1", call="connect", errno=99)
+    v = verdict(req("127.0.0.1"), a, [], {"net.ipv4.tcp_tw_reuse": "2",
+                                          "net.ipv4.tcp_fin_timeout": "60"}, None, "process",
+                usage)
+    text = " ".join(v.advice)
+    assert v.cause == "ephemeral_exhausted"
+    assert "8 ports are held by orphaned FIN_WAIT2 minisocks" in text
+    assert "tcp_tw_reuse never reuses those" in text and "tcp_fin_timeout = 60 s" in text
+    assert "No TIME_WAIT toward this destination" in text
+
+
+@pytest.mark.parametrize(("sysctls", "dest", "phrase"), [
+    ({"net.ipv4.tcp_tw_reuse": "0"}, "10.0.0.9", "tcp_tw_reuse = 0: set it to 1"),
+    ({"net.ipv4.tcp_tw_reuse": "2"}, "10.0.0.9", "applies to loopback only, and 10.0.0.9 is"),
+    ({"net.ipv4.tcp_tw_reuse": "2"}, "127.0.0.1", "tcp_tw_reuse = 2 already applies"),
+    ({"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.tcp_timestamps": "0"}, "10.0.0.9",
+     "cannot help while net.ipv4.tcp_timestamps = 0"),
+])
+def test_connect_exhaustion_follows_tcp_twsk_unique(sysctls, dest, phrase):
+    from portrace.events import PortUsage
+    usage = PortUsage(low=42000, high=42007, reserved=0, in_use=8, by_state={"TIME_WAIT": 8},
+                      time_wait_to_destination=8, fin_wait2_to_destination=0)
+    v = verdict(req(dest), attempt(dest, call="connect", errno=99), [], sysctls, None,
+                "process", usage)
+    assert phrase in " ".join(v.advice), v.advice

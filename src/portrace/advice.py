@@ -256,16 +256,25 @@ def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
         summary += ": " + _range_phrase(usage)
         if usage.time_wait_to_destination is not None:
             summary += f"; {usage.time_wait_to_destination} in TIME_WAIT toward {dest}"
+        if usage.fin_wait2_to_destination:
+            summary += f", {usage.fin_wait2_to_destination} orphaned FIN_WAIT2"
     reuse = sysctls.get("net.ipv4.tcp_tw_reuse")
     delay = sysctls.get("net.ipv4.tcp_tw_reuse_delay", "1000")
     stamps = sysctls.get("net.ipv4.tcp_timestamps")
     tw = usage.time_wait_to_destination if usage else None
+    fw2 = usage.fin_wait2_to_destination if usage else None
     advice = ["Now: fewer concurrent connections to it, or widen net.ipv4.ip_local_port_range "
               f"(per network namespace) {cite('connect_port')}."]
     src = cite("tw_reuse")
+    if fw2:
+        fin = sysctls.get("net.ipv4.tcp_fin_timeout", "?")
+        advice.append(f"{fw2} ports are held by orphaned FIN_WAIT2 minisocks: {dest} never "
+                      "closed its side. tcp_tw_reuse never reuses those; they last "
+                      f"net.ipv4.tcp_fin_timeout = {fin} s here {cite('fin_timeout')}, so "
+                      "lowering it does help this case; better, make the server close.")
     if tw == 0:
-        advice.append("TIME_WAIT is not the problem here (none toward this destination): "
-                      "live connections hold the ports, so net.ipv4.tcp_tw_reuse cannot help.")
+        advice.append("No TIME_WAIT toward this destination, so net.ipv4.tcp_tw_reuse cannot "
+                      "help: other sockets hold the ports.")
     elif stamps == "0":
         advice.append("net.ipv4.tcp_tw_reuse cannot help while net.ipv4.tcp_timestamps = 0: "
                       f"reuse needs a timestamp seen on the old connection {src}.")
@@ -283,7 +292,8 @@ def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
     advice.append("In code: reuse connections (keep-alive, pooling) instead of one per request, "
                   "or spread over more source addresses (IP_BIND_ADDRESS_NO_PORT before bind()).")
     advice.append("Does not apply: net.ipv4.tcp_fin_timeout does not shorten TIME_WAIT "
-                  f"{cite('timewait_len')}, and FIN_WAIT2 minisocks are never reused {src}.")
+                  f"{cite('timewait_len')}; SO_REUSEADDR on the client socket adds no ports to "
+                  "connect().")
     return Verdict(cause="ephemeral_exhausted", summary=summary, advice=tuple(advice))
 
 
@@ -294,11 +304,11 @@ def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
                "lookup")
     advice = ["Now: a retry may already succeed."]
     if last_seen is not None:
-        who = f" ({last_seen.owner.comm}[{last_seen.owner.pid}])" if last_seen.owner else ""
+        who = f", by {last_seen.owner.comm}[{last_seen.owner.pid}]" if last_seen.owner else ""
         age = (attempt.ts - last_seen.ts).total_seconds()
-        summary += (f"; last seen on the port {age:.1f} s before the failure: "
-                    f"{last_seen.local} <-> {last_seen.remote} "
-                    f"{last_seen.old} -> {last_seen.new}{who}")
+        peer = f" <-> {last_seen.remote}" if last_seen.remote.port else ""
+        summary += (f"; last socket seen on the port: {last_seen.local}{peer} entering "
+                    f"{last_seen.new}{who}, {age:.3f} s before the failure")
     if netns_source == "tracer":
         advice.append("The failing process exited before its network namespace could be read; "
                       "portrace looked in its own. If that process ran in a container, its "

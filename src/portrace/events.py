@@ -222,6 +222,7 @@ class PortUsage:
     in_use: int  # distinct local ports of the range held by some socket
     by_state: dict[str, int]  # sockets on those ports, by state
     time_wait_to_destination: int | None = None  # connect(): TIME_WAIT toward it
+    fin_wait2_to_destination: int | None = None  # connect(): FIN_WAIT2 minisocks toward it
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,8 @@ def _usage(u: PortUsage | None) -> dict[str, Any] | None:
     if u is None:
         return None
     return {"range": [u.low, u.high], "reserved": u.reserved, "in_use": u.in_use,
-            "by_state": dict(u.by_state), "time_wait_to_destination": u.time_wait_to_destination}
+            "by_state": dict(u.by_state), "time_wait_to_destination": u.time_wait_to_destination,
+            "fin_wait2_to_destination": u.fin_wait2_to_destination}
 
 
 def _state(ev: StateChange) -> dict[str, Any]:

@@ -183,19 +183,21 @@ def port_usage(socks: Iterable[SocketEntry], port_range: str, reserved: str,
                destination: Endpoint | None = None) -> PortUsage:
     """How much of the ephemeral range ``port_range`` (``"LOW HIGH"``) the
     sockets of a namespace take; with ``destination``, how many of them are
-    TIME_WAIT toward it."""
+    TIME_WAIT, and FIN_WAIT2 minisocks, toward it."""
     low, high = (int(x) for x in port_range.split())
     taken = parse_port_set(reserved) & set(range(low, high + 1))
     in_range = [s for s in socks if low <= s.local.port <= high]
     by_state: dict[str, int] = {}
     for s in in_range:
         by_state[s.state] = by_state.get(s.state, 0) + 1
-    tw = None
+    tw = fw2 = None
     if destination is not None:
-        tw = sum(1 for s in socks if s.state == "TIME_WAIT" and s.remote == destination)
+        toward = [s for s in socks if s.minisock and s.remote == destination]
+        tw = sum(1 for s in toward if s.state == "TIME_WAIT")
+        fw2 = len(toward) - tw
     return PortUsage(low=low, high=high, reserved=len(taken),
                      in_use=len({s.local.port for s in in_range}), by_state=by_state,
-                     time_wait_to_destination=tw)
+                     time_wait_to_destination=tw, fin_wait2_to_destination=fw2)
 
 
 def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:

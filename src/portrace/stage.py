@@ -34,13 +34,31 @@ def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
-def _socket(addr: str, udp: bool, reuseaddr: bool, v6only: bool | None) -> socket.socket:
+def _socket(addr: str, udp: bool = False, reuseaddr: bool = False, v6only: bool | None = None,
+            reuseport: bool = False, device: str | None = None) -> socket.socket:
     s = socket.socket(_family(addr), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     if reuseaddr:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if device:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
     if v6only is not None and s.family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
     return s
+
+
+def _opts(a: argparse.Namespace) -> dict:
+    return {"udp": a.udp, "reuseaddr": a.reuseaddr, "v6only": a.v6only,
+            "reuseport": a.reuseport, "device": a.device}
+
+
+def _attempt(call: object, *args: object) -> str:
+    try:
+        call(*args)  # type: ignore[operator]
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
 def _ready(*info: object) -> None:
@@ -56,17 +74,51 @@ def _hold() -> None:
 
 
 def role_listen(a: argparse.Namespace) -> None:
-    s = _socket(a.addr, a.udp, a.reuseaddr, a.v6only)
+    """Bind (and, unless --no-listen or UDP, listen); hold. --late-listen:
+    report ``ready`` once bound, and listen only when a line arrives."""
+    s = _socket(a.addr, **_opts(a))
     s.bind((a.addr, a.port))
-    if not a.udp:
+    if a.late_listen:
+        _ready(os.getpid())
+        sys.stdin.readline()
+        _ready(_attempt(s.listen))
+    elif not (a.udp or a.no_listen):
         s.listen()
-    _ready(os.getpid())
+        _ready(os.getpid())
+    else:
+        _ready(os.getpid())
+    _hold()
+
+
+def role_occupy(a: argparse.Namespace) -> None:
+    """Bind --count consecutive ports from PORT (no listen); hold."""
+    socks = []
+    for port in range(a.port, a.port + a.count):
+        s = _socket(a.addr)
+        s.bind((a.addr, port))
+        socks.append(s)
+    _ready(len(socks))
+    _hold()
+
+
+def role_connect_until_fail(a: argparse.Namespace) -> None:
+    """Connect to PORT and close at once (the client closes first, so its
+    side is left in TIME_WAIT), until connect() fails; report that errno."""
+    for n in range(100000):
+        s = _socket(a.addr)
+        result = _attempt(s.connect, (a.addr, a.port))
+        if result != "ok":
+            _ready(result, n)
+            break
+        s.close()
+    else:
+        _ready("ok", 100000)
     _hold()
 
 
 def role_listen_fork_child(a: argparse.Namespace) -> None:
     """Listen, hand the fd to a `sleep` child, exit: the child keeps the port."""
-    s = _socket(a.addr, False, False, None)
+    s = _socket(a.addr)
     s.bind((a.addr, a.port))
     s.listen()
     child = subprocess.Popen(["sleep", str(a.child_seconds)], pass_fds=[s.fileno()],
@@ -78,7 +130,7 @@ def role_listen_fork_child(a: argparse.Namespace) -> None:
 def role_timewait(a: argparse.Namespace) -> None:
     """Serve one connection and close it first (active close), then exit:
     the server side of the connection is left in TIME_WAIT."""
-    srv = _socket(a.addr, False, False, None)
+    srv = _socket(a.addr, reuseaddr=a.reuseaddr)
     srv.bind((a.addr, a.port))
     srv.listen()
     cli = socket.create_connection((a.addr, a.port))
@@ -98,7 +150,7 @@ def role_timewait(a: argparse.Namespace) -> None:
 def role_finwait2(a: argparse.Namespace) -> None:
     """Accept a connection and close it and the listener, while the client
     never closes: the server side is an orphaned FIN_WAIT2 minisock."""
-    srv = _socket(a.addr, False, False, None)
+    srv = _socket(a.addr, reuseaddr=a.reuseaddr)
     srv.bind((a.addr, a.port))
     srv.listen()
     cli = socket.create_connection((a.addr, a.port))
@@ -111,9 +163,30 @@ def role_finwait2(a: argparse.Namespace) -> None:
     cli.close()
 
 
+def role_serve(a: argparse.Namespace) -> None:
+    """Accept connections one by one; close each once its client has closed
+    (the client closes first, so the client side ends in TIME_WAIT)."""
+    srv = _socket(a.addr, **_opts(a))
+    srv.bind((a.addr, a.port))
+    srv.listen(128)
+    _ready(os.getpid())
+    while True:
+        r, _, _ = select.select([srv, sys.stdin], [], [], 3600)
+        if sys.stdin in r:
+            return
+        conn, _ = srv.accept()
+        conn.settimeout(5)
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        conn.close()
+
+
 def role_established(a: argparse.Namespace) -> None:
     """Accept a connection, close the listener, keep the connection open."""
-    srv = _socket(a.addr, False, False, None)
+    srv = _socket(a.addr, reuseaddr=a.reuseaddr)
     srv.bind((a.addr, a.port))
     srv.listen()
     cli = socket.create_connection((a.addr, a.port))
@@ -125,18 +198,39 @@ def role_established(a: argparse.Namespace) -> None:
 
 
 def role_bind(a: argparse.Namespace) -> None:
-    """Try one bind and report it: ``ready ok`` or ``ready EADDRINUSE``.
-    With ``--wait``: first print ``waiting`` and bind only once a line arrives."""
-    s = _socket(a.addr, a.udp, a.reuseaddr, a.v6only)
-    if a.wait:
+    """Try one bind (and with --listen, then listen) and report each result:
+    ``ready ok``, ``ready EADDRINUSE``, ``ready ok EADDRINUSE``...
+
+    --wait: print ``waiting`` before the last step (listen() with --listen,
+    else bind()) and take it only once a line arrives. --no-bind: only listen
+    (autobind). --own-listener: first listen on the address itself, and
+    close that listener right after the bind fails (a blocker gone at once).
+    --uid: drop to that uid (and its gid) before creating the socket."""
+    if a.uid is not None:
+        os.setgroups([])
+        os.setgid(a.uid)
+        os.setuid(a.uid)
+    own = None
+    if a.own_listener:
+        own = _socket(a.addr)
+        own.bind((a.addr, a.port))
+        own.listen()
+    s = _socket(a.addr, **_opts(a))
+
+    def wait() -> None:
         print("waiting", flush=True)
         sys.stdin.readline()
-    try:
-        s.bind((a.addr, a.port))
-        result = "ok"
-    except OSError as exc:
-        result = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    _ready(result)
+
+    if a.wait and not a.listen:
+        wait()
+    results = [] if a.no_bind else [_attempt(s.bind, (a.addr, a.port))]
+    if own is not None:
+        own.close()
+    if a.listen and results in ([], ["ok"]):
+        if a.wait:
+            wait()
+        results.append(_attempt(s.listen))
+    _ready(*results)
     if a.hold:
         _hold()
 
@@ -147,6 +241,9 @@ ROLES = {
     "timewait": role_timewait,
     "established": role_established,
     "finwait2": role_finwait2,
+    "occupy": role_occupy,
+    "serve": role_serve,
+    "connect-until-fail": role_connect_until_fail,
     "bind": role_bind,
 }
 
@@ -160,8 +257,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--udp", action="store_true")
     p.add_argument("--reuseaddr", action="store_true")
     p.add_argument("--v6only", type=int, choices=(0, 1), default=None)
+    p.add_argument("--reuseport", action="store_true")
+    p.add_argument("--device")
     p.add_argument("--hold", action="store_true")
     p.add_argument("--wait", action="store_true")
+    p.add_argument("--listen", action="store_true")
+    p.add_argument("--no-listen", action="store_true")
+    p.add_argument("--late-listen", action="store_true")
+    p.add_argument("--no-bind", action="store_true")
+    p.add_argument("--own-listener", action="store_true")
+    p.add_argument("--uid", type=int)
+    p.add_argument("--count", type=int, default=1)
     p.add_argument("--child-seconds", type=int, default=300)
     a = p.parse_args(argv)
     if a.v6only is not None:
@@ -190,6 +296,9 @@ class ScratchNetns:
 
     def sysctl(self, key: str, value: str) -> None:
         _run(["ip", "netns", "exec", self.name, "sysctl", "-qw", f"{key}={value}"])
+
+    def ip(self, *args: str) -> None:
+        _run(["ip", "-n", self.name, *args])
 
 
 def _run(argv: list[str]) -> None:
