@@ -119,8 +119,8 @@ def test_holders_binders_and_closers_are_attached():
     tw = sock("TIME_WAIT", "127.0.0.1", remote=peer, inode=0, expires_ms=59860)
     lst = sock("LISTEN", "0.0.0.0", inode=7001)
     holders = {7001: [Holder(pid=3367, ppid=1, comm="sleep", fds=(3,))]}
-    binders = {("inet", "0.0.0.0", 9090): dataclasses.replace(attempt("0.0.0.0"), pid=3366,
-                                                              errno=0)}
+    binders = {("inet", "0.0.0.0", 9090): [dataclasses.replace(attempt("0.0.0.0"), pid=3366,
+                                                               errno=0)]}
     closer = Closer(pid=3363, comm="old-server", ts=NOW)
     closers = {("inet", tw.local, peer): closer}
     got = find_blockers(req("0.0.0.0"), [tw, lst], holders, closers, binders)
@@ -234,3 +234,15 @@ def test_connect_exhaustion_follows_tcp_twsk_unique(sysctls, dest, phrase):
     v = verdict(req(dest), attempt(dest, call="connect", errno=99), [], sysctls, None,
                 "process", usage)
     assert phrase in " ".join(v.advice), v.advice
+
+
+def test_two_binders_of_one_address_are_not_called_inherited():
+    """SO_REUSEADDR lets two processes bind one address; the one holding the
+    listener bound it itself even if the other bound after it."""
+    lst = sock("LISTEN", "127.0.0.1", inode=7001)
+    holders = {7001: [Holder(pid=10, ppid=1, comm="first", fds=(3,))]}
+    first = dataclasses.replace(attempt("127.0.0.1"), pid=10, errno=0)
+    second = dataclasses.replace(attempt("127.0.0.1"), pid=11, errno=0)
+    binders = {("inet", "127.0.0.1", 9090): [first, second]}
+    [b] = find_blockers(req("127.0.0.1"), [lst], holders, {}, binders)
+    assert [(p.pid, p.inherited) for p in b.processes] == [(10, False)]

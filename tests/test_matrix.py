@@ -99,7 +99,7 @@ def check_listen_recheck(ev, ctx, port):
     b = one_blocker(ev)
     assert ev["type"] == "listen_error" and ev["verdict"]["cause"] == "listener"
     assert b["state"] == "LISTEN" and b["local"] == {"addr": "127.0.0.1", "port": port}
-    assert [p["pid"] for p in b["processes"]] == [ctx["holder"]]
+    assert [(p["pid"], p["inherited"]) for p in b["processes"]] == [(ctx["holder"], False)]
     assert b["options"]["so_reuseaddr"] is True and ev["options"]["so_reuseaddr"] is True
     assert "only one may listen" in advice(ev)
 

@@ -113,8 +113,11 @@ EADDRINUSE, EADDRNOTAVAIL = 98, 99
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
 
-# (family, addr, port) a successful bind() asked for; the key of ``binders``.
+# (family, addr, port) a successful bind() asked for; the key of ``binders``,
+# whose values are the recent successful binds of that address, oldest first
+# (SO_REUSEADDR / SO_REUSEPORT let several sockets bind one address).
 BoundAddress = tuple[str, str, int]
+Binders = Mapping[BoundAddress, Sequence[SocketCall]]
 
 
 @dataclass(frozen=True)
@@ -241,19 +244,19 @@ def _rank(sock: SocketEntry) -> tuple[int, float]:
 
 
 def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
-               binders: Mapping[BoundAddress, SocketCall]) -> tuple[ProcessRef, ...]:
-    """Holders of the socket, and whether each inherited it: the probes saw
-    another process bind this address (and that process no longer holds it,
-    or holds it too), or the holder shares it with its parent."""
+               binders: Binders) -> tuple[ProcessRef, ...]:
+    """Holders of the socket, and whether each inherited it: it is not among
+    the processes seen binding this address (one of which is), or it shares
+    the socket with its parent."""
     held = holders.get(s.inode, ())
     pids = {h.pid for h in held}
-    binder = binders.get((s.family, s.local.addr, s.local.port))
-    if binder is not None and len(held) > 1 and binder.pid not in pids:
-        binder = None  # several holders, none the binder: cannot tell who inherited
+    bound_by = {b.pid for b in binders.get((s.family, s.local.addr, s.local.port), ())}
+    if bound_by and len(held) > 1 and not bound_by & pids:
+        bound_by = set()  # several holders, none a binder: cannot tell who inherited
     refs = []
     for h in sorted(held, key=lambda h: h.pid):
-        if binder is not None:
-            inherited: bool | None = h.pid != binder.pid
+        if bound_by:
+            inherited: bool | None = h.pid not in bound_by
         elif h.ppid in pids:
             inherited = True  # shares the socket with its parent: fork inheritance
         else:
@@ -263,18 +266,21 @@ def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
 
 
 def _options(s: SocketEntry, closer: Closer | None, fd_opts: Mapping[int, SockOpts],
-             binders: Mapping[BoundAddress, SocketCall]) -> tuple[SockOpts, str | None]:
+             holders: Mapping[int, Sequence[Holder]],
+             binders: Binders) -> tuple[SockOpts, str | None]:
     """A socket's options and where they come from: the close that made the
     minisock (RULES minisock_keeps_flags), the probes' record of a holder's fd
-    (accepted sockets included: accept_keeps_flags), or the process seen
-    binding its address (an inherited fd is the same socket)."""
+    (accepted sockets included: accept_keeps_flags), or the bind seen for its
+    address, a holder's own if there is one (an inherited fd is the same socket)."""
     if s.minisock:
         return (closer.opts, "closer") if closer is not None else (UNKNOWN_OPTS, None)
     if s.inode in fd_opts:
         return fd_opts[s.inode], "probes"
-    binder = binders.get((s.family, s.local.addr, s.local.port))
-    if binder is not None:
-        return binder.opts, "binder"
+    seen = binders.get((s.family, s.local.addr, s.local.port), ())
+    if seen:
+        pids = {h.pid for h in holders.get(s.inode, ())}
+        own = [b for b in seen if b.pid in pids]
+        return (own or list(seen))[-1].opts, "binder"
     return UNKNOWN_OPTS, None
 
 
@@ -283,7 +289,7 @@ def find_blockers(
     sockets: Sequence[SocketEntry],
     holders: Mapping[int, Sequence[Holder]],
     closers: Mapping[tuple[str, Endpoint, Endpoint], Closer],
-    binders: Mapping[BoundAddress, SocketCall],
+    binders: Binders,
     fd_opts: Mapping[int, SockOpts] | None = None,
     exclude_inodes: Iterable[int] = (),
 ) -> list[Blocker]:
@@ -291,7 +297,7 @@ def find_blockers(
     conflict with it, ordered LISTEN, live, bound-only, minisocks.
 
     ``closers``: minisock closers by (family, local, remote). ``binders``: the
-    last successful bind() seen per (family, addr, port). ``fd_opts``: options
+    recent successful bind()s seen per (family, addr, port). ``fd_opts``: options
     the probes hold for a socket inode via a holder's fd. ``exclude_inodes``:
     the failing socket itself (bound, when listen() fails)."""
     skip = set(exclude_inodes) - {0}
@@ -303,7 +309,7 @@ def find_blockers(
                 or not overlaps(req, s)):
             continue
         closer = closers.get((s.family, s.local, s.remote)) if s.remote else None
-        opts, source = _options(s, closer, fd_opts, binders)
+        opts, source = _options(s, closer, fd_opts, holders, binders)
         verdict = conflicts(req, s, opts)
         if verdict is False:
             continue

@@ -34,7 +34,8 @@ from portrace.probes import Probes
 Sink = Callable[[Event], None]
 
 HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
-MAX_BINDERS = 4096  # bound address -> who bound it last, most recent kept
+MAX_BINDERS = 4096  # bound addresses remembered, most recent kept
+BINDERS_PER_ADDRESS = 8  # recent successful binds kept per address
 # What the verdicts quote, read in the failing process's namespace.
 SYSCTLS = (
     "net.ipv4.tcp_fin_timeout",
@@ -62,7 +63,7 @@ class Tracer:
         self.pid = pid
         self.probes = Probes(self.ports, self._on_event, ringbuf_pages=ringbuf_pages)
         self.history: dict[int, deque[StateChange]] = {}
-        self.binders: OrderedDict[diagnose.BoundAddress, SocketCall] = OrderedDict()
+        self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
         self.lost_total = 0
 
     def start(self) -> Ready:
@@ -106,7 +107,7 @@ class Tracer:
         # reference), so a socket closed meanwhile would be released late, by
         # us, and the process's next bind() would fail with EADDRINUSE.
         key = (ev.family, ev.addr, ev.port)
-        self.binders[key] = ev
+        self.binders.setdefault(key, deque(maxlen=BINDERS_PER_ADDRESS)).append(ev)
         self.binders.move_to_end(key)
         while len(self.binders) > MAX_BINDERS:
             self.binders.popitem(last=False)
