@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from portrace.events import SocketCall, Lost
+from portrace.events import Lost, SocketCall
 from portrace.stage import Staged
 from portrace.tracer import Tracer
 
