@@ -119,6 +119,21 @@ static __always_inline __u64 fd_key(int fd)
 	return (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)fd;
 }
 
+/* Keep a syscall's arguments from its sys_enter_* to its sys_exit_*. */
+static __always_inline int stash(struct pt_pending *p)
+{
+	__u32 tid = cur_tid();
+	pending.update(&tid, p);
+	return 0;
+}
+
+static __always_inline int forget_closing(void)
+{
+	__u32 tid = cur_tid();
+	closing.delete(&tid);
+	return 0;
+}
+
 static __always_inline void fill_task(struct pt_task *t)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -245,9 +260,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt)
 			return 0;
 		p.on = v != 0;
 	}
-	__u32 tid = cur_tid();
-	pending.update(&tid, &p);
-	return 0;
+	return stash(&p);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_setsockopt)
@@ -277,9 +290,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_setsockopt)
 static __always_inline int accept_enter(int fd)
 {
 	struct pt_pending p = { .fd = fd };
-	__u32 tid = cur_tid();
-	pending.update(&tid, &p);
-	return 0;
+	return stash(&p);
 }
 
 static __always_inline int accept_exit(long ret)
@@ -326,12 +337,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_close)
-{
-	__u32 tid = cur_tid();
-	closing.delete(&tid);
-	return 0;
-}
+TRACEPOINT_PROBE(syscalls, sys_exit_close) { return forget_closing(); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
 {
@@ -339,12 +345,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
 	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_shutdown)
-{
-	__u32 tid = cur_tid();
-	closing.delete(&tid);
-	return 0;
-}
+TRACEPOINT_PROBE(syscalls, sys_exit_shutdown) { return forget_closing(); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 {
@@ -359,9 +360,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 	/* Port 0 (autobind) is kept too: its failure is ephemeral exhaustion. */
 	if (p.port != 0 && !port_watched(cfg, p.port))
 		return 0;
-	__u32 tid = cur_tid();
-	pending.update(&tid, &p);
-	return 0;
+	return stash(&p);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_bind)
@@ -399,9 +398,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_bind)
 TRACEPOINT_PROBE(syscalls, sys_enter_listen)
 {
 	struct pt_pending p = { .fd = args->fd };
-	__u32 tid = cur_tid();
-	pending.update(&tid, &p);
-	return 0;
+	return stash(&p);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_listen)
@@ -436,9 +433,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 	struct pt_pending p = { .fd = args->fd };
 	if (read_sockaddr(args->uservaddr, &p) || !port_watched(cfg, p.port))
 		return 0;
-	__u32 tid = cur_tid();
-	pending.update(&tid, &p);
-	return 0;
+	return stash(&p);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)

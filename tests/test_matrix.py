@@ -64,6 +64,19 @@ def holding(role: str, addr: str, port: int, *args: str, ns: ScratchNetns,
     return Staged(role, addr, port, *args, "--hold", name=name, netns=ns)
 
 
+def against(tr: TracerProcess, ns: ScratchNetns, port: int, holder: tuple[str, ...],
+            new: tuple[str, ...], expect: str) -> tuple[Event | None, dict[str, Any]]:
+    """A `holder` process (role, addr, args...) holds the port while a
+    `new-server` (addr, args...) tries it; the holder is released after."""
+    role, addr, *args = holder
+    h = holding(role, addr, port, *args, ns=ns)
+    try:
+        ev, _ = attempt(tr, ns, new[0], port, *new[1:], expect=expect)
+    finally:
+        h.release()
+    return ev, {"holder": h.pid}
+
+
 def one_blocker(ev: Event | None) -> Event:
     assert ev is not None, "portrace reported nothing"
     assert len(ev["blockers"]) == 1, ev["blockers"]
@@ -213,12 +226,8 @@ def check_no_event(ev, ctx, port):
 
 
 def stage_reuseaddr_vs_listen(tr, ns, port):
-    h = holding("listen", "127.0.0.1", port, "--reuseaddr", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "127.0.0.1", port, "--reuseaddr", expect="EADDRINUSE")
-    finally:
-        h.release()
-    return ev, {"holder": h.pid}
+    return against(tr, ns, port, ("listen", "127.0.0.1", "--reuseaddr"),
+                   ("127.0.0.1", "--reuseaddr"), expect="EADDRINUSE")
 
 
 def check_reuseaddr_vs_listen(ev, ctx, port):
@@ -229,13 +238,8 @@ def check_reuseaddr_vs_listen(ev, ctx, port):
 
 
 def stage_reuseport_other_uid(tr, ns, port):
-    h = holding("listen", "127.0.0.1", port, "--reuseport", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "127.0.0.1", port, "--reuseport", "--uid", "65534",
-                        expect="EADDRINUSE")
-    finally:
-        h.release()
-    return ev, {"holder": h.pid}
+    return against(tr, ns, port, ("listen", "127.0.0.1", "--reuseport"),
+                   ("127.0.0.1", "--reuseport", "--uid", "65534"), expect="EADDRINUSE")
 
 
 def check_reuseport_other_uid(ev, ctx, port):
@@ -247,12 +251,8 @@ def check_reuseport_other_uid(ev, ctx, port):
 
 
 def stage_reuseport_same_uid(tr, ns, port):
-    h = holding("listen", "127.0.0.1", port, "--reuseport", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "127.0.0.1", port, "--reuseport", expect="ok")
-    finally:
-        h.release()
-    return ev, {}
+    return against(tr, ns, port, ("listen", "127.0.0.1", "--reuseport"),
+                   ("127.0.0.1", "--reuseport"), expect="ok")
 
 
 def stage_fin_wait2(tr, ns, port):
@@ -273,12 +273,8 @@ def check_fin_wait2(ev, ctx, port):
 
 
 def stage_bound_only(tr, ns, port):
-    h = holding("listen", "0.0.0.0", port, "--no-listen", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "127.0.0.1", port, expect="EADDRINUSE")
-    finally:
-        h.release()
-    return ev, {"holder": h.pid}
+    return against(tr, ns, port, ("listen", "0.0.0.0", "--no-listen"), ("127.0.0.1",),
+                   expect="EADDRINUSE")
 
 
 def check_bound_only(ev, ctx, port):
@@ -288,12 +284,8 @@ def check_bound_only(ev, ctx, port):
 
 
 def stage_v4_mapped(tr, ns, port):
-    h = holding("listen", "::ffff:127.0.0.1", port, "--v6only", "0", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "127.0.0.1", port, expect="EADDRINUSE")
-    finally:
-        h.release()
-    return ev, {}
+    return against(tr, ns, port, ("listen", "::ffff:127.0.0.1", "--v6only", "0"), ("127.0.0.1",),
+                   expect="EADDRINUSE")
 
 
 def check_v4_mapped(ev, ctx, port):
@@ -303,30 +295,18 @@ def check_v4_mapped(ev, ctx, port):
 
 
 def stage_other_address(tr, ns, port):
-    h = holding("listen", "127.0.0.1", port, ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "127.0.0.2", port, expect="ok")
-    finally:
-        h.release()
-    return ev, {}
+    return against(tr, ns, port, ("listen", "127.0.0.1"), ("127.0.0.2",),
+                   expect="ok")
 
 
 def stage_v6only_vs_v4(tr, ns, port):
-    h = holding("listen", "::", port, "--v6only", "1", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "0.0.0.0", port, expect="ok")
-    finally:
-        h.release()
-    return ev, {}
+    return against(tr, ns, port, ("listen", "::", "--v6only", "1"), ("0.0.0.0",),
+                   expect="ok")
 
 
 def stage_dual_stack_new(tr, ns, port):
-    h = holding("listen", "0.0.0.0", port, ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "::", port, "--v6only", "0", expect="EADDRINUSE")
-    finally:
-        h.release()
-    return ev, {}
+    return against(tr, ns, port, ("listen", "0.0.0.0"), ("::", "--v6only", "0"),
+                   expect="EADDRINUSE")
 
 
 def check_dual_stack_new(ev, ctx, port):
@@ -348,12 +328,8 @@ def stage_devices_differ(tr, ns, port):
 
 
 def stage_device_vs_unbound(tr, ns, port):
-    h = holding("listen", "0.0.0.0", port, "--device", "lo", ns=ns)
-    try:
-        ev, _ = attempt(tr, ns, "0.0.0.0", port, expect="EADDRINUSE")
-    finally:
-        h.release()
-    return ev, {}
+    return against(tr, ns, port, ("listen", "0.0.0.0", "--device", "lo"), ("0.0.0.0",),
+                   expect="EADDRINUSE")
 
 
 def check_device_vs_unbound(ev, ctx, port):
