@@ -408,18 +408,20 @@ TRACEPOINT_PROBE(syscalls, sys_exit_listen)
 	struct pt_config *cfg = get_config();
 	if (!p || !cfg)
 		return 0;
+	__u64 key = fd_key(p->fd);
+	struct pt_sockinfo *si = sockinfo.lookup(&key);
+	if (si) {
+		p->family = si->family;
+		p->port = si->port;
+		__builtin_memcpy(p->addr, si->addr, 16);
+	}
 	if (args->ret < 0) {
-		__u64 key = fd_key(p->fd);
-		struct pt_sockinfo *si = sockinfo.lookup(&key);
-		if (si) {
-			p->family = si->family;
-			p->port = si->port;
-			__builtin_memcpy(p->addr, si->addr, 16);
-		}
 		/* port 0: not seen bound, so listen() autobound (or the bind
 		 * predates the probes); userspace tells which. */
 		if (p->port == 0 || port_watched(cfg, p->port))
 			emit_call(PT_LISTEN_ERROR, p, args->ret, si);
+	} else if (!cfg->all_ports && p->port != 0 && port_watched(cfg, p->port)) {
+		emit_call(PT_LISTEN_OK, p, 0, si);	/* recovery is visible */
 	}
 	pending.delete(&tid);
 	return 0;

@@ -18,6 +18,7 @@ enum pt_kind {
 	PT_STATE = 3,		/* inet_sock_set_state on a watched local port */
 	PT_LISTEN_ERROR = 4,	/* listen() returned < 0 on a watched or unbound socket */
 	PT_CONNECT_ERROR = 5,	/* connect() to a watched port: EADDRNOTAVAIL/EADDRINUSE */
+	PT_LISTEN_OK = 6,	/* listen() succeeded on a watched port */
 };
 
 /* Socket options the probes saw, from socket() (defaults) and setsockopt(). */

@@ -49,7 +49,7 @@ def check(ev: dict[str, Any]) -> None:
                 assert set(b["closed_by"]) >= {"pid", "comm", "ts"}
                 assert ISO_TS.match(b["closed_by"]["ts"])
             assert b["expires_s"] is None or isinstance(b["expires_s"], float)
-    elif t == "bind":
+    elif t in ("bind", "listen"):  # successes: recovery made visible
         assert set(ev) >= {"pid", "comm", "addr", "port"}
     else:
         raise AssertionError(f"unknown event type {t!r}")

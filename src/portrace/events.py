@@ -77,6 +77,8 @@ class Ready:
     engine: str
     ports: list[int]  # empty: every port
     kernel: str
+    host: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] | None = None  # what the recorder was started with
     type: str = field(default="ready", init=False)
 
 
@@ -176,6 +178,7 @@ class ProcessRef:
     comm: str
     fds: tuple[int, ...] = ()
     inherited: bool | None = None
+    facts: dict[str, Any] | None = None  # portrace.context.process_facts at lookup
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,9 @@ class CallError:
     last_seen: StateChange | None = None  # when no blocker was left to find
     usage: PortUsage | None = None  # ephemeral exhaustion: the range and its use
     sysctls: dict[str, str] = field(default_factory=dict)  # as the netns sees them
+    process: dict[str, Any] | None = None  # context.process_facts of the failing process
+    host: dict[str, str] = field(default_factory=dict)
+    recent: tuple[StateChange, ...] = ()  # transitions on the port shortly before
 
     @property
     def type(self) -> str:
@@ -291,7 +297,8 @@ def _blocker(b: Blocker) -> dict[str, Any]:
         "local": _endpoint(b.local),
         "remote": _endpoint(b.remote),
         "processes": [
-            {"pid": p.pid, "comm": p.comm, "fds": list(p.fds), "inherited": p.inherited}
+            {**(p.facts or {}), "pid": p.pid, "comm": p.comm, "fds": list(p.fds),
+             "inherited": p.inherited}
             for p in b.processes
         ],
         "inode": b.inode,
@@ -335,8 +342,11 @@ def _state(ev: StateChange) -> dict[str, Any]:
 def to_json(ev: Event) -> dict[str, Any]:
     """The JSON object for one event, per shared/DESIGN.md's contract."""
     if isinstance(ev, Ready):
-        return {"type": "ready", "ts": iso(ev.ts), "engine": ev.engine, "ports": list(ev.ports),
-                "kernel": ev.kernel}
+        out: dict[str, Any] = {"type": "ready", "ts": iso(ev.ts), "engine": ev.engine,
+                               "ports": list(ev.ports), "kernel": ev.kernel, "host": ev.host}
+        if ev.options is not None:
+            out["options"] = ev.options
+        return out
     if isinstance(ev, Lost):
         return {"type": "lost", "ts": iso(ev.ts), "count": ev.count}
     if isinstance(ev, StateChange):
@@ -383,6 +393,9 @@ def to_json(ev: Event) -> dict[str, Any]:
             "last_seen": None if ev.last_seen is None else _state(ev.last_seen),
             "ephemeral": _usage(ev.usage),
             "sysctls": dict(ev.sysctls),
+            "process": ev.process,
+            "host": ev.host,
+            "recent": [_state(s) for s in ev.recent],
         }
         if a.call == "connect":
             out["destination"] = {"addr": a.addr, "port": a.port}

@@ -33,9 +33,9 @@ from portrace.events import (
     tcp_state_name,
 )
 
-PT_BIND_ERROR, PT_BIND_OK, PT_STATE, PT_LISTEN_ERROR, PT_CONNECT_ERROR = 1, 2, 3, 4, 5
+PT_BIND_ERROR, PT_BIND_OK, PT_STATE, PT_LISTEN_ERROR, PT_CONNECT_ERROR, PT_LISTEN_OK = range(1, 7)
 CALLS = {PT_BIND_ERROR: "bind", PT_BIND_OK: "bind", PT_LISTEN_ERROR: "listen",
-         PT_CONNECT_ERROR: "connect"}
+         PT_CONNECT_ERROR: "connect", PT_LISTEN_OK: "listen"}
 PT_OPT_REUSEADDR, PT_OPT_REUSEPORT, PT_OPT_V6ONLY, PT_OPT_BINDTODEVICE = 1, 2, 4, 8
 
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))

@@ -14,11 +14,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from typing import Any
 
 import psutil
 
-from portrace import advice, diagnose, sockets
+from portrace import advice, context, diagnose, sockets
 from portrace.events import (
+    Blocker,
     CallError,
     Closer,
     Endpoint,
@@ -37,8 +39,10 @@ HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
 MAX_BINDERS = 4096  # bound addresses remembered, most recent kept
 BINDERS_PER_ADDRESS = 8  # recent successful binds kept per address
 # What the verdicts quote, read in the failing process's namespace.
+RECENT_S = 60  # transitions on the port kept in a failure's evidence
 SYSCTLS = (
     "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_max_tw_buckets",
     "net.ipv6.bindv6only",
     "net.ipv4.ip_local_port_range",
     "net.ipv4.ip_local_reserved_ports",
@@ -57,7 +61,7 @@ class Tracer:
     """
 
     def __init__(self, ports: Iterable[int], sink: Sink, pid: int | None = None,
-                 ringbuf_pages: int = 64) -> None:
+                 ringbuf_pages: int = 64, options: dict[str, Any] | None = None) -> None:
         self.ports = sorted(set(ports))
         self.sink = sink
         self.pid = pid
@@ -65,11 +69,13 @@ class Tracer:
         self.history: dict[int, deque[StateChange]] = {}
         self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
         self.lost_total = 0
+        self.options = options
+        self.host = context.host_facts()
 
     def start(self) -> Ready:
         self.probes.open()
         ready = Ready(ts=datetime.now(timezone.utc), engine="bcc", ports=self.ports,
-                      kernel=os.uname().release)
+                      kernel=os.uname().release, host=self.host, options=self.options)
         self.sink(ready)
         return ready
 
@@ -95,7 +101,8 @@ class Tracer:
             self.history.setdefault(ev.local.port, deque(maxlen=HISTORY_PER_PORT)).append(ev)
             self.sink(ev)
         elif ev.ok:
-            self._remember_binder(ev)
+            if ev.call == "bind":
+                self._remember_binder(ev)
             if self.pid is None or ev.pid == self.pid:
                 self.sink(ev)
         elif self.pid is None or ev.pid == self.pid:
@@ -153,9 +160,17 @@ class Tracer:
             seen = self.history.get(attempt.port)
             last_seen = seen[-1] if seen else None
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
-        return CallError(attempt=attempt, cmdline=cmdline, netns=netns,
-                         blockers=tuple(blockers), verdict=verdict, lookup_ms=lookup_ms,
-                         last_seen=last_seen, usage=usage, sysctls=sysctls)
+        facts = context.process_facts(attempt.pid)
+        return CallError(attempt=attempt, cmdline=cmdline or (facts or {}).get("cmdline"),
+                         netns=netns, blockers=_with_facts(blockers), verdict=verdict,
+                         lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
+                         sysctls=sysctls, process=facts, host=self.host,
+                         recent=self._recent(attempt))
+
+    def _recent(self, attempt: SocketCall) -> tuple[StateChange, ...]:
+        seen = self.history.get(attempt.port, ())
+        since = attempt.ts.timestamp() - RECENT_S
+        return tuple(ev for ev in seen if ev.ts.timestamp() >= since)
 
     @staticmethod
     def _locate_listen(attempt: SocketCall, snap: sockets.Snapshot, own: int | None
@@ -194,6 +209,14 @@ class Tracer:
                 if c is not None:
                     out[(s.family, s.local, s.remote)] = c
         return out
+
+
+def _with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
+    """Blockers whose holders carry their process facts (exe, build-id...)."""
+    return tuple(
+        dataclasses.replace(b, processes=tuple(
+            dataclasses.replace(p, facts=context.process_facts(p.pid)) for p in b.processes))
+        for b in blockers)
 
 
 def _cmdline(pid: int) -> list[str] | None:

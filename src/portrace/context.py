@@ -1,0 +1,103 @@
+"""Facts about processes and the host, captured at the moment of a failure,
+so a postmortem names the exact binaries and settings that were in play.
+
+Everything here reads /proc (via psutil) and the executable itself; any
+process may be gone by the time it is asked about, and then its facts are
+simply absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import socket
+from datetime import datetime, timezone
+from typing import Any
+
+import psutil
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+MAX_PARENTS = 16
+CONTAINER_ID = re.compile(r"([0-9a-f]{64})")  # docker/containerd/cri-o scope names
+
+
+@functools.lru_cache(maxsize=256)
+def _build_id(dev: int, ino: int, mtime_ns: int, path: str) -> str | None:
+    # Keyed by the file's identity, so an upgraded binary is read again.
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            for section in elf.iter_sections():
+                if section.header.sh_type != "SHT_NOTE":
+                    continue
+                for note in section.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return str(note["n_desc"])
+    except (OSError, ELFError):
+        return None
+    return None
+
+
+def build_id(pid: int) -> str | None:
+    """The GNU build-id (hex) of a process's executable, read from
+    ``/proc/<pid>/exe`` (which works even if the file was replaced or deleted)."""
+    path = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _build_id(st.st_dev, st.st_ino, st.st_mtime_ns, path)
+
+
+def cgroup_of(pid: int) -> tuple[str | None, str | None]:
+    """(cgroup path, container id if the path names one)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, None
+    # The unified (v2) line is "0::/path"; on hybrid hosts prefer it, else systemd's.
+    path = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+    if path is None:
+        path = next((ln.split(":", 2)[2] for ln in lines if ":name=systemd:" in ln), None)
+    match = CONTAINER_ID.search(path or "")
+    return path, match.group(1) if match else None
+
+
+def process_facts(pid: int) -> dict[str, Any] | None:
+    """pid, comm, ppid chain, exe, cmdline, start time (ISO 8601 UTC), uid,
+    cgroup, container id and build-id; None when the process is gone."""
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            facts: dict[str, Any] = {
+                "pid": pid,
+                "comm": p.name(),
+                "exe": _safe(p.exe),
+                "cmdline": _safe(p.cmdline),
+                "start": datetime.fromtimestamp(p.create_time(), tz=timezone.utc)
+                .strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "uid": p.uids().real,
+            }
+            parents = []
+            for parent in p.parents()[:MAX_PARENTS]:
+                parents.append({"pid": parent.pid, "comm": _safe(parent.name)})
+    except psutil.Error:
+        return None
+    facts["ppids"] = parents
+    facts["cgroup"], facts["container_id"] = cgroup_of(pid)
+    facts["build_id"] = build_id(pid)
+    return facts
+
+
+def _safe(getter: Any) -> Any:
+    try:
+        return getter()
+    except psutil.Error:
+        return None
+
+
+def host_facts() -> dict[str, str]:
+    return {"hostname": socket.gethostname(), "kernel": os.uname().release}
