@@ -6,10 +6,13 @@ Every error a user can cause is one line on stderr and a distinct exit code
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import IO
 
 import click
@@ -17,7 +20,7 @@ import psutil
 
 from portrace import errors
 from portrace.events import Event, SocketCall, StateChange
-from portrace.evidence import JsonLinesSink
+from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
 from portrace.render import terminal_sink
 from portrace.tracer import Tracer
 
@@ -87,6 +90,110 @@ def watch(ports: Sequence[int], as_json: bool, output: IO[str] | None, pid: int 
         tracer.run(stop)
     finally:
         tracer.close()
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 1048576, 512K, 16M, 1G."""
+
+    name = "size"
+    UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B")
+        unit = text[-1:] if text[-1:] in self.UNITS else ""
+        try:
+            size = int(text[: len(text) - len(unit)]) * self.UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size (e.g. 16M)", param, ctx)
+        if size < 4096:
+            self.fail(f"{value!r} is below 4K", param, ctx)
+        return size
+
+
+@cli.command()
+@click.argument("ports", nargs=-1, type=click.IntRange(1, 65535))
+@click.option("--dir", "directory", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Evidence directory (made 0700; files 0600).")
+@click.option("--max-bytes", type=ByteSize(), default=str(DEFAULT_MAX_BYTES), show_default=True,
+              help="Rotate the live segment before it grows past this.")
+@click.option("--keep", type=click.IntRange(1), default=DEFAULT_KEEP, show_default=True,
+              help="Compressed old segments to keep.")
+@click.option("--states", is_flag=True,
+              help="Also record every transition on the ports (failures always carry the "
+                   "last 60 s of them).")
+def record(ports: Sequence[int], directory: Path, max_bytes: int, keep: int,
+           states: bool) -> None:
+    """Record evidence of failures on PORTs (default: every port) until SIGTERM."""
+    try:
+        writer = EvidenceDir(directory, max_bytes=max_bytes, keep=keep)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write evidence there: {exc}",
+                                 param_hint="'--dir'") from None
+    options = {"command": "record", "dir": str(directory), "max_bytes": max_bytes,
+               "keep": keep, "states": states, "ports": sorted(set(ports))}
+
+    def sink(ev: Event) -> None:
+        if states or not isinstance(ev, StateChange):
+            writer(ev)
+
+    stop = _stop_on_signals()
+    tracer = Tracer(ports, sink, options=options)
+    try:
+        tracer.start()
+        click.echo(f"portrace: recording into {directory}", err=True)
+        tracer.run(stop)
+    finally:
+        tracer.close()
+        writer.close()
+
+
+class Timestamp(click.ParamType):
+    """ISO 8601, e.g. 2026-11-24T09:12:03Z; without a zone it is UTC."""
+
+    name = "time"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-24T09:12:03Z)",
+                      param, ctx)
+        return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "html", "json"]),
+              default="terminal", show_default=True)
+@click.option("--since", type=Timestamp(), help="Only events at or after this time.")
+@click.option("--until", type=Timestamp(), help="Only events at or before this time.")
+@click.option("-o", "--output", type=click.File("w"), default="-",
+              help="Write the report here (default: stdout).")
+def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datetime | None,
+           output: IO[str]) -> None:
+    """Postmortem of evidence files or directories (rotated, gzipped ones too)."""
+    from portrace import report as pm_report
+    from portrace.evidence import ReadReport, read
+
+    seen = ReadReport()
+    events = list(read(paths, seen))
+    for warning in seen.warnings():
+        click.echo(f"portrace: {warning}", err=True)
+    pm = pm_report.analyze(events, [str(f) for f in seen.files], seen.warnings(), since, until)
+    if fmt == "json":
+        output.write(json.dumps(pm_report.to_json(pm), indent=2) + "\n")
+    elif fmt == "html":
+        ok = [e for e in events if e["type"] in pm_report.SUCCESSES]
+        output.write(pm_report.to_html(pm, ok))
+    else:
+        output.write(pm_report.to_text(pm, markdown=fmt == "markdown"))
 
 
 @cli.command()

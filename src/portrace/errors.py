@@ -54,4 +54,5 @@ EXIT_CODES: dict[int, str] = {
     MissingTracepoint.exit_code: "a tracepoint portrace needs is missing from this kernel",
     NoBcc.exit_code: "the bcc Python bindings (python3-bpfcc) are not importable",
     StagingFailed.exit_code: "portrace demo could not stage its scenario",
+    10: "portrace report: no evidence there, or not portrace evidence",
 }

@@ -197,6 +197,22 @@ def role_established(a: argparse.Namespace) -> None:
     conn.close()
 
 
+def role_retry(a: argparse.Namespace) -> None:
+    """A restarting server: bind(); on failure report it (``ready EADDRINUSE``)
+    and retry when a line arrives; on success listen (``ready ok ok``), hold."""
+    while True:
+        s = _socket(a.addr, **_opts(a))
+        result = _attempt(s.bind, (a.addr, a.port))
+        if result == "ok":
+            _ready(result, _attempt(s.listen))
+            break
+        s.close()
+        _ready(result)
+        if not sys.stdin.readline():
+            return
+    _hold()
+
+
 def role_bind(a: argparse.Namespace) -> None:
     """Try one bind (and with --listen, then listen) and report each result:
     ``ready ok``, ``ready EADDRINUSE``, ``ready ok EADDRINUSE``...
@@ -243,6 +259,7 @@ ROLES = {
     "finwait2": role_finwait2,
     "occupy": role_occupy,
     "serve": role_serve,
+    "retry": role_retry,
     "connect-until-fail": role_connect_until_fail,
     "bind": role_bind,
 }
