@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent host setup for portrace, run as root (`sudo make setup`):
 #  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2;
+#     for the tests, chromium (the HTML report is opened in it) and systemd
+#     (systemd-analyze verifies the recorder's unit);
 #  2. kernel headers for bcc: linux-headers-$(uname -r) when the distribution
 #     has it, else its generic headers package linked as /lib/modules/$(uname -r)/build;
 #  3. tracefs (and debugfs) mounted;
@@ -37,7 +39,7 @@ missing() {
 }
 
 # 1. OS packages
-need=$(missing python3-bpfcc python3-venv iproute2 procps)
+need=$(missing python3-bpfcc python3-venv iproute2 procps chromium systemd)
 if [ -n "$need" ]; then
     say "installing $need"
     # shellcheck disable=SC2086
