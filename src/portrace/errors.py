@@ -48,7 +48,7 @@ EXIT_CODES: dict[int, str] = {
     1: "unexpected runtime failure",
     EXIT_USAGE: "bad arguments (e.g. a port outside 1-65535)",
     NeedsRoot.exit_code: "not running as root",
-    NoTracefs.exit_code: "tracefs is not mounted and could not be mounted",
+    NoTracefs.exit_code: "tracefs is not mounted (sudo make setup mounts it)",
     NoKernelHeaders.exit_code: "kernel headers missing: bcc cannot compile the probes",
     BpfUnavailable.exit_code: "the kernel refused the BPF programs",
     MissingTracepoint.exit_code: "a tracepoint portrace needs is missing from this kernel",
