@@ -67,8 +67,12 @@ def _stop_on_signals() -> threading.Event:
 @click.option("-p", "--pid", type=click.IntRange(1), help="Only failures of this process.")
 @click.option("--states", is_flag=True,
               help="Also print TCP state transitions and successful binds on the ports.")
+@click.option("--coalesce", type=click.FloatRange(0), default=1.0, show_default=True,
+              metavar="SECONDS",
+              help="Count, without diagnosing again, a process's identical failures this soon "
+                   "after the last report (0: diagnose every one).")
 def watch(ports: Sequence[int], as_json: bool, output: IO[str] | None, pid: int | None,
-          states: bool) -> None:
+          states: bool, coalesce: float) -> None:
     """Watch PORTs (default: every port) until Ctrl-C or SIGTERM."""
     if pid is not None and not psutil.pid_exists(pid):
         raise click.BadParameter(f"no process {pid}", param_hint="'-p' / '--pid'")
@@ -84,7 +88,7 @@ def watch(ports: Sequence[int], as_json: bool, output: IO[str] | None, pid: int 
             recorded(ev)
 
     stop = _stop_on_signals()
-    tracer = Tracer(ports, sink, pid=pid)
+    tracer = Tracer(ports, sink, pid=pid, coalesce_s=coalesce)
     try:
         tracer.start()
         tracer.run(stop)
@@ -194,6 +198,67 @@ def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datet
         output.write(pm_report.to_html(pm, ok))
     else:
         output.write(pm_report.to_text(pm, markdown=fmt == "markdown"))
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("net."):
+        raise click.BadParameter(f"{text!r}: want net.KEY=VALUE (per-namespace sysctls)")
+    return key, value
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, required=True)
+@click.option("--sysctl", "sysctls", multiple=True, metavar="KEY=VALUE",
+              help="Set in every run (repeatable).")
+@click.option("--compare", metavar="KEY=V1,V2,...",
+              help="One run per value; the last is judged against the first.")
+@click.option("--within", type=click.FloatRange(1, 300), default=10.0, show_default=True,
+              help="Seconds a restart may retry, or the client may connect.")
+@click.option("--expect", type=click.Choice(["fixed", "improved", "unchanged"]),
+              help="Exit 0 only if every scenario's comparison came out so (needs --compare).")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of tables.")
+@click.option("--host", is_flag=True,
+              help="Run in this namespace, changing the host's sysctls (restored after).")
+@click.option("--yes", is_flag=True, help="Confirm --host.")
+def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, within: float,
+        expect: str | None, as_json: bool, host: bool, yes: bool) -> None:
+    """Run SCENARIOs (restart-timewait[:neither|old|new|both], restart-finwait2,
+    listener-held, connect-exhaustion) with and without sysctl changes, each in a
+    fresh network namespace, and show what moved."""
+    from portrace import lab as lab_mod
+
+    if host and not yes:
+        raise click.UsageError("--host changes this machine's sysctls (they are restored "
+                               "after); say --yes to do that")
+    if expect and not compare:
+        raise click.UsageError("--expect judges a --compare")
+    parsed = [lab_mod.parse_scenario(s) for s in scenarios]
+    fixed = [_key_value(s) for s in sysctls]
+    cmp = None
+    if compare:
+        key, value = _key_value(compare)
+        cmp = (key, value.split(","))
+    runs = lab_mod.variants(fixed, cmp)
+    verdicts: dict[str, str] = {}
+    results = []
+    laboratory = lab_mod.Lab(host=host, within=within)
+    with laboratory.attached():
+        for name, reuse in parsed:
+            outcomes = [laboratory.run(name, reuse, v, f"{i}") for i, v in enumerate(runs)]
+            results.extend(outcomes)
+            if len(outcomes) > 1:
+                verdicts[outcomes[0].scenario] = lab_mod.judge(outcomes[0], outcomes[-1])
+            if not as_json:
+                click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n")
+    if as_json:
+        click.echo(json.dumps({"runs": [o.to_json() for o in results],
+                               "judged": verdicts}, indent=2))
+    if expect:
+        wrong = {s: v for s, v in verdicts.items() if v != expect}
+        if wrong:
+            raise lab_mod.ExpectationFailed(
+                f"expected {expect}, measured " + ", ".join(f"{s}: {v}" for s, v in wrong.items()))
 
 
 @cli.command()

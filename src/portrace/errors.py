@@ -55,4 +55,5 @@ EXIT_CODES: dict[int, str] = {
     NoBcc.exit_code: "the bcc Python bindings (python3-bpfcc) are not importable",
     StagingFailed.exit_code: "portrace demo could not stage its scenario",
     10: "portrace report: no evidence there, or not portrace evidence",
+    11: "portrace lab --expect: the comparison did not come out as expected",
 }

@@ -266,6 +266,9 @@ class CallError:
     process: dict[str, Any] | None = None  # context.process_facts of the failing process
     host: dict[str, str] = field(default_factory=dict)
     recent: tuple[StateChange, ...] = ()  # transitions on the port shortly before
+    # Identical failures (same process, call, address, errno) since the last
+    # report of this one, counted but not diagnosed again (Tracer coalesce_s).
+    repeats: int = 0
 
     @property
     def type(self) -> str:
@@ -396,6 +399,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "process": ev.process,
             "host": ev.host,
             "recent": [_state(s) for s in ev.recent],
+            "repeats": ev.repeats,
         }
         if a.call == "connect":
             out["destination"] = {"addr": a.addr, "port": a.port}

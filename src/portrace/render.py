@@ -36,6 +36,9 @@ def format_failure(ev: CallError) -> list[str]:
     ns = f"netns {ev.netns.name or ev.netns.inode}" + (
         " (portrace's own: the process had exited)" if ev.netns.source == "tracer" else "")
     lines = [click.style(head, bold=True) + click.style(f"  {a.protocol}, {ns}", dim=True)]
+    if ev.repeats:
+        lines.append(click.style(f"  (+{ev.repeats} identical failures since the last report, "
+                                 "counted, not diagnosed again)", dim=True))
     for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
         lines.append("  " + click.style(describe(b), fg="yellow"))
     if len(ev.blockers) > MAX_BLOCKERS_SHOWN:

@@ -41,8 +41,16 @@ class Window:
     def seconds(self, until: datetime) -> float:
         return ((self.end or until) - self.start).total_seconds()
 
+    @property
+    def attempts(self) -> int:
+        """Failed attempts, the coalesced repeats included."""
+        return sum(1 + f.get("repeats", 0) for f in self.failures)
+
     def causes(self) -> Counter[str]:
-        return Counter(f["verdict"]["cause"] for f in self.failures)
+        out: Counter[str] = Counter()
+        for f in self.failures:
+            out[f["verdict"]["cause"]] += 1 + f.get("repeats", 0)
+        return out
 
     def blockers(self) -> list[tuple[Ev, Ev]]:
         """Distinct blockers (by state and 4-tuple), each with the failure
@@ -150,7 +158,7 @@ def _window_head(w: Window, last: datetime) -> str:
                f"{r['comm']}[{r['pid']}] {r['type']}")
     else:
         end = f"still blocked at the end of the evidence ({w.seconds(last):.1f} s)"
-    n = len(w.failures)
+    n = w.attempts
     return f"{_t(w.start)} -> {end}; {n} failed attempt{'s' * (n != 1)}"
 
 
@@ -208,7 +216,7 @@ def to_json(pm: Postmortem) -> dict[str, Any]:
                     "end": w.end.isoformat() if w.end else None,
                     "blocked_s": round(w.seconds(last), 6),
                     "recovered": w.recovered_by is not None,
-                    "attempts": len(w.failures),
+                    "attempts": w.attempts,
                     "causes": dict(w.causes()),
                     "blockers": [b for b, _ in w.blockers()],
                     "processes": w.processes(),
@@ -250,7 +258,7 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
         end = w.end or t1
         marks.append(f'<rect class="mark window" x="{x(w.start):.1f}" y="10" '
                      f'width="{max(2.0, x(end) - x(w.start)):.1f}" height="80">'
-                     f'<title>blocked {w.seconds(t1):.1f} s, {len(w.failures)} attempts'
+                     f'<title>blocked {w.seconds(t1):.1f} s, {w.attempts} attempts'
                      f'</title></rect>')
         for f in w.failures:
             ts = parse_ts(f["ts"])

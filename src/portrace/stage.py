@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import json
 import os
 import select
 import socket
@@ -213,6 +214,47 @@ def role_retry(a: argparse.Namespace) -> None:
     _hold()
 
 
+def role_restart(a: argparse.Namespace) -> None:
+    """A new server that retries bind() every --every seconds for up to
+    --within seconds, then listens: ``ready {json}`` with attempts, failures by
+    errno and seconds until it got the port (null: not within the limit)."""
+    t0 = time.monotonic()
+    attempts, errnos, got = 0, {}, None
+    while time.monotonic() - t0 <= a.within:
+        s = _socket(a.addr, **_opts(a))
+        attempts += 1
+        result = _attempt(s.bind, (a.addr, a.port))
+        if result == "ok":
+            got = round(time.monotonic() - t0, 3)
+            s.listen()
+            break
+        errnos[result] = errnos.get(result, 0) + 1
+        s.close()
+        time.sleep(a.every)
+    _ready(json.dumps({"attempts": attempts, "errnos": errnos, "recovered_s": got}))
+    if a.hold:
+        _hold()
+
+
+def role_connect_loop(a: argparse.Namespace) -> None:
+    """Open and close connections to PORT as fast as possible for --within
+    seconds (the client closes first); after a failed connect() wait 10 ms, as
+    a retrying client would: ``ready {json}`` with the counts."""
+    t0 = time.monotonic()
+    attempts, ok, errnos = 0, 0, {}
+    while time.monotonic() - t0 < a.within:
+        s = _socket(a.addr)
+        attempts += 1
+        result = _attempt(s.connect, (a.addr, a.port))
+        s.close()
+        if result == "ok":
+            ok += 1
+        else:
+            errnos[result] = errnos.get(result, 0) + 1
+            time.sleep(0.01)
+    _ready(json.dumps({"attempts": attempts, "ok": ok, "errnos": errnos}))
+
+
 def role_bind(a: argparse.Namespace) -> None:
     """Try one bind (and with --listen, then listen) and report each result:
     ``ready ok``, ``ready EADDRINUSE``, ``ready ok EADDRINUSE``...
@@ -260,6 +302,8 @@ ROLES = {
     "occupy": role_occupy,
     "serve": role_serve,
     "retry": role_retry,
+    "restart": role_restart,
+    "connect-loop": role_connect_loop,
     "connect-until-fail": role_connect_until_fail,
     "bind": role_bind,
 }
@@ -285,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--own-listener", action="store_true")
     p.add_argument("--uid", type=int)
     p.add_argument("--count", type=int, default=1)
+    p.add_argument("--every", type=float, default=0.2)
+    p.add_argument("--within", type=float, default=10.0)
     p.add_argument("--child-seconds", type=int, default=300)
     a = p.parse_args(argv)
     if a.v6only is not None:

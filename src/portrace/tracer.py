@@ -61,7 +61,8 @@ class Tracer:
     """
 
     def __init__(self, ports: Iterable[int], sink: Sink, pid: int | None = None,
-                 ringbuf_pages: int = 64, options: dict[str, Any] | None = None) -> None:
+                 ringbuf_pages: int = 64, options: dict[str, Any] | None = None,
+                 coalesce_s: float = 1.0) -> None:
         self.ports = sorted(set(ports))
         self.sink = sink
         self.pid = pid
@@ -69,6 +70,9 @@ class Tracer:
         self.history: dict[int, deque[StateChange]] = {}
         self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
         self.lost_total = 0
+        self.coalesce_s = coalesce_s
+        # failure key -> (last report's kernel ts, failures counted since)
+        self._reported: OrderedDict[tuple, tuple[float, int]] = OrderedDict()
         self.options = options
         self.host = context.host_facts()
 
@@ -106,7 +110,35 @@ class Tracer:
             if self.pid is None or ev.pid == self.pid:
                 self.sink(ev)
         elif self.pid is None or ev.pid == self.pid:
-            self.sink(self.diagnose(ev))
+            repeats = self._coalesce(ev)
+            if repeats is not None:
+                self.sink(dataclasses.replace(self.diagnose(ev), repeats=repeats))
+
+    def take_repeats(self, pid: int) -> int:
+        """Repeats of this process's failures counted since their last report
+        (and zeroed): what a run that ends now would otherwise never report."""
+        total = 0
+        for key, (last, count) in list(self._reported.items()):
+            if key[0] == pid and count:
+                total += count
+                self._reported[key] = (last, 0)
+        return total
+
+    def _coalesce(self, ev: SocketCall) -> int | None:
+        """None: a repeat of a failure reported less than coalesce_s ago (only
+        counted: a retry loop must not cost a snapshot per attempt); else the
+        repeats counted since that report."""
+        key = (ev.pid, ev.call, ev.family, ev.addr, ev.port, ev.errno)
+        now = ev.ts.timestamp()
+        last, count = self._reported.get(key, (float("-inf"), 0))
+        if now - last < self.coalesce_s:
+            self._reported[key] = (last, count + 1)
+            return None
+        self._reported[key] = (now, 0)
+        self._reported.move_to_end(key)
+        while len(self._reported) > MAX_BINDERS:
+            self._reported.popitem(last=False)
+        return count
 
     def _remember_binder(self, ev: SocketCall) -> None:
         # Keyed by address, not by the socket's inode: reading the inode means

@@ -1,0 +1,316 @@
+"""``portrace lab``: run a port failure with and without a sysctl change and
+measure what moved, with the probes attached.
+
+Every (scenario, variant) runs in a fresh network namespace (the sysctls
+that matter are per namespace, so the host is never touched) unless --host
+is given. The staged processes report the ground truth (attempts, failures
+by errno, seconds until the restart got its port); portrace's own verdicts
+for their failures are collected beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from portrace.errors import PortraceError
+from portrace.events import CallError, Event
+from portrace.stage import ScratchNetns, Staged
+from portrace.tracer import Tracer
+
+PORT = 9190
+CONNECT_RANGE = "42000 42063"  # 64 ephemeral ports: exhausted within a second
+IMPROVED_MARGIN = 0.2  # "improved": at least 20 % fewer failures or less blocked time
+IMPROVED_MIN_S = 1.0  # ... and for time, at least 1 s less
+REUSE_VARIANTS = ("neither", "old", "new", "both")
+
+
+class LabError(PortraceError):
+    exit_code = 2
+
+
+class ExpectationFailed(PortraceError):
+    exit_code = 11
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    variant: dict[str, str]  # the sysctls this run set
+    attempts: int
+    errnos: dict[str, int]
+    recovered_s: float | None  # restart scenarios: seconds until the port was had
+    within_s: float
+    verdicts: dict[str, int]  # portrace's causes for the failures it diagnosed
+    sysctls: dict[str, str]  # in force during the run
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> int:
+        return sum(self.errnos.values())
+
+    def blocked_s(self) -> float | None:
+        """Seconds the restart was blocked (None: not a restart scenario);
+        a restart that never got the port counts as the whole limit."""
+        if self.scenario.startswith("connect"):
+            return None
+        return self.within_s if self.recovered_s is None else self.recovered_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "variant": self.variant, "attempts": self.attempts,
+                "failures": self.failures, "errnos": self.errnos,
+                "recovered_s": self.recovered_s, "within_s": self.within_s,
+                "verdicts": self.verdicts, "sysctls": self.sysctls, **self.detail}
+
+
+class Namespace:
+    """Where a run happens: a fresh netns, or (--host) the current one with
+    every sysctl it changes restored on exit, Ctrl-C included."""
+
+    def __init__(self, host: bool, tag: str) -> None:
+        self.host = host
+        self.scratch = None if host else ScratchNetns(f"portrace-lab-{os.getpid()}-{tag}")
+        self.saved: dict[str, str] = {}
+
+    def __enter__(self) -> Namespace:
+        if self.scratch is not None:
+            self.scratch.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self.saved.items():
+            _sysctl_write(key, value)
+        if self.scratch is not None:
+            self.scratch.__exit__()
+
+    def set(self, key: str, value: str) -> None:
+        if self.scratch is not None:
+            self.scratch.sysctl(key, value)
+            return
+        self.saved.setdefault(key, self.get(key))
+        _sysctl_write(key, value)
+
+    def get(self, key: str) -> str:
+        argv = ["sysctl", "-n", key]
+        if self.scratch is not None:
+            argv = ["ip", "netns", "exec", self.scratch.name, *argv]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise LabError(f"cannot read sysctl {key}: {out.stderr.strip()}")
+        return " ".join(out.stdout.split())
+
+
+def _sysctl_write(key: str, value: str) -> None:
+    out = subprocess.run(["sysctl", "-qw", f"{key}={value}"], capture_output=True, text=True)
+    if out.returncode:
+        raise LabError(f"cannot set {key}={value}: {out.stderr.strip()}")
+
+
+# -- scenarios: each stages a failure and reports the truth --------------------
+
+def _restart(ns: Namespace, *roles: tuple[str, ...], new_args: tuple[str, ...],
+             within: float) -> tuple[dict[str, Any], list[int]]:
+    netns = ns.scratch
+    pids = []
+    held = []
+    for role in roles:
+        st = Staged(role[0], "127.0.0.1", PORT, *role[1:], name="old-server", netns=netns)
+        held.append(st)
+    try:
+        new = Staged("restart", "127.0.0.1", PORT, *new_args, "--within", str(within),
+                     name="new-server", netns=netns, timeout=within + 30)
+        pids.append(new.pid)
+        new.release()
+    finally:
+        for st in held:
+            st.release()
+    return json.loads(new.info), pids
+
+
+def restart_timewait(ns: Namespace, within: float, reuse: str = "neither"
+                     ) -> tuple[dict[str, Any], list[int]]:
+    """The old server served a client, closed first and exited (TIME_WAIT on
+    its side); the new one retries bind(). reuse: who set SO_REUSEADDR."""
+    old = ("timewait", *(["--reuseaddr"] if reuse in ("old", "both") else []))
+    new = tuple(["--reuseaddr"] if reuse in ("new", "both") else [])
+    return _restart(ns, old, new_args=new, within=within)
+
+
+def restart_finwait2(ns: Namespace, within: float, reuse: str = "neither"
+                     ) -> tuple[dict[str, Any], list[int]]:
+    """The old server closed while its peer never answered (orphaned FIN_WAIT2)."""
+    return _restart(ns, ("finwait2", "--hold"), new_args=(), within=within)
+
+
+def listener_held(ns: Namespace, within: float, reuse: str = "neither"
+                  ) -> tuple[dict[str, Any], list[int]]:
+    """The old server exited, but a child it forked keeps the listening fd."""
+    old = Staged("listen-fork-child", "0.0.0.0", PORT, "--child-seconds", str(int(within) + 30),
+                 name="old-server", netns=ns.scratch)
+    child = int(old.info)
+    old.release()
+    try:
+        return _restart(ns, new_args=(), within=within)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, 15)
+
+
+def connect_exhaustion(ns: Namespace, within: float, reuse: str = "neither"
+                       ) -> tuple[dict[str, Any], list[int]]:
+    """A client opens and closes connections to one server as fast as it can
+    through a narrow ip_local_port_range ({CONNECT_RANGE})."""
+    if not ns.host:
+        ns.set("net.ipv4.ip_local_port_range", CONNECT_RANGE)
+    srv = Staged("serve", "127.0.0.1", PORT, name="server", netns=ns.scratch)
+    try:
+        cli = Staged("connect-loop", "127.0.0.1", PORT, "--within", str(within), name="client",
+                     netns=ns.scratch, timeout=within + 30)
+        cli.release()
+    finally:
+        srv.release()
+    return json.loads(cli.info), [cli.pid]
+
+
+SCENARIOS: dict[str, Callable[..., tuple[dict[str, Any], list[int]]]] = {
+    "restart-timewait": restart_timewait,
+    "restart-finwait2": restart_finwait2,
+    "listener-held": listener_held,
+    "connect-exhaustion": connect_exhaustion,
+}
+SHOWN_SYSCTLS = ("net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_tw_reuse_delay",
+                 "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_timestamps",
+                 "net.ipv4.ip_local_port_range")
+
+
+def parse_scenario(text: str) -> tuple[str, str]:
+    name, _, reuse = text.partition(":")
+    if name not in SCENARIOS:
+        raise LabError(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
+    reuse = reuse or "neither"
+    if reuse not in REUSE_VARIANTS or (reuse != "neither" and name != "restart-timewait"):
+        raise LabError(f"{text!r}: only restart-timewait takes :{'|'.join(REUSE_VARIANTS)} "
+                       "(who set SO_REUSEADDR)")
+    return name, reuse
+
+
+def variants(sysctls: list[tuple[str, str]], compare: tuple[str, list[str]] | None
+             ) -> list[dict[str, str]]:
+    base = dict(sysctls)
+    if compare is None:
+        return [base]
+    key, values = compare
+    return [{**base, key: v} for v in values]
+
+
+class Lab:
+    """One tracer for the whole lab, and the runs."""
+
+    def __init__(self, host: bool, within: float) -> None:
+        self.host = host
+        self.within = within
+        self.errors: queue.Queue[CallError] = queue.Queue()
+        self.tracer = Tracer([PORT], self._sink)
+        self.stop = threading.Event()
+
+    def _sink(self, ev: Event) -> None:
+        if isinstance(ev, CallError):
+            self.errors.put(ev)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[Lab]:
+        self.tracer.start()
+        poller = threading.Thread(target=self.tracer.run, args=(self.stop,), daemon=True)
+        poller.start()
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            poller.join(timeout=10)
+            self.tracer.close()
+
+    def run(self, scenario: str, reuse: str, variant: dict[str, str], tag: str) -> Outcome:
+        with Namespace(self.host, tag) as ns:
+            for key, value in variant.items():
+                ns.set(key, value)
+            truth, pids = SCENARIOS[scenario](ns, self.within, reuse)
+            in_force = {k: ns.get(k) for k in SHOWN_SYSCTLS}
+        time.sleep(0.3)  # the tracer drains the last failures
+        causes: Counter[str] = Counter()
+        last_cause: dict[int, str] = {}
+        while not self.errors.empty():
+            ev = self.errors.get()
+            if ev.attempt.pid in pids:
+                causes[ev.verdict.cause] += 1 + ev.repeats
+                last_cause[ev.attempt.pid] = ev.verdict.cause
+        for pid, cause in last_cause.items():  # repeats after the last report
+            causes[cause] += self.tracer.take_repeats(pid)
+        name = scenario + (f":{reuse}" if reuse != "neither" else "")
+        return Outcome(scenario=name, variant=variant, attempts=truth["attempts"],
+                       errnos=truth["errnos"], recovered_s=truth.get("recovered_s"),
+                       within_s=self.within, verdicts=dict(causes), sysctls=in_force,
+                       detail={"connected": truth["ok"]} if "ok" in truth else {})
+
+
+def judge(first: Outcome, last: Outcome) -> str:
+    """fixed: the first failed and the last did not; improved: by
+    IMPROVED_MARGIN, fewer failures, or less blocked time (and IMPROVED_MIN_S
+    less), or (connect) more connections made in the same time; unchanged:
+    none of these."""
+    if first.failures and not last.failures:
+        return "fixed"
+    fewer = first.failures > 0 and last.failures <= first.failures * (1 - IMPROVED_MARGIN)
+    b0, b1 = first.blocked_s(), last.blocked_s()
+    shorter = (b0 is not None and b1 is not None and b1 <= b0 * (1 - IMPROVED_MARGIN)
+               and b0 - b1 >= IMPROVED_MIN_S)
+    c0, c1 = first.detail.get("connected"), last.detail.get("connected")
+    more = c0 is not None and c1 is not None and c1 >= c0 * (1 + IMPROVED_MARGIN) and c1 > c0
+    return "improved" if fewer or shorter or more else "unchanged"
+
+
+def table(outcomes: list[Outcome], compare_key: str | None) -> str:
+    """A comparison table: variant columns, outcome rows."""
+    def col(o: Outcome) -> str:
+        if compare_key:
+            return f"{compare_key.split('.')[-1]}={o.variant.get(compare_key)}"
+        return ",".join(f"{k.split('.')[-1]}={v}" for k, v in o.variant.items()) or "as is"
+
+    def restart(o: Outcome) -> str:
+        if o.scenario.startswith("connect"):
+            return f"{o.detail.get('connected', 0)} connected"
+        return f"after {o.recovered_s:.1f} s" if o.recovered_s is not None else \
+            f"not within {o.within_s:g} s"
+
+    def fails(o: Outcome) -> str:
+        return ", ".join(f"{e} x{n}" for e, n in sorted(o.errnos.items())) or "none"
+
+    def verdicts(o: Outcome) -> str:
+        return ", ".join(f"{c} x{n}" for c, n in sorted(o.verdicts.items())) or "-"
+
+    rows = [("attempts", lambda o: str(o.attempts)), ("failures", fails),
+            ("outcome", restart), ("portrace verdicts", verdicts)]
+    rows += [(k, lambda o, k=k: o.sysctls.get(k, "?")) for k in SHOWN_SYSCTLS]
+    header = ["", *map(col, outcomes)]
+    body = [[name, *(fn(o) for o in outcomes)] for name, fn in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [f"== {outcomes[0].scenario}", line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in body]
+    if len(outcomes) > 1:
+        out.append(f"-> {judge(outcomes[0], outcomes[-1])} (last variant against the first; "
+                   f"improved = {IMPROVED_MARGIN:.0%} fewer failures, {IMPROVED_MARGIN:.0%} and "
+                   f"{IMPROVED_MIN_S:g} s less blocked time, or {IMPROVED_MARGIN:.0%} more "
+                   "connections made)")
+    return "\n".join(out)

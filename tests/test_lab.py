@@ -1,0 +1,83 @@
+"""portrace lab on the real kernel: the measured effect of sysctls must agree
+with the kernel (shared/DESIGN.md): tcp_tw_reuse helps connect() exhaustion and
+never a restart; tcp_fin_timeout shortens an orphaned FIN_WAIT2 only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import need_root
+
+
+def lab(*args: str) -> subprocess.CompletedProcess[str]:
+    need_root()
+    return subprocess.run([sys.executable, "-m", "portrace", "lab", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("scenario", "compare", "expect"), [
+    ("restart-timewait", "net.ipv4.tcp_tw_reuse=0,1", "unchanged"),
+    ("connect-exhaustion", "net.ipv4.tcp_tw_reuse=0,1", "improved"),
+    ("restart-finwait2", "net.ipv4.tcp_fin_timeout=60,2", "improved"),
+    ("restart-timewait", "net.ipv4.tcp_fin_timeout=60,2", "unchanged"),
+])
+def test_expectations_that_hold(scenario, compare, expect):
+    r = lab(scenario, "--compare", compare, "--within", "4", "--expect", expect)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"-> {expect}" in r.stdout
+
+
+def test_connect_exhaustion_is_a_throughput_limit_that_tw_reuse_lifts():
+    r = lab("connect-exhaustion", "--compare", "net.ipv4.tcp_tw_reuse=0,1", "--within", "3",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    off, on = json.loads(r.stdout)["runs"]
+    assert off["connected"] == 64  # the 64-port range, then TIME_WAIT holds every port
+    assert on["connected"] >= 2 * 64  # reused each tcp_tw_reuse_delay (1000 ms)
+    assert off["errnos"]["EADDRNOTAVAIL"] > 0
+    assert off["verdicts"]["ephemeral_exhausted"] == off["errnos"]["EADDRNOTAVAIL"]
+    assert off["sysctls"]["net.ipv4.ip_local_port_range"] == "42000 42063"
+
+
+@pytest.mark.parametrize(("variant", "blocked"), [
+    ("neither", True), ("old", True), ("new", True), ("both", False)])
+def test_so_reuseaddr_variants(variant, blocked):
+    r = lab(f"restart-timewait:{variant}", "--within", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    [run] = json.loads(r.stdout)["runs"]
+    assert (run["recovered_s"] is None) is blocked
+    if blocked:
+        assert run["verdicts"] == {"time_wait": run["failures"]}
+    else:
+        assert run["failures"] == 0
+
+
+def test_listener_held_never_recovers_and_names_the_listener():
+    r = lab("listener-held", "--within", "2", "--json")
+    [run] = json.loads(r.stdout)["runs"]
+    assert run["recovered_s"] is None and run["verdicts"] == {"listener": run["failures"]}
+
+
+def test_an_expectation_that_fails_exits_11():
+    r = lab("restart-timewait", "--compare", "net.ipv4.tcp_tw_reuse=0,1", "--within", "2",
+            "--expect", "fixed")
+    assert r.returncode == 11
+    assert r.stderr.strip().splitlines()[-1] == (
+        "portrace: expected fixed, measured restart-timewait: unchanged")
+
+
+def test_host_mode_needs_yes_and_restores_what_it_changed():
+    r = lab("restart-timewait", "--host", "--within", "1")
+    assert r.returncode == 2 and "--yes" in r.stderr
+    fin = Path("/proc/sys/net/ipv4/tcp_fin_timeout")
+    before = fin.read_text()
+    r = lab("restart-timewait", "--host", "--yes", "--sysctl", "net.ipv4.tcp_fin_timeout=33",
+            "--within", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    [run] = json.loads(r.stdout)["runs"]
+    assert run["sysctls"]["net.ipv4.tcp_fin_timeout"] == "33"  # in force during the run
+    assert fin.read_text() == before  # and restored
