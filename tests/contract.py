@@ -49,6 +49,8 @@ def check(ev: dict[str, Any]) -> None:
                 assert set(b["closed_by"]) >= {"pid", "comm", "ts"}
                 assert ISO_TS.match(b["closed_by"]["ts"])
             assert b["expires_s"] is None or isinstance(b["expires_s"], float)
+    elif t == "repeats":
+        assert ev["count"] > 0 and ISO_TS.match(ev["since"]) and ev["errno"]
     elif t in ("bind", "listen"):  # successes: recovery made visible
         assert set(ev) >= {"pid", "comm", "addr", "port"}
     else:

@@ -266,9 +266,6 @@ class CallError:
     process: dict[str, Any] | None = None  # context.process_facts of the failing process
     host: dict[str, str] = field(default_factory=dict)
     recent: tuple[StateChange, ...] = ()  # transitions on the port shortly before
-    # Identical failures (same process, call, address, errno) since the last
-    # report of this one, counted but not diagnosed again (Tracer coalesce_s).
-    repeats: int = 0
 
     @property
     def type(self) -> str:
@@ -279,7 +276,26 @@ class CallError:
         return self.attempt.ts
 
 
-Event = Union[Ready, Lost, StateChange, SocketCall, CallError]
+@dataclass(frozen=True)
+class Repeats:
+    """Failures identical to a reported one (same process, call, address,
+    errno) that came within the tracer's coalescing window: counted, not
+    diagnosed again. ``ts``: the last of them; ``since``: the report they repeat."""
+
+    ts: datetime
+    since: datetime
+    call: str
+    pid: int
+    comm: str
+    family: str
+    addr: str
+    port: int
+    errno: int
+    count: int
+    type: str = field(default="repeats", init=False)
+
+
+Event = Union[Ready, Lost, StateChange, SocketCall, CallError, Repeats]
 
 
 def _endpoint(ep: Endpoint | None) -> dict[str, Any] | None:
@@ -352,6 +368,10 @@ def to_json(ev: Event) -> dict[str, Any]:
         return out
     if isinstance(ev, Lost):
         return {"type": "lost", "ts": iso(ev.ts), "count": ev.count}
+    if isinstance(ev, Repeats):
+        return {"type": "repeats", "ts": iso(ev.ts), "since": iso(ev.since), "call": ev.call,
+                "pid": ev.pid, "comm": ev.comm, "family": ev.family, "addr": ev.addr,
+                "port": ev.port, "errno": errno_name(ev.errno), "count": ev.count}
     if isinstance(ev, StateChange):
         return _state(ev)
     if isinstance(ev, SocketCall):
@@ -399,7 +419,6 @@ def to_json(ev: Event) -> dict[str, Any]:
             "process": ev.process,
             "host": ev.host,
             "recent": [_state(s) for s in ev.recent],
-            "repeats": ev.repeats,
         }
         if a.call == "connect":
             out["destination"] = {"addr": a.addr, "port": a.port}

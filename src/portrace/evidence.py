@@ -33,7 +33,7 @@ PLAIN, GZIPPED = ".jsonl", ".jsonl.gz"
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_KEEP = 8
 KNOWN_TYPES = {"ready", "state", "bind", "listen", "bind_error", "listen_error",
-               "connect_error", "lost"}
+               "connect_error", "lost", "repeats"}
 
 
 class EvidenceError(PortraceError):

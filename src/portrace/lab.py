@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portrace.errors import PortraceError
-from portrace.events import CallError, Event
+from portrace.events import CallError, Event, Repeats
 from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
 
@@ -218,12 +218,12 @@ class Lab:
     def __init__(self, host: bool, within: float) -> None:
         self.host = host
         self.within = within
-        self.errors: queue.Queue[CallError] = queue.Queue()
+        self.errors: queue.Queue[CallError | Repeats] = queue.Queue()
         self.tracer = Tracer([PORT], self._sink)
         self.stop = threading.Event()
 
     def _sink(self, ev: Event) -> None:
-        if isinstance(ev, CallError):
+        if isinstance(ev, (CallError, Repeats)):
             self.errors.put(ev)
 
     @contextlib.contextmanager
@@ -244,16 +244,17 @@ class Lab:
                 ns.set(key, value)
             truth, pids = SCENARIOS[scenario](ns, self.within, reuse)
             in_force = {k: ns.get(k) for k in SHOWN_SYSCTLS}
-        time.sleep(0.3)  # the tracer drains the last failures
+        time.sleep(0.3 + self.tracer.coalesce_s)  # the last failures and their repeats
         causes: Counter[str] = Counter()
         last_cause: dict[int, str] = {}
         while not self.errors.empty():
             ev = self.errors.get()
-            if ev.attempt.pid in pids:
-                causes[ev.verdict.cause] += 1 + ev.repeats
+            if isinstance(ev, Repeats):  # coalesced: the cause of what they repeat
+                if ev.pid in pids:
+                    causes[last_cause.get(ev.pid, "unknown")] += ev.count
+            elif ev.attempt.pid in pids:
+                causes[ev.verdict.cause] += 1
                 last_cause[ev.attempt.pid] = ev.verdict.cause
-        for pid, cause in last_cause.items():  # repeats after the last report
-            causes[cause] += self.tracer.take_repeats(pid)
         name = scenario + (f":{reuse}" if reuse != "neither" else "")
         return Outcome(scenario=name, variant=variant, attempts=truth["attempts"],
                        errnos=truth["errnos"], recovered_s=truth.get("recovered_s"),

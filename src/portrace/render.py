@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 import click
 
@@ -12,6 +13,7 @@ from portrace.events import (
     Event,
     Lost,
     Ready,
+    Repeats,
     SocketCall,
     StateChange,
     errno_name,
@@ -22,7 +24,11 @@ MAX_BLOCKERS_SHOWN = 5
 
 
 def _clock(ev: Event) -> str:
-    return ev.ts.astimezone().strftime("%H:%M:%S")
+    return _clock_of(ev.ts)
+
+
+def _clock_of(ts: datetime) -> str:
+    return ts.astimezone().strftime("%H:%M:%S")
 
 
 def format_failure(ev: CallError) -> list[str]:
@@ -36,9 +42,6 @@ def format_failure(ev: CallError) -> list[str]:
     ns = f"netns {ev.netns.name or ev.netns.inode}" + (
         " (portrace's own: the process had exited)" if ev.netns.source == "tracer" else "")
     lines = [click.style(head, bold=True) + click.style(f"  {a.protocol}, {ns}", dim=True)]
-    if ev.repeats:
-        lines.append(click.style(f"  (+{ev.repeats} identical failures since the last report, "
-                                 "counted, not diagnosed again)", dim=True))
     for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
         lines.append("  " + click.style(describe(b), fg="yellow"))
     if len(ev.blockers) > MAX_BLOCKERS_SHOWN:
@@ -61,6 +64,11 @@ def format_event(ev: Event, states: bool) -> list[str]:
                             f"(engine {ev.engine}, kernel {ev.kernel}); Ctrl-C to stop", dim=True)]
     if isinstance(ev, Lost):
         return [click.style(f"portrace: ring buffer full, {ev.count} records lost", fg="red")]
+    if isinstance(ev, Repeats):
+        return [click.style(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
+                            f"{format_endpoint(ev.addr, ev.port)} {errno_name(ev.errno)} "
+                            f"x{ev.count} more since {_clock_of(ev.since)} (the same failure, "
+                            "not diagnosed again)", dim=True)]
     if not states:
         return []
     if isinstance(ev, StateChange):

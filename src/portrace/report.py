@@ -29,6 +29,7 @@ class Window:
     port: int
     failures: list[Ev] = field(default_factory=list)
     recovered_by: Ev | None = None
+    repeats: list[Ev] = field(default_factory=list)  # coalesced failures, counted
 
     @property
     def start(self) -> datetime:
@@ -44,12 +45,15 @@ class Window:
     @property
     def attempts(self) -> int:
         """Failed attempts, the coalesced repeats included."""
-        return sum(1 + f.get("repeats", 0) for f in self.failures)
+        return len(self.failures) + sum(r["count"] for r in self.repeats)
 
     def causes(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        for f in self.failures:
-            out[f["verdict"]["cause"]] += 1 + f.get("repeats", 0)
+        """Causes by attempt: a repeat has the cause of the report it repeats."""
+        out = Counter(f["verdict"]["cause"] for f in self.failures)
+        for r in self.repeats:
+            of = next((f for f in reversed(self.failures)
+                       if f["pid"] == r["pid"] and f["ts"] <= r["since"]), None)
+            out[of["verdict"]["cause"] if of else "unknown"] += r["count"]
         return out
 
     def blockers(self) -> list[tuple[Ev, Ev]]:
@@ -108,6 +112,8 @@ def analyze(events: Iterable[Ev], files: list[str], warnings: list[str],
                 w = open_[e["port"]] = Window(e["port"])
                 windows.setdefault(e["port"], []).append(w)
             w.failures.append(e)
+        elif t == "repeats" and e["call"] != "connect" and e["port"] in open_:
+            open_[e["port"]].repeats.append(e)
         elif t in SUCCESSES and e["port"] in open_:
             open_.pop(e["port"]).recovered_by = e
         elif t == "connect_error":
@@ -276,6 +282,11 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
                                  f'x2="{x(stop):.1f}" y2="60"><title>'
                                  f'{html.escape(b["state"])}, timer until {html.escape(_t(gone))}'
                                  f'</title></line>')
+        for r in w.repeats:
+            ts = parse_ts(r["ts"])
+            marks.append(f'<circle class="mark failure" cx="{x(ts):.1f}" cy="30" r="4">'
+                         f'<title>{html.escape(_t(ts))} {html.escape(r["comm"])}[{r["pid"]}] '
+                         f'x{r["count"]} more, same failure</title></circle>')
     for s in successes:
         ts = parse_ts(s["ts"])
         marks.append(f'<circle class="mark success" cx="{x(ts):.1f}" cy="80" r="5"><title>'

@@ -27,6 +27,7 @@ from portrace.events import (
     Event,
     Lost,
     Ready,
+    Repeats,
     SocketCall,
     SockOpts,
     StateChange,
@@ -71,8 +72,8 @@ class Tracer:
         self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
         self.lost_total = 0
         self.coalesce_s = coalesce_s
-        # failure key -> (last report's kernel ts, failures counted since)
-        self._reported: OrderedDict[tuple, tuple[float, int]] = OrderedDict()
+        # failure key -> the last report of it, and its repeats counted since
+        self._reported: OrderedDict[tuple, _Coalesced] = OrderedDict()
         self.options = options
         self.host = context.host_facts()
 
@@ -88,8 +89,10 @@ class Tracer:
         while not stop.is_set():
             self.probes.poll(poll_ms)
             self._report_lost()
+            self._flush_repeats(time.time() - self.coalesce_s)
         self.probes.poll(0)
         self._report_lost()
+        self._flush_repeats(float("inf"))
 
     def close(self) -> None:
         self.probes.close()
@@ -108,37 +111,36 @@ class Tracer:
             if ev.call == "bind":
                 self._remember_binder(ev)
             if self.pid is None or ev.pid == self.pid:
+                # Its failures' repeats come first, so a report sees them in order.
+                self._flush_repeats(float("inf"), pid=ev.pid, port=ev.port)
                 self.sink(ev)
         elif self.pid is None or ev.pid == self.pid:
-            repeats = self._coalesce(ev)
-            if repeats is not None:
-                self.sink(dataclasses.replace(self.diagnose(ev), repeats=repeats))
+            key = (ev.pid, ev.call, ev.family, ev.addr, ev.port, ev.errno)
+            seen = self._reported.get(key)
+            if seen is not None and ev.ts.timestamp() - seen.since.timestamp() < self.coalesce_s:
+                seen.count += 1  # a retry loop must not cost a snapshot per attempt
+                seen.last = ev
+                return
+            self._flush_repeats(float("inf"), key=key)
+            self._reported[key] = _Coalesced(since=ev.ts, last=ev)
+            self._reported.move_to_end(key)
+            while len(self._reported) > MAX_BINDERS:
+                self._reported.popitem(last=False)
+            self.sink(self.diagnose(ev))
 
-    def take_repeats(self, pid: int) -> int:
-        """Repeats of this process's failures counted since their last report
-        (and zeroed): what a run that ends now would otherwise never report."""
-        total = 0
-        for key, (last, count) in list(self._reported.items()):
-            if key[0] == pid and count:
-                total += count
-                self._reported[key] = (last, 0)
-        return total
-
-    def _coalesce(self, ev: SocketCall) -> int | None:
-        """None: a repeat of a failure reported less than coalesce_s ago (only
-        counted: a retry loop must not cost a snapshot per attempt); else the
-        repeats counted since that report."""
-        key = (ev.pid, ev.call, ev.family, ev.addr, ev.port, ev.errno)
-        now = ev.ts.timestamp()
-        last, count = self._reported.get(key, (float("-inf"), 0))
-        if now - last < self.coalesce_s:
-            self._reported[key] = (last, count + 1)
-            return None
-        self._reported[key] = (now, 0)
-        self._reported.move_to_end(key)
-        while len(self._reported) > MAX_BINDERS:
-            self._reported.popitem(last=False)
-        return count
+    def _flush_repeats(self, before: float, key: tuple | None = None, pid: int | None = None,
+                       port: int | None = None) -> None:
+        """Report the repeats counted for failures last reported before
+        ``before`` (epoch s): all of them, one key's, or one process's on a port."""
+        for k, c in list(self._reported.items()):
+            if (not c.count or c.since.timestamp() >= before or (key is not None and k != key)
+                    or (pid is not None and (k[0] != pid or k[4] != port))):
+                continue
+            last = c.last
+            self.sink(Repeats(ts=last.ts, since=c.since, call=last.call, pid=last.pid,
+                              comm=last.comm, family=last.family, addr=last.addr,
+                              port=last.port, errno=last.errno, count=c.count))
+            c.count = 0
 
     def _remember_binder(self, ev: SocketCall) -> None:
         # Keyed by address, not by the socket's inode: reading the inode means
@@ -241,6 +243,13 @@ class Tracer:
                 if c is not None:
                     out[(s.family, s.local, s.remote)] = c
         return out
+
+
+@dataclasses.dataclass
+class _Coalesced:
+    since: datetime  # the reported (diagnosed) failure's time
+    last: SocketCall  # the latest failure counted as its repeat
+    count: int = 0
 
 
 def _with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
