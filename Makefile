@@ -1,17 +1,21 @@
 # sudo make demo   set up, then diagnose two real, staged conflicts
-# sudo make test   set up, then the whole suite (lint + tests, BPF ones included)
-.PHONY: setup demo test lint bench clean
+# sudo make test   set up (with the test tools), then the whole suite (lint + tests)
+.PHONY: setup setup-test demo test lint bench clean
 
 VENV := .venv
 
 setup:
 	bash scripts/setup.sh
 
+setup-test:
+	bash scripts/setup.sh --test
+
 demo: setup
 	$(VENV)/bin/portrace demo
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check src tests bench
+	shellcheck scripts/*.sh vagrant/*.sh .ci/run
 
 test: lint
 	$(VENV)/bin/python -m pytest

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent host setup for portrace, run as root (`sudo make setup`):
 #  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2;
-#     for the tests, chromium (the HTML report is opened in it) and systemd
-#     (systemd-analyze verifies the recorder's unit);
+#     with --test, also what the tests use: chromium (the HTML report is opened
+#     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck;
 #  2. kernel headers for bcc: linux-headers-$(uname -r) when the distribution
 #     has it, else its generic headers package linked as /lib/modules/$(uname -r)/build;
 #  3. tracefs (and debugfs) mounted;
@@ -12,6 +12,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 KREL=$(uname -r)
+WITH_TESTS=0
+[ "${1:-}" = "--test" ] && WITH_TESTS=1
 SYS_PY=/usr/bin/python3
 say() { printf 'setup: %s\n' "$*"; }
 warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
@@ -39,7 +41,10 @@ missing() {
 }
 
 # 1. OS packages
-need=$(missing python3-bpfcc python3-venv iproute2 procps chromium systemd)
+packages="python3-bpfcc python3-venv iproute2 procps"
+[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck"
+# shellcheck disable=SC2086
+need=$(missing $packages)
 if [ -n "$need" ]; then
     say "installing $need"
     # shellcheck disable=SC2086
@@ -113,6 +118,7 @@ fi
 stamp=.venv/.portrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing portrace into .venv (with test extras)"
+    # PIP_* settings pass through (e.g. PIP_NO_INDEX/PIP_FIND_LINKS for an offline VM).
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v '^WARNING: Location' || true
     .venv/bin/python -c 'import portrace.cli, bcc, pyroute2, psutil, click, elftools'

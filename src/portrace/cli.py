@@ -221,8 +221,11 @@ def _key_value(text: str) -> tuple[str, str]:
 @click.option("--host", is_flag=True,
               help="Run in this namespace, changing the host's sysctls (restored after).")
 @click.option("--yes", is_flag=True, help="Confirm --host.")
+@click.option("--evidence", type=click.Path(file_okay=False, path_type=Path),
+              help="Also record the runs' evidence there (as portrace record does).")
 def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, within: float,
-        expect: str | None, as_json: bool, host: bool, yes: bool) -> None:
+        expect: str | None, as_json: bool, host: bool, yes: bool, evidence: Path | None
+        ) -> None:
     """Run SCENARIOs (restart-timewait[:neither|old|new|both], restart-finwait2,
     listener-held, connect-exhaustion) with and without sysctl changes, each in a
     fresh network namespace, and show what moved."""
@@ -242,7 +245,8 @@ def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, w
     runs = lab_mod.variants(fixed, cmp)
     verdicts: dict[str, str] = {}
     results = []
-    laboratory = lab_mod.Lab(host=host, within=within)
+    writer = EvidenceDir(evidence) if evidence is not None else None
+    laboratory = lab_mod.Lab(host=host, within=within, evidence=writer)
     with laboratory.attached():
         for name, reuse in parsed:
             outcomes = [laboratory.run(name, reuse, v, f"{i}") for i, v in enumerate(runs)]
@@ -251,6 +255,8 @@ def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, w
                 verdicts[outcomes[0].scenario] = lab_mod.judge(outcomes[0], outcomes[-1])
             if not as_json:
                 click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n")
+    if writer is not None:
+        writer.close()
     if as_json:
         click.echo(json.dumps({"runs": [o.to_json() for o in results],
                                "judged": verdicts}, indent=2))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portrace.errors import PortraceError
-from portrace.events import CallError, Event, Repeats
+from portrace.events import CallError, Event, Repeats, StateChange
 from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
 
@@ -215,14 +215,18 @@ def variants(sysctls: list[tuple[str, str]], compare: tuple[str, list[str]] | No
 class Lab:
     """One tracer for the whole lab, and the runs."""
 
-    def __init__(self, host: bool, within: float) -> None:
+    def __init__(self, host: bool, within: float, evidence: Callable[[Event], None] | None = None
+                 ) -> None:
         self.host = host
         self.within = within
+        self.evidence = evidence
         self.errors: queue.Queue[CallError | Repeats] = queue.Queue()
         self.tracer = Tracer([PORT], self._sink)
         self.stop = threading.Event()
 
     def _sink(self, ev: Event) -> None:
+        if self.evidence is not None and not isinstance(ev, StateChange):
+            self.evidence(ev)
         if isinstance(ev, (CallError, Repeats)):
             self.errors.put(ev)
 
