@@ -246,3 +246,15 @@ def test_two_binders_of_one_address_are_not_called_inherited():
     binders = {("inet", "127.0.0.1", 9090): [first, second]}
     [b] = find_blockers(req("127.0.0.1"), [lst], holders, {}, binders)
     assert [(p.pid, p.inherited) for p in b.processes] == [(10, False)]
+
+
+def test_connect_advice_on_a_kernel_without_tcp_tw_reuse_delay():
+    """6.1 has no tcp_tw_reuse_delay (found in the Debian VM): a fixed second."""
+    from portrace.events import PortUsage
+    usage = PortUsage(low=42000, high=42007, reserved=0, in_use=8, by_state={"TIME_WAIT": 8},
+                      time_wait_to_destination=8, fin_wait2_to_destination=0)
+    v = verdict(req("127.0.0.1"), attempt("127.0.0.1", call="connect", errno=99), [],
+                {"net.ipv4.tcp_tw_reuse": "0"}, None, "process", usage)
+    text = " ".join(v.advice)
+    assert "older than 1 s (fixed: this kernel has no tcp_tw_reuse_delay)" in text
+    assert "tcp_tw_reuse_delay = " not in text

@@ -259,7 +259,10 @@ def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
         if usage.fin_wait2_to_destination:
             summary += f", {usage.fin_wait2_to_destination} orphaned FIN_WAIT2"
     reuse = sysctls.get("net.ipv4.tcp_tw_reuse")
-    delay = sysctls.get("net.ipv4.tcp_tw_reuse_delay", "1000")
+    # Kernels without tcp_tw_reuse_delay (6.1 has none; 6.18 has it) wait a fixed second.
+    delay = (f"tcp_tw_reuse_delay = {sysctls['net.ipv4.tcp_tw_reuse_delay']} ms"
+             if "net.ipv4.tcp_tw_reuse_delay" in sysctls
+             else "1 s (fixed: this kernel has no tcp_tw_reuse_delay)")
     stamps = sysctls.get("net.ipv4.tcp_timestamps")
     tw = usage.time_wait_to_destination if usage else None
     fw2 = usage.fin_wait2_to_destination if usage else None
@@ -281,14 +284,14 @@ def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
     elif reuse == "0":
         advice.append("net.ipv4.tcp_tw_reuse = 0: set it to 1 (or 2 when the destination is "
                       "loopback) so connect() can take over TIME_WAIT 4-tuples older than "
-                      f"tcp_tw_reuse_delay = {delay} ms {src}.")
+                      f"{delay} {src}.")
     elif reuse == "2" and not _is_loopback(attempt.addr):
         advice.append(f"net.ipv4.tcp_tw_reuse = 2 applies to loopback only, and {dest.addr} is "
                       f"not loopback: 1 would apply here {src}.")
     elif reuse is not None:
         advice.append(f"net.ipv4.tcp_tw_reuse = {reuse} already applies: a TIME_WAIT 4-tuple is "
-                      f"taken over only {delay} ms (tcp_tw_reuse_delay) after it began, so "
-                      f"connections faster than that still run out {src}.")
+                      f"taken over only after {delay}, so connections faster than that still "
+                      f"run out {src}.")
     advice.append("In code: reuse connections (keep-alive, pooling) instead of one per request, "
                   "or spread over more source addresses (IP_BIND_ADDRESS_NO_PORT before bind()).")
     advice.append("Does not apply: net.ipv4.tcp_fin_timeout does not shorten TIME_WAIT "

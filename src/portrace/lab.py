@@ -32,6 +32,7 @@ CONNECT_RANGE = "42000 42063"  # 64 ephemeral ports: exhausted within a second
 IMPROVED_MARGIN = 0.2  # "improved": at least 20 % fewer failures or less blocked time
 IMPROVED_MIN_S = 1.0  # ... and for time, at least 1 s less
 REUSE_VARIANTS = ("neither", "old", "new", "both")
+ABSENT = "absent"
 
 
 class LabError(PortraceError):
@@ -100,11 +101,15 @@ class Namespace:
         _sysctl_write(key, value)
 
     def get(self, key: str) -> str:
+        """The value in force, or "absent" where this kernel has no such sysctl
+        (tcp_tw_reuse_delay: present on 6.18, absent on 6.1)."""
         argv = ["sysctl", "-n", key]
         if self.scratch is not None:
             argv = ["ip", "netns", "exec", self.scratch.name, *argv]
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
         if out.returncode:
+            if "cannot stat" in out.stderr or "No such file" in out.stderr:
+                return ABSENT
             raise LabError(f"cannot read sysctl {key}: {out.stderr.strip()}")
         return " ".join(out.stdout.split())
 
