@@ -15,7 +15,7 @@ demo: setup
 
 lint: setup-test
 	$(VENV)/bin/ruff check src tests bench
-	shellcheck scripts/*.sh vagrant/*.sh .ci/run
+	shellcheck scripts/*.sh scripts/vm/*.sh vagrant/*.sh .ci/run
 
 test: lint
 	$(VENV)/bin/python -m pytest

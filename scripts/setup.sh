@@ -2,7 +2,8 @@
 # Idempotent host setup for portrace, run as root (`sudo make setup`):
 #  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2;
 #     with --test, also what the tests use: chromium (the HTML report is opened
-#     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck;
+#     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck,
+#     debootstrap + qemu-system-x86 + e2fsprogs (the VM test);
 #  2. kernel headers for bcc: linux-headers-$(uname -r) when the distribution
 #     has it, else its generic headers package linked as /lib/modules/$(uname -r)/build;
 #  3. tracefs (and debugfs) mounted;
@@ -42,7 +43,7 @@ missing() {
 
 # 1. OS packages
 packages="python3-bpfcc python3-venv iproute2 procps"
-[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck"
+[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs"
 # shellcheck disable=SC2086
 need=$(missing $packages)
 if [ -n "$need" ]; then
