@@ -143,12 +143,16 @@ def _lost(n: int) -> Lost:
     return Lost(ts=datetime.now(timezone.utc), count=n + 1)
 
 
-def test_rotation_under_a_flood_keeps_every_event_and_the_bound(tmp_path):
-    d = tmp_path / "ev"
-    writer = EvidenceDir(d, max_bytes=4096, keep=1000)
-    for n in range(5000):
+def _flood(d: Path, keep: int, events: int = 5000, max_bytes: int = 4096) -> None:
+    writer = EvidenceDir(d, max_bytes=max_bytes, keep=keep)
+    for n in range(events):
         writer(_lost(n))
     writer.close()
+
+
+def test_rotation_under_a_flood_keeps_every_event_and_the_bound(tmp_path):
+    d = tmp_path / "ev"
+    _flood(d, keep=1000)
     got = [e["count"] for e in read([d])]
     assert got == list(range(1, 5001))
     segs = sorted(d.iterdir())
@@ -159,10 +163,7 @@ def test_rotation_under_a_flood_keeps_every_event_and_the_bound(tmp_path):
 
 def test_rotation_keeps_only_the_newest_segments(tmp_path):
     d = tmp_path / "ev"
-    writer = EvidenceDir(d, max_bytes=4096, keep=3)
-    for n in range(5000):
-        writer(_lost(n))
-    writer.close()
+    _flood(d, keep=3)
     assert len(list(d.glob("*.jsonl.gz"))) == 3 and len(list(d.glob("*.jsonl"))) == 1
     got = [e["count"] for e in read([d])]
     assert got == list(range(got[0], 5001))  # a contiguous tail, ending at the last

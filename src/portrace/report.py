@@ -248,6 +248,11 @@ text-align:left;vertical-align:top}code{font-size:.92em}
 """
 
 
+def _dot(kind: str, x: float, y: int, r: int, title: str) -> str:
+    return (f'<circle class="mark {kind}" cx="{x:.1f}" cy="{y}" r="{r}">'
+            f'<title>{html.escape(title)}</title></circle>')
+
+
 def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
                   t0: datetime, t1: datetime) -> str:
     width, height, pad = 1000, 120, 40
@@ -268,10 +273,8 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
                      f'</title></rect>')
         for f in w.failures:
             ts = parse_ts(f["ts"])
-            marks.append(f'<circle class="mark failure" cx="{x(ts):.1f}" cy="30" r="5">'
-                         f'<title>{html.escape(_t(ts))} {html.escape(f["comm"])}'
-                         f'[{f["pid"]}] {f["type"]} {html.escape(f["verdict"]["cause"])}'
-                         f'</title></circle>')
+            marks.append(_dot("failure", x(ts), 30, 5, f"{_t(ts)} {f['comm']}[{f['pid']}] "
+                              f"{f['type']} {f['verdict']['cause']}"))
             for b in f["blockers"]:
                 if b.get("expires_s"):
                     # Drawn until its timer ends, or until the port was taken
@@ -284,14 +287,12 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
                                  f'</title></line>')
         for r in w.repeats:
             ts = parse_ts(r["ts"])
-            marks.append(f'<circle class="mark failure" cx="{x(ts):.1f}" cy="30" r="4">'
-                         f'<title>{html.escape(_t(ts))} {html.escape(r["comm"])}[{r["pid"]}] '
-                         f'x{r["count"]} more, same failure</title></circle>')
+            marks.append(_dot("failure", x(ts), 30, 4, f"{_t(ts)} {r['comm']}[{r['pid']}] "
+                              f"x{r['count']} more, same failure"))
     for s in successes:
         ts = parse_ts(s["ts"])
-        marks.append(f'<circle class="mark success" cx="{x(ts):.1f}" cy="80" r="5"><title>'
-                     f'{html.escape(_t(ts))} {html.escape(s["comm"])}[{s["pid"]}] '
-                     f'{s["type"]} ok</title></circle>')
+        marks.append(_dot("success", x(ts), 80, 5,
+                          f"{_t(ts)} {s['comm']}[{s['pid']}] {s['type']} ok"))
     return (f'<svg class="timeline" data-port="{port}" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="timeline of port {port}">'
             + "".join(marks) + "</svg>")
