@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-import psutil
-
 from portrace import advice, context, diagnose, sockets
 from portrace.events import (
     Blocker,
@@ -160,7 +158,8 @@ class Tracer:
         try:
             protocol = sockets.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
             attempt = dataclasses.replace(attempt, protocol=protocol)
-            cmdline = _cmdline(attempt.pid)
+            # Read now, while the failing process most likely still lives.
+            facts = context.process_facts(attempt.pid)
             # A failed listen() leaves its socket bound: it must not blame itself.
             own = sockets.fd_inode(attempt.pid, attempt.fd) if attempt.call == "listen" else None
             snap = sockets.Snapshot(sockets=[])
@@ -194,8 +193,7 @@ class Tracer:
             seen = self.history.get(attempt.port)
             last_seen = seen[-1] if seen else None
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
-        facts = context.process_facts(attempt.pid)
-        return CallError(attempt=attempt, cmdline=cmdline or (facts or {}).get("cmdline"),
+        return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
                          netns=netns, blockers=_with_facts(blockers), verdict=verdict,
                          lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
@@ -259,9 +257,3 @@ def _with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
             dataclasses.replace(p, facts=context.process_facts(p.pid)) for p in b.processes))
         for b in blockers)
 
-
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        return psutil.Process(pid).cmdline()
-    except psutil.Error:
-        return None
