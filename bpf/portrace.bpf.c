@@ -186,7 +186,16 @@ static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
 		e->opts = si->opts;
 	else
 		__builtin_memset(&e->opts, 0, sizeof(e->opts));
+	e->opts_source = e->opts.known ? PT_SRC_PROBES : PT_SRC_UNKNOWN;
 	e->pad = 0;
+	/* Kernel state this engine does not read (see core.bpf.c). */
+	e->netns = 0;
+	e->sk_uid = PT_UID_UNKNOWN;
+	e->range_lo = 0;
+	e->range_hi = 0;
+	e->pad2 = 0;
+	e->inode = 0;
+	e->skaddr = 0;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	fill_task(&e->task);
 	__builtin_memset(&e->task.opts, 0, sizeof(e->task.opts) + sizeof(e->task.pad));

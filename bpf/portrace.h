@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Records shared by the kernel side (portrace.bpf.c) and the frontend's
- * decoder (src/portrace/probes.py). The frontend never mirrors these by
- * hand: it reads their compiled layout from the `pt_layout` map's value
- * type, so a field added here is decoded without a second definition.
+ * Records shared by both engines' kernel sides (portrace.bpf.c for bcc,
+ * core.bpf.c for libbpf CO-RE) and the frontend's decoders. The frontend
+ * never mirrors these by hand: the bcc engine reads their compiled layout from
+ * the `pt_layout` map's value type, the CO-RE engine from the object's own BTF,
+ * so a field added here is decoded without a second definition.
  *
- * Every record starts with `kind`; the ring buffer carries one union of them.
+ * Every ring-buffer record starts with `kind`; the ring buffer carries one
+ * union of them. Iterators write `struct pt_sock` records.
  */
 #ifndef PORTRACE_H
 #define PORTRACE_H
@@ -28,6 +30,15 @@ enum pt_opt {
 	PT_OPT_V6ONLY = 4,
 	PT_OPT_BINDTODEVICE = 8,	/* bound to some device (the name is not kept) */
 };
+
+/* Where a record's options come from. */
+enum pt_source {
+	PT_SRC_UNKNOWN = 0,
+	PT_SRC_PROBES = 1,	/* seen being set: socket(), setsockopt() (bcc) */
+	PT_SRC_KERNEL = 2,	/* read from the socket itself (CO-RE) */
+};
+
+#define PT_UID_UNKNOWN 0xffffffffu
 
 struct pt_opts {
 	__u8 known;		/* PT_OPT_* bits whose value below is known */
@@ -61,18 +72,28 @@ struct pt_tuple {
  * bound, listen() autobinds); for connect the destination. */
 struct pt_call {
 	__u8 kind;
-	__u8 protocol;		/* IPPROTO_TCP/UDP from socket(), 0 = not seen */
+	__u8 protocol;		/* IPPROTO_TCP/UDP (core: the socket's; bcc: socket()'s), 0 = not known */
 	__u16 family;
 	__u16 port;		/* host order */
 	__u16 local_port;	/* connect: the port it was bound to, 0 = none */
 	__s32 fd;
 	__s32 err;		/* positive errno; 0 for PT_BIND_OK */
-	__u32 uid;
+	__u32 uid;		/* the caller's real uid */
 	struct pt_opts opts;
-	__u16 pad;
+	__u8 opts_source;	/* enum pt_source */
+	__u8 pad;
 	__u64 cgroup_id;
 	struct pt_task task;
 	__u8 addr[16];
+	/* Read from the kernel by the CO-RE engine; 0 (sk_uid: PT_UID_UNKNOWN)
+	 * when the engine cannot read them (bcc). */
+	__u32 netns;		/* inode of the calling thread's network namespace */
+	__u32 sk_uid;		/* the socket's owner, sk_uid: creator's fsuid at socket() */
+	__u16 range_lo;		/* the socket's IP_LOCAL_PORT_RANGE (6.8+), 0 = unset */
+	__u16 range_hi;
+	__u32 pad2;
+	__u64 inode;		/* the socket's inode */
+	__u64 skaddr;		/* the struct sock, to match its transitions */
 };
 
 struct pt_state {
@@ -104,6 +125,47 @@ struct pt_sockinfo {
 	__u16 family;		/* of the address bound, 0 = no bind() seen */
 	__u16 port;
 	__u8 addr[16];
+};
+
+/* One socket as a BPF iterator saw it (CO-RE engine): iter/tcp and iter/udp
+ * write one per socket on the queried ports (holder fields zero); iter/task_file
+ * one per (process, fd) of such a socket, bound-only sockets included. */
+struct pt_sock {
+	__u8 protocol;		/* IPPROTO_TCP/UDP */
+	__u8 state;		/* TCP_*; a minisock's substate (TIME_WAIT, FIN_WAIT2) */
+	__u8 minisock;		/* 1: an inet_timewait_sock */
+	__u8 opts;		/* PT_OPT_* bits set; every bit is known */
+	__u16 family;
+	__u16 sport;		/* host order */
+	__u16 dport;		/* host order */
+	__u16 pad;
+	__s32 bound_dev_if;
+	__u32 uid;		/* sk_uid; 0 for minisocks (they keep none) */
+	__u32 pid;		/* iter/task_file: the holder's tgid */
+	__u32 ppid;		/* iter/task_file: its parent's tgid */
+	__s32 fd;		/* iter/task_file: the holder's fd */
+	__u32 pad2;
+	__s64 expires_ms;	/* minisocks: ms until the timer fires; -1 otherwise */
+	__u64 inode;		/* 0 for minisocks */
+	__u64 skaddr;
+	char comm[PT_COMM_LEN];	/* iter/task_file: the holder's comm */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* What the iterators list: sockets of one netns with a local port in [lo, hi]. */
+struct pt_query {
+	__u32 netns;		/* inode; iter/task_file filters by it (tcp/udp list the creator's) */
+	__u16 lo;
+	__u16 hi;
+};
+
+/* The last transitions seen on a watched port, kept in the kernel (CO-RE). */
+#define PT_RECENT 16
+struct pt_recent {
+	__u32 next;		/* total written; slot = next % PT_RECENT */
+	__u32 pad;
+	struct pt_state ring[PT_RECENT];
 };
 
 struct pt_config {

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent host setup for portrace, run as root (`sudo make setup`):
-#  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2;
+#  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2,
+#     libbpf1 (the CO-RE engine's loader);
 #     with --test, also what the tests use: chromium (the HTML report is opened
 #     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck,
 #     debootstrap + qemu-system-x86 + e2fsprogs (the VM test);
-#  2. kernel headers for bcc: linux-headers-$(uname -r) when the distribution
+#  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
+#     llvm and libbpf-dev are installed for that build only (run time needs
+#     none of them, nor kernel headers);
+#  3. kernel headers for bcc (the fallback engine): linux-headers-$(uname -r) when the distribution
 #     has it, else its generic headers package linked as /lib/modules/$(uname -r)/build;
-#  3. tracefs (and debugfs) mounted;
-#  4. .venv from the interpreter bcc belongs to, with --system-site-packages,
+#  4. tracefs (and debugfs) mounted;
+#  5. .venv from the interpreter bcc belongs to, with --system-site-packages,
 #     and portrace installed into it with its test extras.
 set -euo pipefail
 
@@ -42,7 +46,7 @@ missing() {
 }
 
 # 1. OS packages
-packages="python3-bpfcc python3-venv iproute2 procps"
+packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
 [ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs"
 # shellcheck disable=SC2086
 need=$(missing $packages)
@@ -52,7 +56,22 @@ if [ -n "$need" ]; then
     apt_install $need
 fi
 
-# 2. Kernel headers
+# 2. The CO-RE object (shipped prebuilt in a wheel or a copied checkout)
+if ! make -s -q core-object 2>/dev/null; then
+    # shellcheck disable=SC2046
+    need=$(missing clang llvm libbpf-dev)
+    if [ -n "$need" ]; then
+        say "installing $need (to build bpf/core.bpf.o)"
+        # shellcheck disable=SC2086
+        apt_install $need
+    fi
+    make -s core-object
+    say "built bpf/core.bpf.o"
+else
+    say "CO-RE object: bpf/core.bpf.o"
+fi
+
+# 3. Kernel headers
 build="/lib/modules/$KREL/build"
 if [ -d "$build/include" ]; then
     say "kernel headers: $build"
@@ -92,7 +111,7 @@ else
     fi
 fi
 
-# 3. tracefs / debugfs
+# 4. tracefs / debugfs
 if [ ! -d /sys/kernel/tracing/events ]; then
     mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
 fi
@@ -106,7 +125,7 @@ else
     exit 4
 fi
 
-# 4. venv on the interpreter that owns bcc
+# 5. venv on the interpreter that owns bcc
 if ! "$SYS_PY" -c 'import bcc' 2>/dev/null; then
     echo "setup: $SYS_PY cannot import bcc even after installing python3-bpfcc" >&2
     exit 8

@@ -214,8 +214,23 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
 def _range_phrase(u: PortUsage) -> str:
     size = u.high - u.low + 1
     states = ", ".join(f"{n} {st}" for st, n in sorted(u.by_state.items(), key=lambda x: -x[1]))
-    return (f"ip_local_port_range {u.low}-{u.high} ({size} ports, {u.reserved} reserved): "
+    if u.socket_range is not None and u.netns_range is not None:
+        where = (f"the socket's IP_LOCAL_PORT_RANGE {u.low}-{u.high} (within "
+                 f"ip_local_port_range {u.netns_range[0]}-{u.netns_range[1]})")
+    else:
+        where = f"ip_local_port_range {u.low}-{u.high}"
+    return (f"{where} ({size} ports, {u.reserved} reserved): "
             f"{u.in_use} in use" + (f" ({states})" if states else ""))
+
+
+def _widen(u: PortUsage | None) -> str:
+    """What to widen: the sysctl, or, when the socket narrows it, the option."""
+    if u is not None and u.socket_range is not None:
+        return ("widen or drop the socket's own IP_LOCAL_PORT_RANGE: it narrows the search "
+                f"{cite('local_port_range')}, so widening net.ipv4.ip_local_port_range alone "
+                "does not help")
+    return ("widen it: `sysctl -w net.ipv4.ip_local_port_range=\"LOW HIGH\"` (per network "
+            "namespace)")
 
 
 def _autobind_exhausted(attempt: SocketCall, usage: PortUsage | None,
@@ -225,8 +240,7 @@ def _autobind_exhausted(attempt: SocketCall, usage: PortUsage | None,
     if usage is not None:
         summary += ": " + _range_phrase(usage)
     advice = [
-        "Now: close sockets that hold ports of the range, or widen it: "
-        "`sysctl -w net.ipv4.ip_local_port_range=\"LOW HIGH\"` (per network namespace) "
+        f"Now: close sockets that hold ports of the range, or {_widen(usage)} "
         f"{cite('autobind')}.",
         "In code: bind servers to a fixed port; for outgoing connections let connect() pick "
         "the port (it can share a local port across destinations; bind(0) cannot) "
@@ -266,8 +280,9 @@ def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
     stamps = sysctls.get("net.ipv4.tcp_timestamps")
     tw = usage.time_wait_to_destination if usage else None
     fw2 = usage.fin_wait2_to_destination if usage else None
-    advice = ["Now: fewer concurrent connections to it, or widen net.ipv4.ip_local_port_range "
-              f"(per network namespace) {cite('connect_port')}."]
+    widen = (_widen(usage) if usage is not None and usage.socket_range is not None
+             else "widen net.ipv4.ip_local_port_range (per network namespace)")
+    advice = [f"Now: fewer concurrent connections to it, or {widen} {cite('connect_port')}."]
     src = cite("tw_reuse")
     if fw2:
         fin = sysctls.get("net.ipv4.tcp_fin_timeout", "?")
@@ -312,6 +327,12 @@ def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
         peer = f" <-> {last_seen.remote}" if last_seen.remote.port else ""
         summary += (f"; last socket seen on the port: {last_seen.local}{peer} entering "
                     f"{last_seen.new}{who}, {age:.3f} s before the failure")
+    if netns_source == "gone":
+        summary = (f"the failing socket's network namespace was gone by lookup, so nothing "
+                   f"could be looked up for {ep}")
+        advice = ["Now: a retry in that namespace (container) shows what blocks it; no "
+                  "process is named here, since the only namespace left to look in is "
+                  "another one."]
     if netns_source == "tracer":
         advice.append("The failing process exited before its network namespace could be read; "
                       "portrace looked in its own. If that process ran in a container, its "

@@ -13,12 +13,13 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import click
 import psutil
 
 from portrace import errors
+from portrace.engine import ENGINES
 from portrace.events import Event, SocketCall, StateChange
 from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
 from portrace.render import terminal_sink
@@ -58,8 +59,17 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def engine_option(f: Any) -> Any:
+    return click.option(
+        "--engine", "engine_name", type=click.Choice(ENGINES), default="auto",
+        show_default=True,
+        help="core: libbpf CO-RE, reads the kernel's socket state (needs kernel BTF); "
+             "bcc: compiles at start (needs kernel headers); auto: core where it runs.")(f)
+
+
 @cli.command()
 @click.argument("ports", nargs=-1, type=click.IntRange(1, 65535))
+@engine_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (shared/DESIGN.md's contract) instead of text.")
 @click.option("-o", "--output", type=click.File("a", lazy=False),
@@ -71,8 +81,8 @@ def _stop_on_signals() -> threading.Event:
               metavar="SECONDS",
               help="Count, without diagnosing again, a process's identical failures this soon "
                    "after the last report (0: diagnose every one).")
-def watch(ports: Sequence[int], as_json: bool, output: IO[str] | None, pid: int | None,
-          states: bool, coalesce: float) -> None:
+def watch(ports: Sequence[int], engine_name: str, as_json: bool, output: IO[str] | None,
+          pid: int | None, states: bool, coalesce: float) -> None:
     """Watch PORTs (default: every port) until Ctrl-C or SIGTERM."""
     if pid is not None and not psutil.pid_exists(pid):
         raise click.BadParameter(f"no process {pid}", param_hint="'-p' / '--pid'")
@@ -88,7 +98,8 @@ def watch(ports: Sequence[int], as_json: bool, output: IO[str] | None, pid: int 
             recorded(ev)
 
     stop = _stop_on_signals()
-    tracer = Tracer(ports, sink, pid=pid, coalesce_s=coalesce)
+    tracer = Tracer(ports, sink, pid=pid, coalesce_s=coalesce, engine_name=engine_name,
+                    states=states or output is not None)
     try:
         tracer.start()
         tracer.run(stop)
@@ -119,6 +130,7 @@ class ByteSize(click.ParamType):
 
 @cli.command()
 @click.argument("ports", nargs=-1, type=click.IntRange(1, 65535))
+@engine_option
 @click.option("--dir", "directory", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Evidence directory (made 0700; files 0600).")
@@ -129,7 +141,7 @@ class ByteSize(click.ParamType):
 @click.option("--states", is_flag=True,
               help="Also record every transition on the ports (failures always carry the "
                    "last 60 s of them).")
-def record(ports: Sequence[int], directory: Path, max_bytes: int, keep: int,
+def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: int, keep: int,
            states: bool) -> None:
     """Record evidence of failures on PORTs (default: every port) until SIGTERM."""
     try:
@@ -138,14 +150,15 @@ def record(ports: Sequence[int], directory: Path, max_bytes: int, keep: int,
         raise click.BadParameter(f"cannot write evidence there: {exc}",
                                  param_hint="'--dir'") from None
     options = {"command": "record", "dir": str(directory), "max_bytes": max_bytes,
-               "keep": keep, "states": states, "ports": sorted(set(ports))}
+               "keep": keep, "states": states, "ports": sorted(set(ports)),
+               "engine": engine_name}
 
     def sink(ev: Event) -> None:
         if states or not isinstance(ev, StateChange):
             writer(ev)
 
     stop = _stop_on_signals()
-    tracer = Tracer(ports, sink, options=options)
+    tracer = Tracer(ports, sink, options=options, engine_name=engine_name, states=states)
     try:
         tracer.start()
         click.echo(f"portrace: recording into {directory}", err=True)
@@ -209,6 +222,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 @cli.command()
 @click.argument("scenarios", nargs=-1, required=True)
+@engine_option
 @click.option("--sysctl", "sysctls", multiple=True, metavar="KEY=VALUE",
               help="Set in every run (repeatable).")
 @click.option("--compare", metavar="KEY=V1,V2,...",
@@ -223,9 +237,9 @@ def _key_value(text: str) -> tuple[str, str]:
 @click.option("--yes", is_flag=True, help="Confirm --host.")
 @click.option("--evidence", type=click.Path(file_okay=False, path_type=Path),
               help="Also record the runs' evidence there (as portrace record does).")
-def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, within: float,
-        expect: str | None, as_json: bool, host: bool, yes: bool, evidence: Path | None
-        ) -> None:
+def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
+        compare: str | None, within: float, expect: str | None, as_json: bool, host: bool,
+        yes: bool, evidence: Path | None) -> None:
     """Run SCENARIOs (restart-timewait[:neither|old|new|both], restart-finwait2,
     listener-held, connect-exhaustion) with and without sysctl changes, each in a
     fresh network namespace, and show what moved."""
@@ -246,7 +260,7 @@ def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, w
     verdicts: dict[str, str] = {}
     results = []
     writer = EvidenceDir(evidence) if evidence is not None else None
-    laboratory = lab_mod.Lab(host=host, within=within, evidence=writer)
+    laboratory = lab_mod.Lab(host=host, within=within, evidence=writer, engine_name=engine_name)
     with laboratory.attached():
         for name, reuse in parsed:
             outcomes = [laboratory.run(name, reuse, v, f"{i}") for i, v in enumerate(runs)]
@@ -268,13 +282,14 @@ def lab(scenarios: Sequence[str], sysctls: Sequence[str], compare: str | None, w
 
 
 @cli.command()
+@engine_option
 @click.option("--port", type=click.IntRange(1, 65534), default=9090, show_default=True,
               help="First of the two ports the demo uses, inside its own network namespace.")
-def demo(port: int) -> None:
+def demo(engine_name: str, port: int) -> None:
     """Stage two real conflicts in a throwaway netns and diagnose them."""
     from portrace.demo import run_demo
 
-    sys.exit(run_demo(port))
+    sys.exit(run_demo(port, engine_name))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -45,7 +45,7 @@ def _check(title: str, ev: CallError | None, ok: Callable[[CallError], bool]) ->
     return good
 
 
-def run_demo(port: int) -> int:
+def run_demo(port: int, engine_name: str = "auto") -> int:
     tw_port, listen_port = port, port + 1
     caught: queue.Queue[CallError] = queue.Queue()
 
@@ -56,9 +56,10 @@ def run_demo(port: int) -> int:
     stop = threading.Event()
     results = []
     with ScratchNetns(f"portrace-demo-{os.getpid()}") as ns:
-        tracer = Tracer([tw_port, listen_port], sink)
-        click.secho("portrace demo: compiling and attaching the probes...", dim=True)
-        tracer.start()
+        tracer = Tracer([tw_port, listen_port], sink, engine_name=engine_name, states=False)
+        click.secho("portrace demo: loading and attaching the probes...", dim=True)
+        ready = tracer.start()
+        click.secho(f"portrace demo: engine {ready.engine} ({ready.engine_reason})", dim=True)
         poller = threading.Thread(target=tracer.run, args=(stop,), daemon=True)
         poller.start()
         try:

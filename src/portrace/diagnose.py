@@ -54,7 +54,8 @@ RULES: dict[str, Rule] = {
     "reuseport": Rule(
         "net/ipv4/inet_connection_sock.c: inet_bind_conflict",
         "no conflict when both sockets have SO_REUSEPORT and the old one is TIME_WAIT "
-        "or belongs to the same uid"),
+        "or has the same owner: sk_uid, the creator's fsuid at socket(), not the caller's uid "
+        "(sk_reuseport_match)"),
     "udp_reuse": Rule(
         "net/ipv4/udp.c: udp_lib_lport_inuse",
         "UDP: no conflict when both have SO_REUSEADDR, or both SO_REUSEPORT and the "
@@ -86,6 +87,10 @@ RULES: dict[str, Rule] = {
         "net/ipv4/inet_connection_sock.c: inet_csk_find_open_port",
         "bind() to port 0 and listen() on an unbound socket pick a free port of "
         "ip_local_port_range, skipping ip_local_reserved_ports; none free: EADDRINUSE"),
+    "local_port_range": Rule(
+        "net/ipv4/inet_connection_sock.c: inet_sk_get_local_port_range",
+        "a socket's own IP_LOCAL_PORT_RANGE (6.8+) narrows ip_local_port_range for that "
+        "socket, each end only where it falls inside the namespace's range"),
     "connect_port": Rule(
         "net/ipv4/inet_hashtables.c: __inet_hash_connect",
         "connect() on an unbound socket picks a local port whose 4-tuple is unused "
@@ -134,11 +139,14 @@ class Request:
     port: int
     v6only: bool | None = None
     opts: SockOpts = UNKNOWN_OPTS
-    uid: int | None = None
+    uid: int | None = None  # the socket's owner (sk_uid), None when not known
     call: str = "bind"
 
     @classmethod
-    def of(cls, attempt: SocketCall, bindv6only: bool | None = None) -> Request:
+    def of(cls, attempt: SocketCall, bindv6only: bool | None = None,
+           owner_uid: int | None = None) -> Request:
+        """``owner_uid``: the failing socket's sk_uid when the engine did not
+        read it but something else tells it; None: unknown (RULES reuseport)."""
         v6only = attempt.opts.v6only
         if attempt.family == "inet6":
             a = IPv6(attempt.addr)
@@ -146,8 +154,9 @@ class Request:
                 v6only = True  # RULES["v6only_specific"]
             elif v6only is None:
                 v6only = bindv6only
+        uid = attempt.sk_uid if attempt.sk_uid is not None else owner_uid
         return cls(attempt.protocol, attempt.family, attempt.addr, attempt.port, v6only,
-                   attempt.opts, attempt.uid, attempt.call)
+                   attempt.opts, uid, attempt.call)
 
 
 def all3(*vals: bool | None) -> bool | None:
@@ -244,13 +253,17 @@ def _rank(sock: SocketEntry) -> tuple[int, float]:
 
 
 def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
-               binders: Binders) -> tuple[ProcessRef, ...]:
-    """Holders of the socket, and whether each inherited it: it is not among
-    the processes seen binding this address (one of which is), or it shares
-    the socket with its parent."""
+               binders: Binders, owners: Mapping[int, int]) -> tuple[ProcessRef, ...]:
+    """Holders of the socket, and whether each inherited it: it is not the
+    process the kernel saw bind or listen on this very socket (``owners``, by
+    struct sock), or not among the processes seen binding this address (one of
+    which is), or it shares the socket with its parent."""
     held = holders.get(s.inode, ())
     pids = {h.pid for h in held}
-    bound_by = {b.pid for b in binders.get((s.family, s.local.addr, s.local.port), ())}
+    if s.skaddr in owners:
+        bound_by = {owners[s.skaddr]}
+    else:
+        bound_by = {b.pid for b in binders.get((s.family, s.local.addr, s.local.port), ())}
     if bound_by and len(held) > 1 and not bound_by & pids:
         bound_by = set()  # several holders, none a binder: cannot tell who inherited
     refs = []
@@ -272,6 +285,8 @@ def _options(s: SocketEntry, closer: Closer | None, fd_opts: Mapping[int, SockOp
     minisock (RULES minisock_keeps_flags), the probes' record of a holder's fd
     (accepted sockets included: accept_keeps_flags), or the bind seen for its
     address, a holder's own if there is one (an inherited fd is the same socket)."""
+    if s.opts is not None:
+        return s.opts, "kernel"  # read from the socket (minisocks: their own copy)
     if s.minisock:
         return (closer.opts, "closer") if closer is not None else (UNKNOWN_OPTS, None)
     if s.inode in fd_opts:
@@ -292,6 +307,7 @@ def find_blockers(
     binders: Binders,
     fd_opts: Mapping[int, SockOpts] | None = None,
     exclude_inodes: Iterable[int] = (),
+    owners: Mapping[int, int] | None = None,
 ) -> list[Blocker]:
     """The sockets on the requested port that overlap the request and may
     conflict with it, ordered LISTEN, live, bound-only, minisocks.
@@ -299,8 +315,10 @@ def find_blockers(
     ``closers``: minisock closers by (family, local, remote). ``binders``: the
     recent successful bind()s seen per (family, addr, port). ``fd_opts``: options
     the probes hold for a socket inode via a holder's fd. ``exclude_inodes``:
-    the failing socket itself (bound, when listen() fails)."""
+    the failing socket itself (bound, when listen() fails). ``owners``: struct
+    sock address -> the pid the kernel saw bind or listen on it."""
     skip = set(exclude_inodes) - {0}
+    owners = owners or {}
     fd_opts = fd_opts or {}
     found = []
     for s in sockets:
@@ -322,7 +340,7 @@ def find_blockers(
             family=s.family,
             local=s.local,
             remote=s.remote,
-            processes=_processes(s, holders, binders) if s.inode else (),
+            processes=_processes(s, holders, binders, owners) if s.inode else (),
             inode=s.inode,
             uid=s.uid,
             expires_s=None if s.expires_ms is None else s.expires_ms / 1000.0,

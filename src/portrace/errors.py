@@ -43,6 +43,24 @@ class StagingFailed(PortraceError):
     exit_code = 9
 
 
+class NoKernelBtf(PortraceError):
+    """--engine core on a kernel without /sys/kernel/btf/vmlinux."""
+
+    exit_code = 12
+
+
+class NoLibbpf(PortraceError):
+    """--engine core without a usable libbpf.so.1 or the compiled object."""
+
+    exit_code = 13
+
+
+class CoreLoadFailed(PortraceError):
+    """The kernel refused the CO-RE object (the verifier's last lines are logged)."""
+
+    exit_code = 14
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success (also after Ctrl-C / SIGTERM)",
     1: "unexpected runtime failure",
@@ -56,4 +74,7 @@ EXIT_CODES: dict[int, str] = {
     StagingFailed.exit_code: "portrace demo could not stage its scenario",
     10: "portrace report: no evidence there, or not portrace evidence",
     11: "portrace lab --expect: the comparison did not come out as expected",
+    NoKernelBtf.exit_code: "--engine core: the kernel has no BTF (/sys/kernel/btf/vmlinux)",
+    NoLibbpf.exit_code: "--engine core: no usable libbpf.so.1, or the CO-RE object is not built",
+    CoreLoadFailed.exit_code: "--engine core: the kernel refused the CO-RE object",
 }

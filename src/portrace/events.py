@@ -74,7 +74,8 @@ class Task:
 @dataclass(frozen=True)
 class Ready:
     ts: datetime
-    engine: str
+    engine: str  # core | bcc
+    engine_reason: str  # why this engine runs (auto's choice, or --engine)
     ports: list[int]  # empty: every port
     kernel: str
     host: dict[str, str] = field(default_factory=dict)
@@ -159,6 +160,15 @@ class SocketCall:
     cgroup_id: int
     opts: SockOpts = UNKNOWN_OPTS
     local_port: int = 0
+    # Where opts come from: "kernel" (read from the socket), "probes" (seen
+    # being set), None (not known).
+    opts_source: str | None = None
+    # Read from the kernel by the CO-RE engine; None where the engine cannot.
+    netns: int | None = None  # inode of the calling thread's network namespace
+    sk_uid: int | None = None  # the socket's owner uid (sk_uid), which SO_REUSEPORT compares
+    port_range: tuple[int, int] | None = None  # the socket's own IP_LOCAL_PORT_RANGE
+    inode: int | None = None  # the socket's inode
+    skaddr: int = 0  # the struct sock, 0 when not read
 
     @property
     def ok(self) -> bool:
@@ -217,7 +227,8 @@ class Blocker:
 
 @dataclass(frozen=True)
 class PortUsage:
-    """The ephemeral port range of a namespace and how much of it is taken."""
+    """The ephemeral port range the kernel searched (low-high: the namespace's,
+    narrowed by the socket's own IP_LOCAL_PORT_RANGE) and how much is taken."""
 
     low: int
     high: int
@@ -226,6 +237,8 @@ class PortUsage:
     by_state: dict[str, int]  # sockets on those ports, by state
     time_wait_to_destination: int | None = None  # connect(): TIME_WAIT toward it
     fin_wait2_to_destination: int | None = None  # connect(): FIN_WAIT2 minisocks toward it
+    netns_range: tuple[int, int] | None = None  # ip_local_port_range of the namespace
+    socket_range: tuple[int, int] | None = None  # the socket's IP_LOCAL_PORT_RANGE, if set
 
 
 @dataclass(frozen=True)
@@ -239,10 +252,14 @@ class Verdict:
 class Netns:
     """The network namespace the blockers were looked up in.
 
-    ``source``: ``process`` when read from the failing thread's
-    ``/proc/<pid>/task/<tid>/ns/net``; ``tracer`` when that process had already
-    exited and portrace's own namespace was used instead. ``name``: its name
-    under /run/netns (``ip netns``), if it has one.
+    ``source``: ``process`` when entered through the failing thread's
+    ``/proc/<pid>/task/<tid>/ns/net``. When that thread had already exited:
+    ``pinned`` (through its name under /run/netns) or ``member`` (through
+    another process in it), for the inode the kernel reported (CO-RE engine);
+    ``gone`` when nothing held that namespace any more (nothing looked up);
+    ``tracer`` when the engine could not tell the namespace (bcc) and
+    portrace's own was used instead. ``name``: its name under /run/netns
+    (``ip netns``), if it has one.
     """
 
     inode: int
@@ -339,7 +356,9 @@ def _usage(u: PortUsage | None) -> dict[str, Any] | None:
         return None
     return {"range": [u.low, u.high], "reserved": u.reserved, "in_use": u.in_use,
             "by_state": dict(u.by_state), "time_wait_to_destination": u.time_wait_to_destination,
-            "fin_wait2_to_destination": u.fin_wait2_to_destination}
+            "fin_wait2_to_destination": u.fin_wait2_to_destination,
+            "netns_range": list(u.netns_range) if u.netns_range else None,
+            "socket_range": list(u.socket_range) if u.socket_range else None}
 
 
 def _state(ev: StateChange) -> dict[str, Any]:
@@ -362,6 +381,7 @@ def to_json(ev: Event) -> dict[str, Any]:
     """The JSON object for one event, per shared/DESIGN.md's contract."""
     if isinstance(ev, Ready):
         out: dict[str, Any] = {"type": "ready", "ts": iso(ev.ts), "engine": ev.engine,
+                               "engine_reason": ev.engine_reason,
                                "ports": list(ev.ports), "kernel": ev.kernel, "host": ev.host}
         if ev.options is not None:
             out["options"] = ev.options
@@ -389,7 +409,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "family": ev.family,
             "addr": ev.addr,
             "port": ev.port,
-            "options": ev.opts.to_json(),
+            "options": {**ev.opts.to_json(), "source": ev.opts_source},
         }
     if isinstance(ev, CallError):
         a = ev.attempt
@@ -407,7 +427,9 @@ def to_json(ev: Event) -> dict[str, Any]:
             "family": a.family,
             "addr": a.addr,
             "port": a.port,
-            "options": a.opts.to_json(),
+            "options": {**a.opts.to_json(), "source": a.opts_source},
+            "sk_uid": a.sk_uid,
+            "port_range": list(a.port_range) if a.port_range else None,
             "netns": {"inode": ev.netns.inode, "source": ev.netns.source, "name": ev.netns.name},
             "blockers": [_blocker(b) for b in ev.blockers],
             "verdict": {"cause": ev.verdict.cause, "summary": ev.verdict.summary,

@@ -220,13 +220,13 @@ def variants(sysctls: list[tuple[str, str]], compare: tuple[str, list[str]] | No
 class Lab:
     """One tracer for the whole lab, and the runs."""
 
-    def __init__(self, host: bool, within: float, evidence: Callable[[Event], None] | None = None
-                 ) -> None:
+    def __init__(self, host: bool, within: float, evidence: Callable[[Event], None] | None = None,
+                 engine_name: str = "auto") -> None:
         self.host = host
         self.within = within
         self.evidence = evidence
         self.errors: queue.Queue[CallError | Repeats] = queue.Queue()
-        self.tracer = Tracer([PORT], self._sink)
+        self.tracer = Tracer([PORT], self._sink, engine_name=engine_name, states=False)
         self.stop = threading.Event()
 
     def _sink(self, ev: Event) -> None:

@@ -24,7 +24,7 @@ import psutil
 from pyroute2 import DiagSocket
 from pyroute2.netns import popns, pushns
 
-from portrace.events import FAMILIES, Endpoint, Netns, PortUsage, tcp_state_name
+from portrace.events import FAMILIES, Endpoint, Netns, PortUsage, SockOpts, tcp_state_name
 
 ALL_STATES = (1 << 14) - 1  # every TCP state plus bit 13, TCP_BOUND_INACTIVE
 MINISOCK_STATES = ("TIME_WAIT", "FIN_WAIT2")
@@ -48,6 +48,10 @@ class SocketEntry:
     expires_ms: int | None
     v6only: bool | None  # inet6 only (INET_DIAG_SKV6ONLY)
     bound_dev_if: int
+    # Read from the socket itself (CO-RE engine), minisocks included; None
+    # when the snapshot came from sock_diag, which does not report them.
+    opts: SockOpts | None = None
+    skaddr: int = 0  # the struct sock, 0 when not known (sock_diag)
 
     @property
     def minisock(self) -> bool:
@@ -104,6 +108,42 @@ def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
         return fd, Netns(inode=inode, source="process", name=netns_name(inode))
     inode = os.stat("/proc/self/ns/net").st_ino
     return None, Netns(inode=inode, source="tracer", name=netns_name(inode))
+
+
+def open_netns_inode(inode: int, pid: int, tid: int) -> tuple[int | None, Netns]:
+    """An fd on the network namespace whose inode the kernel reported for a
+    failing thread (CO-RE engine). Tried in order: the thread itself, a name
+    under /run/netns, any process in it. ``source`` says which: ``process``,
+    ``pinned`` or ``member``; ``gone`` (and no fd) when nothing holds the
+    namespace any more, so its sockets cannot be looked up (the caller closes
+    the fd)."""
+    candidates = [f"/proc/{pid}/task/{tid}/ns/net", f"/proc/{pid}/ns/net"]
+    for source, paths in (("process", candidates), ("pinned", _pinned()),
+                          ("member", _members())):
+        for path in paths:
+            try:
+                if os.stat(path).st_ino != inode:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            if os.fstat(fd).st_ino == inode:
+                return fd, Netns(inode=inode, source=source, name=netns_name(inode))
+            os.close(fd)
+    return None, Netns(inode=inode, source="gone", name=None)
+
+
+def _pinned() -> Iterator[str]:
+    try:
+        with os.scandir(NETNS_NAMES) as it:
+            yield from (e.path for e in it)
+    except OSError:
+        return
+
+
+def _members() -> Iterator[str]:
+    for pid in psutil.pids():
+        yield f"/proc/{pid}/ns/net"
 
 
 @contextlib.contextmanager
@@ -179,12 +219,31 @@ def parse_port_set(text: str) -> set[int]:
     return ports
 
 
+def effective_range(netns_range: tuple[int, int], socket_range: tuple[int, int] | None
+                    ) -> tuple[int, int]:
+    """The range the kernel searches for a socket: the namespace's
+    ip_local_port_range, narrowed by the socket's own IP_LOCAL_PORT_RANGE where
+    each end of it falls inside (net/ipv4/inet_connection_sock.c:
+    inet_sk_get_local_port_range)."""
+    lo, hi = netns_range
+    if socket_range is not None:
+        sk_lo, sk_hi = socket_range
+        if lo <= sk_lo <= hi:
+            lo = sk_lo
+        if lo <= sk_hi <= hi:
+            hi = sk_hi
+    return lo, hi
+
+
 def port_usage(socks: Iterable[SocketEntry], port_range: str, reserved: str,
-               destination: Endpoint | None = None) -> PortUsage:
-    """How much of the ephemeral range ``port_range`` (``"LOW HIGH"``) the
-    sockets of a namespace take; with ``destination``, how many of them are
+               destination: Endpoint | None = None,
+               socket_range: tuple[int, int] | None = None) -> PortUsage:
+    """How much of the ephemeral range the kernel searched takes: the
+    namespace's ``port_range`` (``"LOW HIGH"``) narrowed by the socket's own
+    ``socket_range``; with ``destination``, how many of the sockets are
     TIME_WAIT, and FIN_WAIT2 minisocks, toward it."""
-    low, high = (int(x) for x in port_range.split())
+    netns_lo, netns_hi = (int(x) for x in port_range.split())
+    low, high = effective_range((netns_lo, netns_hi), socket_range)
     taken = parse_port_set(reserved) & set(range(low, high + 1))
     in_range = [s for s in socks if low <= s.local.port <= high]
     by_state: dict[str, int] = {}
@@ -197,7 +256,9 @@ def port_usage(socks: Iterable[SocketEntry], port_range: str, reserved: str,
         fw2 = len(toward) - tw
     return PortUsage(low=low, high=high, reserved=len(taken),
                      in_use=len({s.local.port for s in in_range}), by_state=by_state,
-                     time_wait_to_destination=tw, fin_wait2_to_destination=fw2)
+                     time_wait_to_destination=tw, fin_wait2_to_destination=fw2,
+                     netns_range=(netns_lo, netns_hi),
+                     socket_range=socket_range)
 
 
 def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
@@ -249,6 +310,12 @@ def _read_sysctl(name: str) -> str | None:
         return None
 
 
+def read_sysctls(names: Iterable[str]) -> dict[str, str]:
+    """The named sysctls as the calling thread's namespace sees them (the
+    ``net.*`` ones are per netns), those that exist."""
+    return {name: v for name in names if (v := _read_sysctl(name)) is not None}
+
+
 def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
              sysctls: Iterable[str] = (), holders: bool = True) -> Snapshot:
     """The sockets on ``port`` (0: every port) in the namespace of ``netns_fd``
@@ -257,7 +324,7 @@ def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
     be entered."""
     with entered(netns_fd):
         ds = DiagSocket()  # the netlink socket keeps the namespace it was made in
-        values = {name: v for name in sysctls if (v := _read_sysctl(name)) is not None}
+        values = read_sysctls(sysctls)
     try:
         ds.bind()
         socks = _dump(ds, port, protocols)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, context, diagnose, sockets
+from portrace import advice, context, diagnose, engine, errors, sockets
 from portrace.events import (
     Blocker,
     CallError,
@@ -27,10 +27,8 @@ from portrace.events import (
     Ready,
     Repeats,
     SocketCall,
-    SockOpts,
     StateChange,
 )
-from portrace.probes import Probes
 
 Sink = Callable[[Event], None]
 
@@ -61,11 +59,15 @@ class Tracer:
 
     def __init__(self, ports: Iterable[int], sink: Sink, pid: int | None = None,
                  ringbuf_pages: int = 64, options: dict[str, Any] | None = None,
-                 coalesce_s: float = 1.0) -> None:
+                 coalesce_s: float = 1.0, engine_name: str = "auto",
+                 states: bool = True) -> None:
         self.ports = sorted(set(ports))
         self.sink = sink
         self.pid = pid
-        self.probes = Probes(self.ports, self._on_event, ringbuf_pages=ringbuf_pages)
+        self.engine_name = engine_name
+        self.ringbuf_pages = ringbuf_pages
+        self.states = states  # stream transitions to the sink (--states, evidence)
+        self.probes: engine.Engine | None = None
         self.history: dict[int, deque[StateChange]] = {}
         self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
         self.lost_total = 0
@@ -76,27 +78,51 @@ class Tracer:
         self.host = context.host_facts()
 
     def start(self) -> Ready:
-        self.probes.open()
-        ready = Ready(ts=datetime.now(timezone.utc), engine="bcc", ports=self.ports,
+        """Load and attach the chosen engine. Raises the portrace.errors of
+        engine.choose and of the engine's open(); ``auto`` falls back to bcc
+        when the kernel refuses the CO-RE object, and says so in ``ready``."""
+        choice = engine.choose(self.engine_name)
+        try:
+            self.probes = self._open(choice)
+        except errors.CoreLoadFailed as exc:
+            if self.engine_name != "auto":
+                raise
+            choice = engine.Choice("bcc", f"CO-RE engine refused by the kernel: {exc}")
+            self.probes = self._open(choice)
+        ready = Ready(ts=datetime.now(timezone.utc), engine=choice.name,
+                      engine_reason=choice.reason, ports=self.ports,
                       kernel=os.uname().release, host=self.host, options=self.options)
         self.sink(ready)
         return ready
 
+    def _open(self, choice: engine.Choice) -> engine.Engine:
+        probes = engine.make(choice, self.ports, self._on_event,
+                             ringbuf_pages=self.ringbuf_pages, states=self.states)
+        probes.open()
+        return probes
+
+    @property
+    def engine(self) -> engine.Engine:
+        if self.probes is None:
+            raise RuntimeError("Tracer.start() was not called")
+        return self.probes
+
     def run(self, stop: threading.Event, poll_ms: int = 100) -> None:
         """Poll until ``stop`` is set. Lost records are reported as they are counted."""
         while not stop.is_set():
-            self.probes.poll(poll_ms)
+            self.engine.poll(poll_ms)
             self._report_lost()
             self._flush_repeats(time.time() - self.coalesce_s)
-        self.probes.poll(0)
+        self.engine.poll(0)
         self._report_lost()
         self._flush_repeats(float("inf"))
 
     def close(self) -> None:
-        self.probes.close()
+        if self.probes is not None:
+            self.probes.close()
 
     def _report_lost(self) -> None:
-        lost = self.probes.take_lost()
+        lost = self.engine.take_lost()
         if lost:
             self.lost_total += lost
             self.sink(Lost(ts=datetime.now(timezone.utc), count=lost))
@@ -153,21 +179,32 @@ class Tracer:
 
     def diagnose(self, attempt: SocketCall) -> CallError:
         """Snapshot the port (or, for ephemeral exhaustion, the whole range) in
-        the failing thread's netns and judge it."""
-        netns_fd, netns = sockets.open_netns(attempt.pid, attempt.tid)
+        the failing socket's netns and judge it. Nothing is looked up in a
+        namespace other than the failing socket's: when it cannot be entered
+        (``netns.source`` ``gone``), no blocker is named."""
+        if attempt.netns:  # the kernel said which namespace (CO-RE engine)
+            netns_fd, netns = sockets.open_netns_inode(attempt.netns, attempt.pid, attempt.tid)
+        else:
+            netns_fd, netns = sockets.open_netns(attempt.pid, attempt.tid)
         try:
-            protocol = sockets.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
-            attempt = dataclasses.replace(attempt, protocol=protocol)
+            if attempt.opts_source != "kernel" or attempt.protocol == "unknown":
+                protocol = sockets.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
+                attempt = dataclasses.replace(attempt, protocol=protocol)
             # Read now, while the failing process most likely still lives.
             facts = context.process_facts(attempt.pid)
             # A failed listen() leaves its socket bound: it must not blame itself.
-            own = sockets.fd_inode(attempt.pid, attempt.fd) if attempt.call == "listen" else None
+            own = attempt.inode
+            if own is None and attempt.call == "listen":
+                own = sockets.fd_inode(attempt.pid, attempt.fd)
             snap = sockets.Snapshot(sockets=[])
-            if attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL):
+            if (attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL)
+                    and netns.source != "gone"):
+                protocol = attempt.protocol
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
                 whole_range = attempt.call == "connect" or attempt.port == 0
-                snap = sockets.snapshot(0 if whole_range else attempt.port, protos, netns_fd,
-                                        SYSCTLS, holders=not whole_range)
+                snap = self.engine.snapshot(0 if whole_range else attempt.port, protos,
+                                            netns_fd, netns.inode, SYSCTLS,
+                                            holders=not whole_range)
                 attempt, snap = self._locate_listen(attempt, snap, own)
             lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
         finally:
@@ -175,7 +212,9 @@ class Tracer:
                 os.close(netns_fd)
         sysctls = snap.sysctls
         v6default = sysctls.get("net.ipv6.bindv6only")
-        req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
+        owner_uid = None if attempt.sk_uid is not None else context.uniform_uid(attempt.pid)
+        req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1",
+                                  owner_uid=owner_uid)
         usage = None
         blockers: list = []
         if attempt.call == "connect" or attempt.port == 0:
@@ -183,24 +222,31 @@ class Tracer:
                 dest = Endpoint(attempt.addr, attempt.port) if attempt.call == "connect" else None
                 usage = sockets.port_usage(snap.sockets, sysctls["net.ipv4.ip_local_port_range"],
                                            sysctls.get("net.ipv4.ip_local_reserved_ports", ""),
-                                           dest)
+                                           dest, socket_range=attempt.port_range)
         else:
+            owners = {s.skaddr: o.pid for s in snap.sockets
+                      if s.skaddr and s.inode and (o := self.engine.owner(s.skaddr))}
             blockers = diagnose.find_blockers(
                 req, snap.sockets, snap.holders, self._closers(snap.sockets), self.binders,
-                self._fd_opts(snap.holders), exclude_inodes=[own] if own else [])
+                self.engine.fd_opts(snap.holders), exclude_inodes=[own] if own else [],
+                owners=owners)
+        recent = self._recent(attempt)
         last_seen = None
         if not blockers and usage is None:
-            seen = self.history.get(attempt.port)
-            last_seen = seen[-1] if seen else None
+            on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
+            last_seen = on_port[-1] if on_port else None
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
         return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
                          netns=netns, blockers=_with_facts(blockers), verdict=verdict,
                          lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
-                         recent=self._recent(attempt))
+                         recent=recent)
 
     def _recent(self, attempt: SocketCall) -> tuple[StateChange, ...]:
-        seen = self.history.get(attempt.port, ())
+        """Transitions on the port in the RECENT_S before the failure: from the
+        kernel's per-port ring where the engine keeps one, else as streamed."""
+        kept = self.engine.recent(attempt.port) if attempt.port else None
+        seen = kept if kept is not None else self.history.get(attempt.port, ())
         since = attempt.ts.timestamp() - RECENT_S
         return tuple(ev for ev in seen if ev.ts.timestamp() >= since)
 
@@ -221,23 +267,12 @@ class Tracer:
                                          holders=sockets.holders_of(s.inode for s in on_port),
                                          sysctls=snap.sysctls)
 
-    def _fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]:
-        """Options the probes recorded for each socket inode, via a holder's fd."""
-        out: dict[int, SockOpts] = {}
-        for inode, held in holders.items():
-            for h in held:
-                found = next((o for fd in h.fds if (o := self.probes.sockopts(h.pid, fd))), None)
-                if found is not None:
-                    out[inode] = found
-                    break
-        return out
-
     def _closers(self, socks: list[sockets.SocketEntry]
                  ) -> dict[tuple[str, Endpoint, Endpoint], Closer]:
         out = {}
         for s in socks:
             if s.minisock and s.remote is not None:
-                c = self.probes.closer(s.family, s.local, s.remote)
+                c = self.engine.closer(s.family, s.local, s.remote)
                 if c is not None:
                     out[(s.family, s.local, s.remote)] = c
         return out

@@ -1,0 +1,578 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * portrace kernel side for the libbpf CO-RE engine: compiled once at build
+ * time (make setup, the wheel), relocated against /sys/kernel/btf/vmlinux at
+ * load. It reads the kernel's own state instead of rebuilding it from
+ * syscalls:
+ *
+ *   syscalls:sys_{enter,exit}_bind     the address asked for (user memory, at
+ *                                      entry: a failed bind resets the port);
+ *                                      at exit the socket itself, through the fd
+ *   syscalls:sys_{enter,exit}_listen   the socket's bound address and options
+ *   syscalls:sys_{enter,exit}_connect  EADDRNOTAVAIL/EADDRINUSE to a watched port
+ *   sock:inet_sock_set_state           who acted on a socket (process context),
+ *                                      who closed a minisock, recent transitions
+ *   iter/tcp, iter/udp                 the sockets of a port, minisocks with their
+ *                                      own flags and timers (per netns)
+ *   iter/task_file                     who holds them, bound-only sockets too
+ *
+ * No probe fires on socket(), setsockopt(), accept() or close(): their state
+ * is read from the socket when it matters. Hot paths test the errno and the
+ * port before touching any map.
+ */
+#include "kernel_types.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "portrace.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define EADDRINUSE 98
+#define EADDRNOTAVAIL 99
+
+/* include/net/tcp_states.h */
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
+#define TCP_TIME_WAIT 6
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
+#define TCP_LISTEN 10
+#define TCP_CLOSING 11
+#define TCP_NEW_SYN_RECV 12
+
+/* Settings, fixed before load (libbpf-tools style). */
+const volatile __u8 all_ports = 0;	/* 1: every port, failures only */
+const volatile __u8 stream_states = 0;	/* 1: transitions reach userspace (--states) */
+
+extern int CONFIG_HZ __kconfig __weak;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);	/* resized to the watched ports before load */
+	__type(key, __u16);
+	__type(value, __u8);
+} watched_ports SEC(".maps");
+
+/* A syscall's arguments, kept from sys_enter_* to sys_exit_* per thread. */
+struct pt_pending {
+	int fd;
+	__u16 family;
+	__u16 port;
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 10240);
+	__type(key, __u32);	/* tid */
+	__type(value, struct pt_pending);
+} pending SEC(".maps");
+
+/* The process last seen acting on a socket from a syscall, by struct sock
+ * address: bind() or listen() (who owns it) and close() (who closed it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct pt_task);
+} owners SEC(".maps");
+
+/* Who closed a socket that became a TIME_WAIT / FIN_WAIT2 minisock, by its
+ * 4-tuple: the minisock is a new object, so skaddr cannot find it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pt_tuple);
+	__type(value, struct pt_task);
+} closers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);	/* resized to the watched ports before load */
+	__type(key, __u16);
+	__type(value, struct pt_recent);
+} recent SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_query);
+} query SEC(".maps");
+
+/* Never used by a program: keeps the records' types in the object's BTF,
+ * where the frontend reads their layout. */
+union pt_event pt_event_layout;
+struct pt_sock pt_sock_layout;
+
+static __always_inline bool watched(__u16 port)
+{
+	return all_ports || bpf_map_lookup_elem(&watched_ports, &port);
+}
+
+static __always_inline void count_lost(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+	if (n)
+		(*n)++;
+}
+
+static __always_inline __u32 cur_tid(void)
+{
+	return (__u32)bpf_get_current_pid_tgid();
+}
+
+static __always_inline void fill_task(struct pt_task *t)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	t->ts_ns = bpf_ktime_get_ns();
+	t->pid = id >> 32;
+	t->tid = (__u32)id;
+	bpf_get_current_comm(&t->comm, sizeof(t->comm));
+}
+
+/* Read a sockaddr from the caller: sockaddr_in first, so a short IPv4
+ * buffer at a page end is not over-read. Returns 0 for AF_INET/AF_INET6. */
+static __always_inline int read_sockaddr(const void *uaddr, struct pt_pending *p)
+{
+	struct sockaddr_in6 sa = {};
+	if (bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), uaddr))
+		return -1;
+	if (sa.sin6_family == AF_INET6 && bpf_probe_read_user(&sa, sizeof(sa), uaddr))
+		return -1;
+	if (sa.sin6_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
+		__builtin_memcpy(p->addr, &sin->sin_addr, 4);
+	} else if (sa.sin6_family == AF_INET6) {
+		__builtin_memcpy(p->addr, &sa.sin6_addr, 16);
+	} else {
+		return -1;
+	}
+	p->family = sa.sin6_family;
+	p->port = bpf_ntohs(sa.sin6_port);
+	return 0;
+}
+
+/* The struct sock behind the current task's fd, NULL if it is no socket. */
+static __always_inline struct sock *fd_sock(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	unsigned int max = BPF_CORE_READ(fdt, max_fds);
+	struct file *f = NULL;
+	if (fd < 0 || (unsigned int)fd >= max)
+		return NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	if (!f || (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket *so = BPF_CORE_READ(f, private_data);
+	return BPF_CORE_READ(so, sk);
+}
+
+static __always_inline __u32 current_netns(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	return BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+}
+
+/* SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, SO_BINDTODEVICE as the socket has them. */
+static __always_inline __u8 sock_opts(const struct sock_common *skc)
+{
+	__u8 on = 0;
+	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuse))
+		on |= PT_OPT_REUSEADDR;
+	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuseport))
+		on |= PT_OPT_REUSEPORT;
+	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_ipv6only))
+		on |= PT_OPT_V6ONLY;
+	if (BPF_CORE_READ(skc, skc_bound_dev_if))
+		on |= PT_OPT_BINDTODEVICE;
+	return on;
+}
+
+static __always_inline __u64 sock_inode(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+}
+
+static __always_inline void read_local(const struct sock_common *skc, __u16 family, __u8 *addr)
+{
+	if (family == AF_INET6)
+		bpf_probe_read_kernel(addr, 16, &skc->skc_v6_rcv_saddr);
+	else
+		bpf_probe_read_kernel(addr, 4, &skc->skc_rcv_saddr);
+}
+
+/* Emit a bind(), listen() or connect() result with what the socket says. */
+static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret, struct sock *sk)
+{
+	struct pt_call *e = bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
+	if (!e) {
+		count_lost();
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(union pt_event));
+	e->kind = kind;
+	e->family = p->family;
+	e->port = p->port;
+	e->fd = p->fd;
+	e->err = ret < 0 ? -ret : 0;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->netns = current_netns();
+	e->sk_uid = PT_UID_UNKNOWN;
+	fill_task(&e->task);
+	__builtin_memcpy(e->addr, p->addr, 16);
+	if (sk) {
+		struct sock_common *skc = &sk->__sk_common;
+		__u16 proto = BPF_CORE_READ(sk, sk_protocol);
+		e->protocol = proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
+		e->opts.known = PT_OPT_REUSEADDR | PT_OPT_REUSEPORT | PT_OPT_V6ONLY |
+				PT_OPT_BINDTODEVICE;
+		e->opts.on = sock_opts(skc);
+		e->opts_source = PT_SRC_KERNEL;
+		e->sk_uid = BPF_CORE_READ(sk, sk_uid.val);
+		e->inode = sock_inode(sk);
+		e->skaddr = (__u64)sk;
+		if (kind == PT_CONNECT_ERROR)
+			e->local_port = BPF_CORE_READ(skc, skc_num);
+		if (bpf_core_field_exists(((struct inet_sock *)sk)->local_port_range)) {
+			__u32 range = BPF_CORE_READ((struct inet_sock *)sk, local_port_range);
+			e->range_lo = range & 0xffff;
+			e->range_hi = range >> 16;
+		}
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int stash(struct pt_pending *p)
+{
+	__u32 tid = cur_tid();
+	bpf_map_update_elem(&pending, &tid, p, BPF_ANY);
+	return 0;
+}
+
+/* Remember who bound or listened on a socket of a watched port. */
+static __always_inline void remember_owner(struct sock *sk)
+{
+	struct pt_task t = {};
+	__u64 key = (__u64)sk;
+	fill_task(&t);
+	bpf_map_update_elem(&owners, &key, &t, BPF_ANY);
+}
+
+SEC("tracepoint/syscalls/sys_enter_bind")
+int bind_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct pt_pending p = { .fd = (int)ctx->args[0] };
+	if (read_sockaddr((const void *)ctx->args[1], &p))
+		return 0;
+	/* Port 0 (autobind) is kept too: its failure is ephemeral exhaustion. */
+	if (p.port != 0 && !watched(p.port))
+		return 0;
+	return stash(&p);
+}
+
+SEC("tracepoint/syscalls/sys_exit_bind")
+int bind_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = bpf_map_lookup_elem(&pending, &tid);
+	if (!p)
+		return 0;
+	long ret = ctx->ret;
+	if (ret == 0) {
+		if (p->port != 0) {
+			struct sock *sk = fd_sock(p->fd);
+			if (sk)
+				remember_owner(sk);
+			/* Successes are streamed only for watched ports, so a tracer
+			 * on every port sends userspace nothing but failures. */
+			if (!all_ports)
+				emit_call(PT_BIND_OK, p, 0, sk);
+		}
+	} else if (p->port != 0 || ret == -EADDRINUSE) {
+		/* Host-wide port 0 reports only exhaustion: an unprivileged
+		 * EINVAL loop must not fill the ring buffer. */
+		if (!all_ports || ret == -EADDRINUSE || ret == -EADDRNOTAVAIL)
+			emit_call(PT_BIND_ERROR, p, ret, fd_sock(p->fd));
+	}
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_listen")
+int listen_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct pt_pending p = { .fd = (int)ctx->args[0] };
+	return stash(&p);
+}
+
+SEC("tracepoint/syscalls/sys_exit_listen")
+int listen_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = bpf_map_lookup_elem(&pending, &tid);
+	if (!p)
+		return 0;
+	long ret = ctx->ret;
+	struct sock *sk = NULL;
+	/* Only EADDRINUSE leaves the kernel from a failure; a success only
+	 * for a watched port. */
+	if (ret == -EADDRINUSE || (ret == 0 && !all_ports))
+		sk = fd_sock(p->fd);
+	if (sk) {
+		/* listen() keeps its port after a failure (inet_csk_listen_start
+		 * only resets the state); port 0: unbound, listen() autobound. */
+		struct sock_common *skc = &sk->__sk_common;
+		p->family = BPF_CORE_READ(skc, skc_family);
+		p->port = BPF_CORE_READ(skc, skc_num);
+		read_local(skc, p->family, p->addr);
+		if (ret < 0 && (p->port == 0 || watched(p->port)))
+			emit_call(PT_LISTEN_ERROR, p, ret, sk);
+		else if (ret == 0 && p->port != 0 && watched(p->port))
+			emit_call(PT_LISTEN_OK, p, 0, sk);	/* recovery is visible */
+	}
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int connect_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct pt_pending p = { .fd = (int)ctx->args[0] };
+	if (read_sockaddr((const void *)ctx->args[1], &p) || !watched(p.port))
+		return 0;
+	return stash(&p);
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = cur_tid();
+	struct pt_pending *p = bpf_map_lookup_elem(&pending, &tid);
+	if (!p)
+		return 0;
+	long ret = ctx->ret;
+	if (ret == -EADDRNOTAVAIL || ret == -EADDRINUSE)
+		emit_call(PT_CONNECT_ERROR, p, ret, fd_sock(p->fd));
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+static __always_inline void keep_recent(__u16 port, struct pt_state *rec)
+{
+	struct pt_recent *r = bpf_map_lookup_elem(&recent, &port);
+	if (!r) {
+		static const struct pt_recent empty;
+		bpf_map_update_elem(&recent, &port, &empty, BPF_NOEXIST);
+		r = bpf_map_lookup_elem(&recent, &port);
+		if (!r)
+			return;
+	}
+	__u32 slot = __sync_fetch_and_add(&r->next, 1) % PT_RECENT;
+	if (slot < PT_RECENT)
+		r->ring[slot] = *rec;
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP || !watched(ctx->sport))
+		return 0;
+	int olds = ctx->oldstate, news = ctx->newstate;
+	__u64 skaddr = (__u64)ctx->skaddr;
+
+	/* These transitions are made by a syscall of the socket's owner
+	 * (listen, connect, close/shutdown), so the task on the CPU is the
+	 * owner. Every other transition may run in softirq, on any task. */
+	if ((olds == TCP_CLOSE && (news == TCP_LISTEN || news == TCP_SYN_SENT)) ||
+	    (olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1) ||
+	    (olds == TCP_CLOSE_WAIT && news == TCP_LAST_ACK)) {
+		struct pt_task t = {};
+		fill_task(&t);
+		bpf_map_update_elem(&owners, &skaddr, &t, BPF_ANY);
+	}
+
+	struct pt_state rec = {};
+	rec.kind = PT_STATE;
+	rec.protocol = ctx->protocol;
+	rec.oldstate = olds;
+	rec.newstate = news;
+	rec.ts_ns = bpf_ktime_get_ns();
+	rec.skaddr = skaddr;
+	rec.tuple.family = ctx->family;
+	rec.tuple.sport = ctx->sport;
+	rec.tuple.dport = ctx->dport;
+	if (ctx->family == AF_INET) {
+		bpf_probe_read_kernel(rec.tuple.saddr, 4, ctx->saddr);
+		bpf_probe_read_kernel(rec.tuple.daddr, 4, ctx->daddr);
+	} else {
+		bpf_probe_read_kernel(rec.tuple.saddr, 16, ctx->saddr_v6);
+		bpf_probe_read_kernel(rec.tuple.daddr, 16, ctx->daddr_v6);
+	}
+	struct pt_task *owner = bpf_map_lookup_elem(&owners, &skaddr);
+	if (owner)
+		rec.owner = *owner;
+
+	/* FIN_WAIT2 -> CLOSE and CLOSING -> CLOSE are how entering TIME_WAIT
+	 * (or an orphaned FIN_WAIT2 minisock) shows: tcp_time_wait() ends with
+	 * tcp_done(). Remember the closer under the minisock's 4-tuple. */
+	if (news == TCP_CLOSE && owner && (olds == TCP_FIN_WAIT2 || olds == TCP_CLOSING))
+		bpf_map_update_elem(&closers, &rec.tuple, owner, BPF_ANY);
+
+	if (!all_ports) {
+		keep_recent(ctx->sport, &rec);
+		if (stream_states) {
+			struct pt_state *e = bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
+			if (e) {
+				__builtin_memset(e, 0, sizeof(union pt_event));
+				*e = rec;
+				bpf_ringbuf_submit(e, 0);
+			} else {
+				count_lost();
+			}
+		}
+	}
+	if (news == TCP_CLOSE)
+		bpf_map_delete_elem(&owners, &skaddr);
+	return 0;
+}
+
+/* -- iterators: the sockets of the queried ports, at failure time ---------- */
+
+static __always_inline struct pt_query *get_query(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&query, &zero);
+}
+
+static __always_inline void fill_sock(struct pt_sock *r, struct sock_common *skc, __u16 family)
+{
+	r->family = family;
+	r->sport = BPF_CORE_READ(skc, skc_num);
+	r->dport = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+	r->bound_dev_if = BPF_CORE_READ(skc, skc_bound_dev_if);
+	r->opts = sock_opts(skc);
+	r->skaddr = (__u64)skc;
+	r->expires_ms = -1;
+	read_local(skc, family, r->saddr);
+	if (family == AF_INET6)
+		bpf_probe_read_kernel(r->daddr, 16, &skc->skc_v6_daddr);
+	else
+		bpf_probe_read_kernel(r->daddr, 4, &skc->skc_daddr);
+}
+
+static __always_inline bool in_query(struct pt_query *q, struct sock_common *skc,
+				     __u16 *family)
+{
+	__u16 port = BPF_CORE_READ(skc, skc_num);
+	*family = BPF_CORE_READ(skc, skc_family);
+	return (*family == AF_INET || *family == AF_INET6) && port >= q->lo && port <= q->hi;
+}
+
+SEC("iter/tcp")
+int iter_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct pt_query *q = get_query();
+	struct pt_sock r = {};
+	__u16 family;
+	if (!skc || !q || !in_query(q, skc, &family))
+		return 0;
+	__u8 state = BPF_CORE_READ(skc, skc_state);
+	if (state == TCP_NEW_SYN_RECV)
+		return 0;	/* a request socket: its listener holds the port */
+	fill_sock(&r, skc, family);
+	r.protocol = IPPROTO_TCP;
+	if (state == TCP_TIME_WAIT) {
+		struct inet_timewait_sock *tw = (struct inet_timewait_sock *)skc;
+		r.minisock = 1;
+		r.state = BPF_CORE_READ(tw, tw_substate);
+		__u64 expires = BPF_CORE_READ(tw, tw_timer.expires), now = bpf_jiffies64();
+		__u64 hz = CONFIG_HZ > 0 ? (__u64)CONFIG_HZ : 0;
+		if (hz)
+			r.expires_ms = expires > now ? (expires - now) * 1000 / hz : 0;
+	} else {
+		struct sock *sk = (struct sock *)skc;
+		r.state = state;
+		r.uid = BPF_CORE_READ(sk, sk_uid.val);
+		r.inode = sock_inode(sk);
+	}
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	return 0;
+}
+
+SEC("iter/udp")
+int iter_udp(struct bpf_iter__udp *ctx)
+{
+	struct sock *sk = (struct sock *)ctx->udp_sk;
+	struct pt_query *q = get_query();
+	struct pt_sock r = {};
+	__u16 family;
+	if (!sk || !q || !in_query(q, &sk->__sk_common, &family))
+		return 0;
+	fill_sock(&r, &sk->__sk_common, family);
+	r.protocol = IPPROTO_UDP;
+	r.state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	r.uid = BPF_CORE_READ(sk, sk_uid.val);
+	r.inode = sock_inode(sk);
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	return 0;
+}
+
+SEC("iter/task_file")
+int iter_task_file(struct bpf_iter__task_file *ctx)
+{
+	struct file *f = ctx->file;
+	struct task_struct *task = ctx->task;
+	struct pt_query *q = get_query();
+	struct pt_sock r = {};
+	__u16 family;
+	if (!f || !task || !q || (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	struct socket *so = BPF_CORE_READ(f, private_data);
+	struct sock *sk = BPF_CORE_READ(so, sk);
+	if (!sk || !in_query(q, &sk->__sk_common, &family))
+		return 0;
+	if (BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum) != q->netns)
+		return 0;
+	__u16 proto = BPF_CORE_READ(sk, sk_protocol);
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	fill_sock(&r, &sk->__sk_common, family);
+	r.protocol = proto;
+	r.state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	r.uid = BPF_CORE_READ(sk, sk_uid.val);
+	r.inode = BPF_CORE_READ(f, f_inode, i_ino);
+	r.pid = BPF_CORE_READ(task, tgid);
+	r.ppid = BPF_CORE_READ(task, real_parent, tgid);
+	r.fd = ctx->fd;
+	BPF_CORE_READ_STR_INTO(&r.comm, task, comm);
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	return 0;
+}

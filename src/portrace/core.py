@@ -1,0 +1,258 @@
+"""The CO-RE engine: load ``bpf/core.bpf.o`` through libbpf and read the
+kernel's own socket state.
+
+- Failures arrive with the failing socket's options, owner uid, protocol,
+  inode and own port range read from its ``struct sock``, and the thread's
+  netns inode (bpf/core.bpf.c: emit_call), exact even when the socket
+  predates portrace or the process exits at once.
+- At failure time the port's sockets come from BPF iterators run inside the
+  failing namespace: ``iter/tcp`` (minisocks with their own flags and timers),
+  ``iter/udp``, and ``iter/task_file`` for every (process, fd) holding one,
+  bound-only sockets included. No ``/proc/PID/fd`` is read.
+- Who bound, listened or closed a socket, and the last transitions per port,
+  stay in kernel maps and are read here on demand.
+
+Records are decoded with the layout read from the object's own BTF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from portrace import engine, errors, libbpf, sockets
+from portrace.events import (
+    FAMILIES,
+    PROTOCOLS,
+    Closer,
+    Endpoint,
+    SockOpts,
+    StateChange,
+    Task,
+    tcp_state_name,
+)
+from portrace.records import (
+    CALLS,
+    PT_OPT_ALL,
+    PT_STATE,
+    MonotonicClock,
+    addr_text,
+    decode_call,
+    decode_state,
+    decode_task,
+    opts_of,
+)
+
+TRACEPOINTS = ("sock/inet_sock_set_state",) + tuple(
+    f"syscalls/sys_{edge}_{call}" for call in ("bind", "listen", "connect")
+    for edge in ("enter", "exit"))
+PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_enter",
+            "connect_exit", "set_state")
+ITERATORS = {"tcp": "iter_tcp", "udp": "iter_udp", "holders": "iter_task_file"}
+LOG_DIR = Path("/run/portrace")  # root-only: the verifier's log of a refused load
+PAGE = 4096
+
+
+class CoreEngine:
+    """The CO-RE engine for a set of ports (empty: every port, failures only).
+
+    ``states``: stream transitions to ``on_event`` (they are kept in the kernel
+    either way). Raises from :meth:`open` the errors of ``engine.preflight``,
+    NoLibbpf, and CoreLoadFailed when the kernel refuses the object.
+    """
+
+    name = "core"
+
+    def __init__(self, ports: Iterable[int], on_event: Callable[[Any], None],
+                 ringbuf_pages: int = 64, states: bool = True) -> None:
+        self.ports = sorted(set(ports))
+        self.on_event = on_event
+        self.ringbuf_pages = ringbuf_pages
+        self.states = states
+        self.clock = MonotonicClock()
+        self._obj: libbpf.BpfObject | None = None
+        self._rb = 0
+        self._iters: dict[str, int] = {}
+        self._lost_seen = 0
+
+    def open(self) -> None:
+        engine.preflight(TRACEPOINTS)
+        path = str(engine.core_object())
+        try:
+            obj = libbpf.BpfObject(path)
+        except libbpf.LibbpfMissing as exc:
+            raise errors.NoLibbpf(str(exc)) from None
+        except libbpf.LibbpfError as exc:
+            raise errors.NoLibbpf(f"cannot open the CO-RE object {path}: {exc}") from None
+        self._obj = obj
+        try:
+            n = max(1, len(self.ports))
+            obj.set_max_entries("watched_ports", n)
+            obj.set_max_entries("recent", n)
+            obj.set_max_entries("events", self.ringbuf_pages * PAGE)
+            obj.set_rodata({"all_ports": 0 if self.ports else 1,
+                            "stream_states": 1 if self.states else 0})
+            obj.load()
+            self.event_t = obj.btf.layout("pt_event")
+            self.sock_t = obj.btf.layout("pt_sock")
+            self.query_t = obj.btf.layout("pt_query")
+            self.task_t = obj.btf.layout("pt_task")
+            self.tuple_t = obj.btf.layout("pt_tuple")
+            self.recent_t = obj.btf.layout("pt_recent")
+            watched = obj.map("watched_ports")
+            for port in self.ports:
+                watched.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
+            for prog in PROGRAMS:
+                obj.attach(prog)
+            self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
+            self._rb = obj.ring_buffer("events", self._on_record)
+        except libbpf.LibbpfError as exc:
+            self.close()
+            raise errors.CoreLoadFailed(
+                f"the kernel refused the CO-RE object ({exc}); the verifier's last lines "
+                f"are in {_save_log(exc.log)}; `--engine bcc` does without it") from None
+
+    def _on_record(self, data: int, _size: int) -> None:
+        rec = self.event_t.from_address(data)
+        kind = rec.call.kind
+        if kind in CALLS:
+            self.on_event(decode_call(rec.call, self.clock))
+        elif kind == PT_STATE:
+            self.on_event(decode_state(rec.state, self.clock))
+
+    def poll(self, timeout_ms: int) -> None:
+        """Deliver pending records to ``on_event``; waits up to ``timeout_ms``."""
+        assert self._obj is not None
+        self._obj.poll(self._rb, timeout_ms)
+
+    def take_lost(self) -> int:
+        """Records dropped (ring buffer full) since the previous call."""
+        assert self._obj is not None
+        total = self._obj.map("lost").percpu_sum(ctypes.c_uint32(0))
+        new = total - self._lost_seen
+        self._lost_seen = total
+        return new
+
+    def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
+        """Who closed the socket with this 4-tuple, if the probes saw it close.
+        Its options are not taken from the close: the minisock keeps its own."""
+        assert self._obj is not None
+        key = self.tuple_t()
+        fam = socket.AF_INET if family == "inet" else socket.AF_INET6
+        key.family, key.sport, key.dport = fam, local.port, remote.port
+        for dst, addr in ((key.saddr, local.addr), (key.daddr, remote.addr)):
+            packed = socket.inet_pton(fam, addr)
+            ctypes.memmove(ctypes.addressof(dst), packed, len(packed))
+        raw = self.task_t()
+        if not self._obj.map("closers").lookup(key, raw):
+            return None
+        task = decode_task(raw, self.clock)
+        return None if task is None else Closer(pid=task.pid, comm=task.comm, ts=task.ts)
+
+    def owner(self, skaddr: int) -> Task | None:
+        """The process that last bound, listened on or closed this socket."""
+        assert self._obj is not None
+        raw = self.task_t()
+        if not skaddr or not self._obj.map("owners").lookup(ctypes.c_uint64(skaddr), raw):
+            return None
+        return decode_task(raw, self.clock)
+
+    def recent(self, port: int) -> list[StateChange] | None:
+        """The last transitions on a watched port, oldest first, from the kernel."""
+        assert self._obj is not None
+        raw = self.recent_t()
+        if not self._obj.map("recent").lookup(ctypes.c_uint16(port), raw):
+            return []
+        n = len(raw.ring)
+        count = min(raw.next, n)
+        slots = [(raw.next - count + i) % n for i in range(count)]
+        return [decode_state(raw.ring[s], self.clock) for s in slots
+                if raw.ring[s].kind == PT_STATE]
+
+    def fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]:
+        return {}  # every socket of a snapshot carries its own options
+
+    def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
+                 netns_inode: int, sysctls: Iterable[str], holders: bool
+                 ) -> sockets.Snapshot:
+        """The sockets on ``port`` (0: every port) in the namespace, from the
+        iterators, with their holders, and the named sysctls as it sees them."""
+        assert self._obj is not None
+        q = self.query_t()
+        q.netns, q.lo, q.hi = netns_inode, port or 1, port or 65535
+        self._obj.map("query").update(ctypes.c_uint32(0), q)
+        protos = tuple(protocols)
+        with sockets.entered(netns_fd):
+            values = sockets.read_sysctls(sysctls)
+            # bpf_iter_init_seq_net: tcp/udp iterators list the creator's netns.
+            raw = {p: self._obj.iterate(self._iters[p]) for p in protos}
+        held_raw = self._obj.iterate(self._iters["holders"]) if holders else b""
+        entries: list[sockets.SocketEntry] = []
+        seen: set[int] = set()
+        for p in protos:
+            for r in libbpf.records(raw[p], self.sock_t):
+                entries.append(_entry(r))
+                seen.add(r.skaddr)
+        found: dict[int, list[sockets.Holder]] = {}
+        fds: dict[tuple[int, int], list[int]] = {}
+        meta: dict[tuple[int, int], tuple[int, str]] = {}
+        for r in libbpf.records(held_raw, self.sock_t):
+            if PROTOCOLS.get(r.protocol) not in protos:
+                continue
+            if r.skaddr not in seen:  # bound-only: only the bind hash and fds know it
+                seen.add(r.skaddr)
+                entries.append(_entry(r))
+            fds.setdefault((r.inode, r.pid), []).append(r.fd)
+            meta[(r.inode, r.pid)] = (r.ppid, r.comm.decode(errors="replace"))
+        for (inode, pid), nums in fds.items():
+            ppid, comm = meta[(inode, pid)]
+            found.setdefault(inode, []).append(
+                sockets.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
+        return sockets.Snapshot(sockets=entries, holders=found, sysctls=values)
+
+    def close(self) -> None:
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+
+def _entry(r: Any) -> sockets.SocketEntry:
+    """``struct pt_sock`` -> SocketEntry, named as sock_diag would name it."""
+    protocol = PROTOCOLS.get(r.protocol, str(r.protocol))
+    family = FAMILIES.get(r.family, str(r.family))
+    fam = socket.AF_INET if family == "inet" else socket.AF_INET6
+    state = (tcp_state_name(r.state) if protocol == "tcp"
+             else sockets.UDP_STATE.get(r.state, str(r.state)))
+    opts = opts_of(PT_OPT_ALL, r.opts)
+    return sockets.SocketEntry(
+        protocol=protocol,
+        family=family,
+        state=state,
+        local=Endpoint(addr_text(fam, r.saddr), r.sport),
+        remote=Endpoint(addr_text(fam, r.daddr), r.dport) if r.dport else None,
+        inode=r.inode,
+        uid=r.uid,
+        cookie=0,
+        expires_ms=r.expires_ms if r.minisock and r.expires_ms >= 0 else None,
+        v6only=bool(opts.v6only) if family == "inet6" else None,
+        bound_dev_if=r.bound_dev_if,
+        opts=opts,
+        skaddr=r.skaddr,
+    )
+
+
+def _save_log(lines: list[str]) -> str:
+    """Write libbpf's last lines to a root-only file; returns its path."""
+    try:
+        LOG_DIR.mkdir(mode=0o700, exist_ok=True)
+        path = LOG_DIR / "verifier.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return str(path)
+    except OSError:
+        return "(unwritable log)"

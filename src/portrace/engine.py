@@ -1,0 +1,167 @@
+"""Which engine produces the events, and what every engine needs first.
+
+Two engines produce the same typed events (``portrace.records``); everything
+after them is shared:
+
+- ``core`` (``portrace.core``): a libbpf CO-RE object compiled at build time,
+  relocated against the kernel's BTF at load, reading the kernel's own socket
+  state and BPF iterators. Needs ``/sys/kernel/btf/vmlinux`` and ``libbpf.so.1``.
+- ``bcc`` (``portrace.probes``): compiled by bcc at every start against kernel
+  headers; tracepoint arguments and user memory only. The fallback where the
+  kernel has no BTF.
+
+``--engine auto`` (the default) takes ``core`` where it can run, else ``bcc``,
+and says why in the ``ready`` event.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from portrace import errors, sockets
+from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
+
+ENGINES = ("auto", "core", "bcc")
+KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
+CORE_OBJECT = "core.bpf.o"
+TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39  # include/uapi/linux/capability.h
+
+
+class Engine(Protocol):
+    """What the tracer asks of an engine. ``on_event`` (given at construction)
+    receives SocketCall and StateChange objects from :meth:`poll`."""
+
+    name: str
+
+    def open(self) -> None: ...
+    def poll(self, timeout_ms: int) -> None: ...
+    def take_lost(self) -> int: ...
+    def close(self) -> None: ...
+    def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None: ...
+    def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
+                 netns_inode: int, sysctls: Iterable[str], holders: bool
+                 ) -> sockets.Snapshot: ...
+    def fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]: ...
+    def owner(self, skaddr: int) -> Task | None: ...
+    def recent(self, port: int) -> list[StateChange] | None: ...
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str  # core | bcc
+    reason: str  # why, as the ready event says it
+
+
+def bpf_source_dir() -> Path:
+    """Where ``bpf/`` is installed (package data): sources and the CO-RE object."""
+    return Path(str(resources.files("portrace"))) / "bpf"
+
+
+def core_object() -> Path:
+    override = os.environ.get("PORTRACE_CORE_OBJECT")
+    return Path(override) if override else bpf_source_dir() / CORE_OBJECT
+
+
+def find_tracefs() -> Path:
+    """The mounted tracefs. Raises ``NoTracefs`` with the mount command to run."""
+    override = os.environ.get("PORTRACE_TRACEFS")
+    roots = (Path(override),) if override else TRACEFS_ROOTS
+    for root in roots:
+        if (root / "events").is_dir():
+            return root
+    raise errors.NoTracefs(
+        f"tracefs is not mounted at {', '.join(map(str, roots))}: "
+        "run `mount -t tracefs tracefs /sys/kernel/tracing` (or `sudo make setup`)"
+    )
+
+
+def effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def can_load_tracing_bpf(caps: int) -> bool:
+    """CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN (kernel/bpf/syscall.c: bpf_prog_load)."""
+    def has(cap: int) -> bool:
+        return bool(caps >> cap & 1)
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
+def preflight(tracepoints: Iterable[str]) -> Path:
+    """What every engine needs, cheapest first: root, the capabilities, tracefs
+    and these tracepoints (``group/name``). Returns the tracefs root.
+
+    Raises NeedsRoot, BpfUnavailable, NoTracefs, MissingTracepoint.
+    """
+    if os.geteuid() != 0:
+        raise errors.NeedsRoot(
+            "needs root to load BPF programs and read other processes' sockets: run with sudo"
+        )
+    if not can_load_tracing_bpf(effective_caps()):
+        raise errors.BpfUnavailable(
+            "root, but without CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN: the kernel will refuse "
+            "the BPF programs (a container or capability bounding set dropped them)"
+        )
+    tracefs = find_tracefs()
+    for tp in tracepoints:
+        if not (tracefs / "events" / tp).is_dir():
+            raise errors.MissingTracepoint(
+                f"this kernel has no tracepoint {tp.replace('/', ':')} "
+                f"(looked in {tracefs}/events); portrace needs it"
+                + (" (CONFIG_FTRACE_SYSCALLS)" if tp.startswith("syscalls") else "")
+            )
+    return tracefs
+
+
+def core_unavailable() -> str | None:
+    """Why the CO-RE engine cannot run here, None if it can (as far as files tell)."""
+    from portrace import libbpf
+
+    if not KERNEL_BTF.exists():
+        return f"no kernel BTF at {KERNEL_BTF} (CONFIG_DEBUG_INFO_BTF)"
+    if not core_object().exists():
+        return f"the CO-RE object {core_object()} was not built (`sudo make setup` builds it)"
+    try:
+        major, minor = libbpf.version()
+    except libbpf.LibbpfMissing as exc:
+        return str(exc)
+    if (major, minor) < libbpf.LIBBPF_MIN:
+        return f"libbpf {major}.{minor} is older than {'.'.join(map(str, libbpf.LIBBPF_MIN))}"
+    return None
+
+
+def choose(requested: str) -> Choice:
+    """The engine to run for ``--engine requested``. Raises NoKernelBtf or
+    NoLibbpf when ``core`` is asked for and cannot run."""
+    if requested == "bcc":
+        return Choice("bcc", "asked for with --engine bcc")
+    why_not = core_unavailable()
+    if requested == "core":
+        if why_not is None:
+            return Choice("core", "asked for with --engine core")
+        if "BTF" in why_not:
+            raise errors.NoKernelBtf(f"--engine core: {why_not}")
+        raise errors.NoLibbpf(f"--engine core: {why_not}")
+    if why_not is not None:
+        return Choice("bcc", f"CO-RE engine unavailable: {why_not}")
+    return Choice("core", f"kernel BTF at {KERNEL_BTF}")
+
+
+def make(choice: Choice, ports: Iterable[int], on_event: Callable[[Any], None],
+         ringbuf_pages: int = 64, states: bool = True) -> Engine:
+    if choice.name == "core":
+        from portrace.core import CoreEngine
+
+        return CoreEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)
+    from portrace.probes import Probes
+
+    return Probes(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)

@@ -1,0 +1,278 @@
+"""A thin ctypes layer over the system's ``libbpf.so.1`` (Debian ``libbpf1``).
+
+No well-kept Python binding of libbpf exists (bcc's Python cannot load a
+prebuilt object, bcc issue 3823; pylibbpf 0.0.x says it is not ready for
+production), so this module declares the dozen C functions the CO-RE engine
+calls and nothing else: open, size maps, set ``const volatile`` settings,
+load, attach, map access, ring buffers, iterators. Every failure raises
+:class:`LibbpfError` with libbpf's errno and its last log lines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from portrace import btf
+
+LIBBPF_NAMES = ("libbpf.so.1", "libbpf.so")
+LIBBPF_MIN = (0, 7)  # ring_buffer, bpf_program__attach_iter, bpf_map__initial_value
+LOG_LINES = 40  # libbpf/verifier lines kept for an error report
+
+_p = ctypes.c_void_p
+PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "libbpf_major_version": (ctypes.c_uint32, []),
+    "libbpf_minor_version": (ctypes.c_uint32, []),
+    "libbpf_set_print": (_p, [PRINT_FN]),
+    "libbpf_num_possible_cpus": (ctypes.c_int, []),
+    "bpf_object__open_file": (_p, [ctypes.c_char_p, _p]),
+    "bpf_object__load": (ctypes.c_int, [_p]),
+    "bpf_object__close": (None, [_p]),
+    "bpf_object__btf": (_p, [_p]),
+    "bpf_object__find_program_by_name": (_p, [_p, ctypes.c_char_p]),
+    "bpf_object__find_map_by_name": (_p, [_p, ctypes.c_char_p]),
+    "bpf_object__next_map": (_p, [_p, _p]),
+    "bpf_map__name": (ctypes.c_char_p, [_p]),
+    "bpf_map__fd": (ctypes.c_int, [_p]),
+    "bpf_map__set_max_entries": (ctypes.c_int, [_p, ctypes.c_uint32]),
+    "bpf_map__initial_value": (_p, [_p, ctypes.POINTER(ctypes.c_size_t)]),
+    "bpf_program__attach": (_p, [_p]),
+    "bpf_program__attach_iter": (_p, [_p, _p]),
+    "bpf_link__fd": (ctypes.c_int, [_p]),
+    "bpf_link__destroy": (ctypes.c_int, [_p]),
+    "bpf_iter_create": (ctypes.c_int, [ctypes.c_int]),
+    "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _p, _p, ctypes.c_uint64]),
+    "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _p, _p]),
+    "ring_buffer__new": (_p, [ctypes.c_int, SAMPLE_FN, _p, _p]),
+    "ring_buffer__poll": (ctypes.c_int, [_p, ctypes.c_int]),
+    "ring_buffer__free": (None, [_p]),
+    "btf__type_by_id": (_p, [_p, ctypes.c_uint32]),
+    "btf__name_by_offset": (ctypes.c_char_p, [_p, ctypes.c_uint32]),
+    "btf__find_by_name_kind": (ctypes.c_int32, [_p, ctypes.c_char_p, ctypes.c_uint32]),
+}
+
+
+class LibbpfError(OSError):
+    """A libbpf call failed: ``errno`` is its error, ``log`` its last lines."""
+
+    def __init__(self, what: str, err: int, log: list[str]) -> None:
+        super().__init__(err, f"{what}: {os.strerror(err)}")
+        self.what = what
+        self.log = log
+
+
+class LibbpfMissing(ImportError):
+    """No usable libbpf.so.1 on this host (absent, or older than LIBBPF_MIN)."""
+
+
+_lib: Any = None
+_log: deque[str] = deque(maxlen=LOG_LINES)
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+
+@PRINT_FN
+def _print(_level: int, fmt: bytes, args: int) -> int:
+    # va_list is passed by reference on x86_64 and aarch64, so vsnprintf can
+    # format it from here.
+    buf = ctypes.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    for line in buf.value.decode(errors="replace").splitlines():
+        if line.strip():
+            _log.append(line.rstrip())
+    return 0
+
+
+def load() -> Any:
+    """The loaded library with its signatures declared. Raises LibbpfMissing."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    lib = None
+    for name in LIBBPF_NAMES:
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        raise LibbpfMissing("libbpf.so.1 not found (install the OS package libbpf1)")
+    missing = [n for n in _SIGNATURES if not hasattr(lib, n)]
+    if missing:
+        raise LibbpfMissing(f"libbpf is too old: it lacks {', '.join(missing[:3])} "
+                            f"(need {'.'.join(map(str, LIBBPF_MIN))} or newer)")
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    lib.libbpf_set_print(_print)
+    _lib = lib
+    return lib
+
+
+def version() -> tuple[int, int]:
+    lib = load()
+    return int(lib.libbpf_major_version()), int(lib.libbpf_minor_version())
+
+
+def log_tail() -> list[str]:
+    """libbpf's (and the verifier's) most recent log lines."""
+    return list(_log)
+
+
+def _check(what: str, ret: int) -> int:
+    if ret < 0:
+        raise LibbpfError(what, -ret if ret != -1 else (ctypes.get_errno() or errno.EINVAL),
+                          log_tail())
+    return ret
+
+
+def _nonnull(what: str, ptr: int | None) -> int:
+    if not ptr:
+        raise LibbpfError(what, ctypes.get_errno() or errno.EINVAL, log_tail())
+    return ptr
+
+
+class Map:
+    """One map of a loaded object: fixed-size keys and values (ctypes types)."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+
+    def update(self, key: Any, value: Any) -> None:
+        ret = load().bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), 0)
+        _check(f"update map {self.name}", ret)
+
+    def lookup(self, key: Any, value: Any) -> bool:
+        """Fill ``value`` (a ctypes object); False when the key is absent."""
+        ret = load().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        if ret < 0:
+            if ctypes.get_errno() == errno.ENOENT or ret == -errno.ENOENT:
+                return False
+            _check(f"look up map {self.name}", ret)
+        return True
+
+    def percpu_sum(self, key: Any) -> int:
+        """The sum of a per-CPU array's u64 slots at ``key``."""
+        ncpu = load().libbpf_num_possible_cpus()
+        values = (ctypes.c_uint64 * _check("count CPUs", ncpu))()
+        if not self.lookup(key, values):
+            return 0
+        return int(sum(values))
+
+
+class BpfObject:
+    """A compiled BPF object file: open, configure, load, attach, read.
+
+    Raises :class:`LibbpfError` from every step; :meth:`close` releases all.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.lib = load()
+        self.path = path
+        self._obj = _nonnull(f"open {path}", self.lib.bpf_object__open_file(path.encode(), None))
+        self._links: list[int] = []
+        self._rings: list[tuple[int, Any]] = []
+        self.btf = btf.Btf(self.lib, _nonnull("read the object's BTF",
+                                              self.lib.bpf_object__btf(self._obj)))
+
+    def _map(self, name: str) -> int:
+        return _nonnull(f"find map {name}",
+                        self.lib.bpf_object__find_map_by_name(self._obj, name.encode()))
+
+    def set_max_entries(self, name: str, n: int) -> None:
+        """Before load: size a map (e.g. to the number of watched ports)."""
+        _check(f"size map {name}", self.lib.bpf_map__set_max_entries(self._map(name), n))
+
+    def set_rodata(self, values: dict[str, int]) -> None:
+        """Before load: the ``const volatile`` settings, by variable name."""
+        m = self.lib.bpf_object__next_map(self._obj, None)
+        while m and not self.lib.bpf_map__name(m).endswith(b".rodata"):
+            m = self.lib.bpf_object__next_map(self._obj, m)
+        size = ctypes.c_size_t()
+        data = _nonnull(".rodata", self.lib.bpf_map__initial_value(m, ctypes.byref(size))
+                        if m else None)
+        layout = self.btf.datasec(".rodata")
+        for name, value in values.items():
+            offset, width = layout[name]
+            raw = int(value).to_bytes(width, "little", signed=False)
+            ctypes.memmove(data + offset, raw, width)
+
+    def load(self) -> None:
+        _check(f"load {self.path}", self.lib.bpf_object__load(self._obj))
+
+    def attach(self, program: str) -> None:
+        """Attach by the program's SEC() (tracepoints); detached by close()."""
+        prog = _nonnull(f"find program {program}",
+                        self.lib.bpf_object__find_program_by_name(self._obj, program.encode()))
+        self._links.append(_nonnull(f"attach {program}", self.lib.bpf_program__attach(prog)))
+
+    def iterator_link(self, program: str) -> int:
+        """Attach an ``iter/*`` program; the link makes iterators (see iterate)."""
+        prog = _nonnull(f"find program {program}",
+                        self.lib.bpf_object__find_program_by_name(self._obj, program.encode()))
+        link = _nonnull(f"attach iterator {program}",
+                        self.lib.bpf_program__attach_iter(prog, None))
+        self._links.append(link)
+        return link
+
+    def iterate(self, link: int, chunk: int = 1 << 16) -> bytes:
+        """Run an iterator once and return what it wrote. The iterator sees
+        the network namespace of the calling thread (bpf_iter_init_seq_net)."""
+        fd = _check("create iterator", self.lib.bpf_iter_create(self.lib.bpf_link__fd(link)))
+        parts = []
+        try:
+            while True:
+                part = os.read(fd, chunk)
+                if not part:
+                    break
+                parts.append(part)
+        finally:
+            os.close(fd)
+        return b"".join(parts)
+
+    def map(self, name: str) -> Map:
+        return Map(_check(f"map fd {name}", self.lib.bpf_map__fd(self._map(name))), name)
+
+    def ring_buffer(self, name: str, callback: Callable[[int, int], None]) -> int:
+        """A ring buffer over map ``name``; ``callback(address, size)`` per record."""
+        def sample(_ctx: int, data: int, size: int) -> int:
+            callback(data, size)
+            return 0
+        fn = SAMPLE_FN(sample)  # kept alive with the ring
+        rb = _nonnull(f"ring buffer {name}",
+                      self.lib.ring_buffer__new(self.map(name).fd, fn, None, None))
+        self._rings.append((rb, fn))
+        return rb
+
+    def poll(self, rb: int, timeout_ms: int) -> int:
+        ret = self.lib.ring_buffer__poll(rb, timeout_ms)
+        if ret == -errno.EINTR:
+            return 0
+        return _check("poll ring buffer", ret)
+
+    def close(self) -> None:
+        for rb, _fn in self._rings:
+            self.lib.ring_buffer__free(rb)
+        self._rings.clear()
+        for link in reversed(self._links):
+            self.lib.bpf_link__destroy(link)
+        self._links.clear()
+        if self._obj:
+            self.lib.bpf_object__close(self._obj)
+            self._obj = 0
+
+
+def records(data: bytes, layout: type[ctypes.Structure]) -> Iterator[Any]:
+    """Fixed-size records an iterator wrote, decoded with ``layout``."""
+    size = ctypes.sizeof(layout)
+    for off in range(0, len(data) - size + 1, size):
+        yield layout.from_buffer_copy(data, off)
