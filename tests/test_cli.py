@@ -52,30 +52,31 @@ def test_not_root():
     assert_one_line_error(r, errors.NeedsRoot.exit_code, "root")
 
 
-def test_root_without_bpf_capabilities():
+def test_root_without_bpf_capabilities(engine):
     need_root()
-    r = run("9090", prefix=("setpriv", "--bounding-set=-all", "--inh-caps=-all"))
+    r = run("--engine", engine, "9090",
+            prefix=("setpriv", "--bounding-set=-all", "--inh-caps=-all"))
     assert_one_line_error(r, errors.BpfUnavailable.exit_code, "CAP_BPF")
 
 
-def test_no_tracefs():
+def test_no_tracefs(engine):
     need_root()
-    r = run("9090", env={"PORTRACE_TRACEFS": "/nonexistent/tracing"})
+    r = run("--engine", engine, "9090", env={"PORTRACE_TRACEFS": "/nonexistent/tracing"})
     assert_one_line_error(r, errors.NoTracefs.exit_code, "mount -t tracefs")
 
 
-def test_kernel_without_a_needed_tracepoint(tmp_path: Path):
+def test_kernel_without_a_needed_tracepoint(engine, tmp_path: Path):
     need_root()
     # A tracefs view that has the bind tracepoints but not inet_sock_set_state.
     for tp in ("syscalls/sys_enter_bind", "syscalls/sys_exit_bind"):
         (tmp_path / "events" / tp).mkdir(parents=True)
-    r = run("9090", env={"PORTRACE_TRACEFS": str(tmp_path)})
+    r = run("--engine", engine, "9090", env={"PORTRACE_TRACEFS": str(tmp_path)})
     assert_one_line_error(r, errors.MissingTracepoint.exit_code, "sock:inet_sock_set_state")
 
 
 def test_missing_kernel_headers():
     need_root()
-    r = run("9090", env={"BCC_KERNEL_SOURCE": "/nonexistent/build"})
+    r = run("--engine", "bcc", "9090", env={"BCC_KERNEL_SOURCE": "/nonexistent/build"})
     assert_one_line_error(r, errors.NoKernelHeaders.exit_code, "kernel headers")
 
 

@@ -223,7 +223,7 @@ def test_tracing_never_causes_eaddrinuse(tracer, port):
                            start=mark) is not None  # the probes did see the loop
 
 
-def test_all_ports_with_pid_filter_streams_only_that_process_failures(netns, tmp_path):
+def test_all_ports_with_pid_filter_streams_only_that_process_failures(engine, netns, tmp_path):
     """`portrace --json -p PID -o FILE` (no port): every port, failures only."""
     port = 19177  # not among the session tracer's ports
     holder = Staged("listen", "0.0.0.0", port, "--hold", name="holder", netns=netns)
@@ -232,7 +232,7 @@ def test_all_ports_with_pid_filter_streams_only_that_process_failures(netns, tmp
     other = Staged("bind", "0.0.0.0", port, "--wait", "--hold", name="unwatched",
                    netns=netns, first="waiting")
     evidence = tmp_path / "evidence.jsonl"
-    t = TracerProcess([], extra=["-p", str(mine.pid), "-o", str(evidence)])
+    t = TracerProcess([], extra=["-p", str(mine.pid), "-o", str(evidence)], engine=engine)
     try:
         ready = t.wait_for(lambda e: e["type"] == "ready", timeout=120)
         assert ready is not None and ready["ports"] == []

@@ -16,10 +16,10 @@ PORT = 19190
 BINDS = 2000
 
 
-def test_every_record_is_delivered_or_counted_lost():
+def test_every_record_is_delivered_or_counted_lost(engine):
     need_root()
     seen: list[object] = []
-    tracer = Tracer([PORT], seen.append, ringbuf_pages=1)
+    tracer = Tracer([PORT], seen.append, ringbuf_pages=1, engine_name=engine)
     try:
         tracer.start()
     except PortraceError as exc:

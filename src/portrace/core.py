@@ -190,7 +190,8 @@ class CoreEngine:
             values = sockets.read_sysctls(sysctls)
             # bpf_iter_init_seq_net: tcp/udp iterators list the creator's netns.
             raw = {p: self._obj.iterate(self._iters[p]) for p in protos}
-        held_raw = self._obj.iterate(self._iters["holders"]) if holders else b""
+        # Run even without holders wanted: bound-only sockets are only found here.
+        held_raw = self._obj.iterate(self._iters["holders"])
         entries: list[sockets.SocketEntry] = []
         seen: set[int] = set()
         for p in protos:
@@ -206,8 +207,9 @@ class CoreEngine:
             if r.skaddr not in seen:  # bound-only: only the bind hash and fds know it
                 seen.add(r.skaddr)
                 entries.append(_entry(r))
-            fds.setdefault((r.inode, r.pid), []).append(r.fd)
-            meta[(r.inode, r.pid)] = (r.ppid, r.comm.decode(errors="replace"))
+            if holders:
+                fds.setdefault((r.inode, r.pid), []).append(r.fd)
+                meta[(r.inode, r.pid)] = (r.ppid, r.comm.decode(errors="replace"))
         for (inode, pid), nums in fds.items():
             ppid, comm = meta[(inode, pid)]
             found.setdefault(inode, []).append(
