@@ -410,12 +410,14 @@ int set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	/* These transitions are made by a syscall of the socket's owner
 	 * (listen, connect, close/shutdown), so the task on the CPU is the
 	 * owner. Every other transition may run in softirq, on any task. */
-	if ((olds == TCP_CLOSE && (news == TCP_LISTEN || news == TCP_SYN_SENT)) ||
-	    (olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1) ||
+	bool opening = olds == TCP_CLOSE && (news == TCP_LISTEN || news == TCP_SYN_SENT);
+	if (opening || (olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1) ||
 	    (olds == TCP_CLOSE_WAIT && news == TCP_LAST_ACK)) {
 		struct pt_task t = {};
 		fill_task(&t);
-		bpf_map_update_elem(&owners, &skaddr, &t, BPF_ANY);
+		/* listen()/connect() keep the binder seen at bind(); a close
+		 * names the closer. */
+		bpf_map_update_elem(&owners, &skaddr, &t, opening ? BPF_NOEXIST : BPF_ANY);
 	}
 
 	struct pt_state rec = {};

@@ -23,7 +23,7 @@ from portrace.stage import ScratchNetns
 
 IN_CI = bool(os.environ.get("CI"))
 BASE_PORT = 19100
-PORTS = list(range(BASE_PORT, BASE_PORT + 20))
+PORTS = list(range(BASE_PORT, BASE_PORT + 30))
 READY_TIMEOUT_S = 120
 
 
@@ -136,6 +136,6 @@ _next_port: dict[str, Iterator[int]] = {}
 
 @pytest.fixture
 def port(engine: str) -> int:
-    """A watched port no other test of this engine uses (the last six are the
-    matrix's)."""
-    return next(_next_port.setdefault(engine, iter(PORTS[:-6])))
+    """A watched port no other test of this engine uses (the last eleven are
+    test_kernel_truth's and the matrix's)."""
+    return next(_next_port.setdefault(engine, iter(PORTS[:-11])))

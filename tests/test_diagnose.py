@@ -179,12 +179,22 @@ def test_gone_blocker_says_so_and_shows_last_seen():
                        local=Endpoint("127.0.0.1", 9090), remote=Endpoint("127.0.0.1", 5),
                        old="LISTEN", new="CLOSE",
                        owner=Task(pid=9, tid=9, comm="old-server", ts=NOW))
-    v = verdict(req("127.0.0.1"), attempt("127.0.0.1"), [], {}, last, "tracer")
+    v = verdict(req("127.0.0.1"), attempt("127.0.0.1"), [], {}, last, "process")
     assert v.cause == "unknown"
     assert "gone by lookup" in v.summary
     assert "last socket seen on the port: 127.0.0.1:9090 <-> 127.0.0.1:5 entering CLOSE, by " \
            "old-server[9], 0.000 s before the failure" in v.summary
-    assert any("exited before its network namespace" in a for a in v.advice)
+
+
+
+@pytest.mark.parametrize("source", ["tracer", "gone"])
+def test_no_blame_outside_the_failing_namespace(source):
+    """A namespace that could not be entered (gone) or not known (bcc, the
+    process exited) is not replaced by another: nothing is named, no kill."""
+    v = verdict(req("127.0.0.1"), attempt("127.0.0.1"), [], {}, None, source)
+    assert v.cause == "unknown"
+    assert "nothing was looked up" in v.summary or "nothing could be looked up" in v.summary
+    assert not any("kill" in a for a in v.advice)
 
 
 def test_other_errno_is_not_called_a_conflict():

@@ -82,10 +82,15 @@ def _reuseaddr_why(req: Request, b: Blocker) -> str:
 
 
 def _reuseport_note(req: Request, b: Blocker) -> str | None:
-    if req.opts.reuseport and b.opts.reuseport and not b.minisock and req.uid is not None \
-            and req.uid != b.uid:
-        return (f"SO_REUSEPORT is set on both, but refused: the old socket belongs to uid "
-                f"{b.uid} and this process runs as uid {req.uid} {cite('reuseport')}.")
+    if req.opts.reuseport and b.opts.reuseport and not b.minisock:
+        if req.uid is None:
+            return (f"SO_REUSEPORT is set on both; it passes only if both sockets have the "
+                    f"same owner {cite('reuseport')}, and this engine cannot read the new "
+                    "socket's (--engine core can).")
+        if req.uid != b.uid:
+            return (f"SO_REUSEPORT is set on both, but refused: the old socket belongs to uid "
+                    f"{b.uid} and the new one to uid {req.uid} (its creator's fsuid at "
+                    f"socket()) {cite('reuseport')}.")
     if req.opts.reuseport and b.opts.reuseport is False:
         return "The new socket set SO_REUSEPORT, but the old one did not: both need it."
     return None
@@ -223,6 +228,18 @@ def _range_phrase(u: PortUsage) -> str:
             f"{u.in_use} in use" + (f" ({states})" if states else ""))
 
 
+def _range_unknown(attempt: SocketCall, u: PortUsage | None) -> list[str]:
+    """When the engine cannot read IP_LOCAL_PORT_RANGE and the range is not
+    full by our count, the socket's own range may be what ran out."""
+    if attempt.opts_source == "kernel" or u is None:
+        return []
+    if u.in_use + u.reserved >= u.high - u.low + 1:
+        return []
+    return ["The range is not full by this count: the socket's own IP_LOCAL_PORT_RANGE "
+            f"(6.8+) may narrow it {cite('local_port_range')}, which this engine cannot read "
+            "(--engine core can)."]
+
+
 def _widen(u: PortUsage | None) -> str:
     """What to widen: the sysctl, or, when the socket narrows it, the option."""
     if u is not None and u.socket_range is not None:
@@ -242,6 +259,7 @@ def _autobind_exhausted(attempt: SocketCall, usage: PortUsage | None,
     advice = [
         f"Now: close sockets that hold ports of the range, or {_widen(usage)} "
         f"{cite('autobind')}.",
+        *_range_unknown(attempt, usage),
         "In code: bind servers to a fixed port; for outgoing connections let connect() pick "
         "the port (it can share a local port across destinations; bind(0) cannot) "
         f"{cite('connect_port')}.",
@@ -334,9 +352,11 @@ def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
                   "process is named here, since the only namespace left to look in is "
                   "another one."]
     if netns_source == "tracer":
-        advice.append("The failing process exited before its network namespace could be read; "
-                      "portrace looked in its own. If that process ran in a container, its "
-                      "blocker is in the container's namespace.")
+        summary = (f"the failing process exited before its network namespace could be read, "
+                   f"so nothing was looked up for {ep}")
+        advice = ["Now: retry it; this engine (bcc) cannot read a gone process's namespace, and "
+                  "naming a socket of another namespace could blame the wrong process. "
+                  "--engine core reads the namespace in the kernel at the failure."]
     return Verdict(cause="unknown", summary=summary, advice=tuple(advice))
 
 

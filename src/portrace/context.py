@@ -92,19 +92,6 @@ def process_facts(pid: int) -> dict[str, Any] | None:
     return facts
 
 
-def uniform_uid(pid: int) -> int | None:
-    """The process's uid when its real, effective, saved and filesystem uids
-    agree, else None. For an engine that cannot read sk_uid (the creator's
-    fsuid at socket()): a process that switches uids gets no guess."""
-    try:
-        uids = psutil.Process(pid).uids()
-        with open(f"/proc/{pid}/status") as f:
-            fs = next(int(ln.split()[4]) for ln in f if ln.startswith("Uid:"))
-    except (psutil.Error, OSError, StopIteration, IndexError, ValueError):
-        return None
-    return uids.real if uids.real == uids.effective == uids.saved == fs else None
-
-
 def _safe(getter: Any) -> Any:
     try:
         return getter()

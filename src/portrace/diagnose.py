@@ -143,10 +143,9 @@ class Request:
     call: str = "bind"
 
     @classmethod
-    def of(cls, attempt: SocketCall, bindv6only: bool | None = None,
-           owner_uid: int | None = None) -> Request:
-        """``owner_uid``: the failing socket's sk_uid when the engine did not
-        read it but something else tells it; None: unknown (RULES reuseport)."""
+    def of(cls, attempt: SocketCall, bindv6only: bool | None = None) -> Request:
+        """The owner uid is the socket's sk_uid where the engine read it; the
+        caller's uid is no stand-in for it (RULES reuseport), so else None."""
         v6only = attempt.opts.v6only
         if attempt.family == "inet6":
             a = IPv6(attempt.addr)
@@ -154,9 +153,8 @@ class Request:
                 v6only = True  # RULES["v6only_specific"]
             elif v6only is None:
                 v6only = bindv6only
-        uid = attempt.sk_uid if attempt.sk_uid is not None else owner_uid
         return cls(attempt.protocol, attempt.family, attempt.addr, attempt.port, v6only,
-                   attempt.opts, uid, attempt.call)
+                   attempt.opts, attempt.sk_uid, attempt.call)
 
 
 def all3(*vals: bool | None) -> bool | None:
@@ -261,11 +259,13 @@ def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
     held = holders.get(s.inode, ())
     pids = {h.pid for h in held}
     if s.skaddr in owners:
+        # The kernel saw this very socket bound or listened on by that pid:
+        # every other holder got the fd by fork/exec or SCM_RIGHTS.
         bound_by = {owners[s.skaddr]}
     else:
         bound_by = {b.pid for b in binders.get((s.family, s.local.addr, s.local.port), ())}
-    if bound_by and len(held) > 1 and not bound_by & pids:
-        bound_by = set()  # several holders, none a binder: cannot tell who inherited
+        if bound_by and len(held) > 1 and not bound_by & pids:
+            bound_by = set()  # several holders, none a binder of the address: cannot tell
     refs = []
     for h in sorted(held, key=lambda h: h.pid):
         if bound_by:
@@ -288,7 +288,9 @@ def _options(s: SocketEntry, closer: Closer | None, fd_opts: Mapping[int, SockOp
     if s.opts is not None:
         return s.opts, "kernel"  # read from the socket (minisocks: their own copy)
     if s.minisock:
-        return (closer.opts, "closer") if closer is not None else (UNKNOWN_OPTS, None)
+        if closer is None or closer.opts == UNKNOWN_OPTS:
+            return UNKNOWN_OPTS, None
+        return closer.opts, "closer"
     if s.inode in fd_opts:
         return fd_opts[s.inode], "probes"
     seen = binders.get((s.family, s.local.addr, s.local.port), ())

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from portrace.errors import StagingFailed
 
 PR_SET_NAME = 15
+IP_LOCAL_PORT_RANGE = 51  # include/uapi/linux/in.h (6.3+); not in Python's socket module
 
 
 def _set_comm(name: str) -> None:
@@ -130,13 +131,18 @@ def role_listen_fork_child(a: argparse.Namespace) -> None:
 
 def role_timewait(a: argparse.Namespace) -> None:
     """Serve one connection and close it first (active close), then exit:
-    the server side of the connection is left in TIME_WAIT."""
+    the server side of the connection is left in TIME_WAIT. --wait: print
+    ``waiting`` with the connection up, and close only once a line arrives
+    (a server that was running before the tracer started)."""
     srv = _socket(a.addr, reuseaddr=a.reuseaddr)
     srv.bind((a.addr, a.port))
     srv.listen()
     cli = socket.create_connection((a.addr, a.port))
     client_port = cli.getsockname()[1]
     conn, _ = srv.accept()
+    if a.wait:
+        print("waiting", flush=True)
+        sys.stdin.readline()
     conn.close()  # server closes first: ESTABLISHED -> FIN_WAIT1 in this process
     deadline = time.monotonic() + 5
     while cli.recv(1) and time.monotonic() < deadline:  # wait for the server's FIN
@@ -162,6 +168,59 @@ def role_finwait2(a: argparse.Namespace) -> None:
     _ready(cli.getsockname()[1])
     _hold()  # the client keeps its end open: no FIN ever comes back
     cli.close()
+
+
+def role_listen_forks(a: argparse.Namespace) -> None:
+    """Listen, then fork --count children that inherit the listening fd and
+    sleep; ``ready`` with every pid holding it, parent first. --orphan: the
+    parent exits at once (a master killed, its workers keep the port)."""
+    s = _socket(a.addr, **_opts(a))
+    s.bind((a.addr, a.port))
+    s.listen()
+    children = []
+    for i in range(a.count):
+        pid = os.fork()
+        if pid == 0:
+            _set_comm(f"worker-{i}")
+            time.sleep(a.child_seconds)
+            os._exit(0)
+        children.append(pid)
+    if a.orphan:
+        _ready(*children)
+        os._exit(0)
+    _ready(os.getpid(), *children)
+    _hold()
+    for pid in children:
+        os.kill(pid, 15)
+
+
+def role_crowd(a: argparse.Namespace) -> None:
+    """Listen on PORT and hold --count loopback connections to it, the client
+    ends in a child process (each side stays under the fd limit): a busy
+    namespace of 2 x count sockets around the conflict under test."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = a.count + 64
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    srv = _socket(a.addr)
+    srv.bind((a.addr, a.port))
+    srv.listen(4096)
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        srv.close()
+        clients = [socket.create_connection((a.addr, a.port)) for _ in range(a.count)]
+        os.write(wfd, b"x")
+        _hold()
+        del clients
+        os._exit(0)
+    conns = [srv.accept()[0] for _ in range(a.count)]
+    os.read(rfd, 1)
+    _ready(2 * len(conns))
+    _hold()
+    os.kill(child, 15)
 
 
 def role_serve(a: argparse.Namespace) -> None:
@@ -263,17 +322,27 @@ def role_bind(a: argparse.Namespace) -> None:
     else bind()) and take it only once a line arrives. --no-bind: only listen
     (autobind). --own-listener: first listen on the address itself, and
     close that listener right after the bind fails (a blocker gone at once).
-    --uid: drop to that uid (and its gid) before creating the socket."""
+    --uid: drop to that uid (and its gid) before creating the socket.
+    --euid: create the socket under that effective uid only (its sk_uid), then
+    switch back before bind(). --port-range LO-HI: IP_LOCAL_PORT_RANGE."""
     if a.uid is not None:
         os.setgroups([])
         os.setgid(a.uid)
         os.setuid(a.uid)
+    if a.euid is not None:
+        os.seteuid(a.euid)
     own = None
     if a.own_listener:
         own = _socket(a.addr)
         own.bind((a.addr, a.port))
         own.listen()
     s = _socket(a.addr, **_opts(a))
+    if a.euid is not None:
+        os.seteuid(0)  # bind() runs as root: only the socket's owner differs
+    if a.port_range:
+        lo, hi = (int(x) for x in a.port_range.split("-"))
+        value = (lo | hi << 16).to_bytes(4, sys.byteorder)  # u32: high << 16 | low
+        s.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, value)
 
     def wait() -> None:
         print("waiting", flush=True)
@@ -296,6 +365,8 @@ def role_bind(a: argparse.Namespace) -> None:
 ROLES = {
     "listen": role_listen,
     "listen-fork-child": role_listen_fork_child,
+    "listen-forks": role_listen_forks,
+    "crowd": role_crowd,
     "timewait": role_timewait,
     "established": role_established,
     "finwait2": role_finwait2,
@@ -328,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-bind", action="store_true")
     p.add_argument("--own-listener", action="store_true")
     p.add_argument("--uid", type=int)
+    p.add_argument("--euid", type=int)
+    p.add_argument("--port-range")
+    p.add_argument("--orphan", action="store_true")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--every", type=float, default=0.2)
     p.add_argument("--within", type=float, default=10.0)

@@ -180,8 +180,8 @@ class Tracer:
     def diagnose(self, attempt: SocketCall) -> CallError:
         """Snapshot the port (or, for ephemeral exhaustion, the whole range) in
         the failing socket's netns and judge it. Nothing is looked up in a
-        namespace other than the failing socket's: when it cannot be entered
-        (``netns.source`` ``gone``), no blocker is named."""
+        namespace other than the failing socket's: when it cannot be entered or
+        is not known (``netns.source`` ``gone`` or ``tracer``), no blocker is named."""
         if attempt.netns:  # the kernel said which namespace (CO-RE engine)
             netns_fd, netns = sockets.open_netns_inode(attempt.netns, attempt.pid, attempt.tid)
         else:
@@ -197,8 +197,10 @@ class Tracer:
             if own is None and attempt.call == "listen":
                 own = sockets.fd_inode(attempt.pid, attempt.fd)
             snap = sockets.Snapshot(sockets=[])
+            # "tracer": the engine could not tell the namespace (bcc, the process
+            # gone); looking in ours could blame the wrong process.
             if (attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL)
-                    and netns.source != "gone"):
+                    and netns.source not in ("gone", "tracer")):
                 protocol = attempt.protocol
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
                 whole_range = attempt.call == "connect" or attempt.port == 0
@@ -212,9 +214,7 @@ class Tracer:
                 os.close(netns_fd)
         sysctls = snap.sysctls
         v6default = sysctls.get("net.ipv6.bindv6only")
-        owner_uid = None if attempt.sk_uid is not None else context.uniform_uid(attempt.pid)
-        req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1",
-                                  owner_uid=owner_uid)
+        req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
         usage = None
         blockers: list = []
         if attempt.call == "connect" or attempt.port == 0:
