@@ -489,12 +489,12 @@ static __always_inline void fill_sock(struct pt_sock *r, struct sock_common *skc
 		bpf_probe_read_kernel(r->daddr, 4, &skc->skc_daddr);
 }
 
-static __always_inline bool in_query(struct pt_query *q, struct sock_common *skc,
-				     __u16 *family)
+/* The iterators' filter runs on every socket (or fd) of the host, so it reads
+ * through the trusted pointers the iterator hands over (plain loads), and
+ * only a match pays for the probed reads of fill_sock(). */
+static __always_inline bool in_query(struct pt_query *q, __u16 family, __u16 port)
 {
-	__u16 port = BPF_CORE_READ(skc, skc_num);
-	*family = BPF_CORE_READ(skc, skc_family);
-	return (*family == AF_INET || *family == AF_INET6) && port >= q->lo && port <= q->hi;
+	return (family == AF_INET || family == AF_INET6) && port >= q->lo && port <= q->hi;
 }
 
 SEC("iter/tcp")
@@ -503,10 +503,12 @@ int iter_tcp(struct bpf_iter__tcp *ctx)
 	struct sock_common *skc = ctx->sk_common;
 	struct pt_query *q = get_query();
 	struct pt_sock r = {};
-	__u16 family;
-	if (!skc || !q || !in_query(q, skc, &family))
+	if (!skc || !q)
 		return 0;
-	__u8 state = BPF_CORE_READ(skc, skc_state);
+	__u16 family = skc->skc_family;
+	if (!in_query(q, family, skc->skc_num))
+		return 0;
+	__u8 state = skc->skc_state;
 	if (state == TCP_NEW_SYN_RECV)
 		return 0;	/* a request socket: its listener holds the port */
 	fill_sock(&r, skc, family);
@@ -535,8 +537,10 @@ int iter_udp(struct bpf_iter__udp *ctx)
 	struct sock *sk = (struct sock *)ctx->udp_sk;
 	struct pt_query *q = get_query();
 	struct pt_sock r = {};
-	__u16 family;
-	if (!sk || !q || !in_query(q, &sk->__sk_common, &family))
+	if (!sk || !q)
+		return 0;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (!in_query(q, family, BPF_CORE_READ(sk, __sk_common.skc_num)))
 		return 0;
 	fill_sock(&r, &sk->__sk_common, family);
 	r.protocol = IPPROTO_UDP;
@@ -554,14 +558,18 @@ int iter_task_file(struct bpf_iter__task_file *ctx)
 	struct task_struct *task = ctx->task;
 	struct pt_query *q = get_query();
 	struct pt_sock r = {};
-	__u16 family;
-	if (!f || !task || !q || (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+	if (!f || !task || !q)
 		return 0;
-	struct socket *so = BPF_CORE_READ(f, private_data);
-	struct sock *sk = BPF_CORE_READ(so, sk);
-	if (!sk || !in_query(q, &sk->__sk_common, &family))
+	struct socket *so = bpf_sock_from_file(f);	/* NULL: not a socket */
+	if (!so)
 		return 0;
-	if (BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum) != q->netns)
+	struct sock *sk = so->sk;
+	if (!sk)
+		return 0;
+	__u16 family = sk->__sk_common.skc_family;
+	if (!in_query(q, family, sk->__sk_common.skc_num))
+		return 0;
+	if (sk->__sk_common.skc_net.net->ns.inum != q->netns)
 		return 0;
 	__u16 proto = BPF_CORE_READ(sk, sk_protocol);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)

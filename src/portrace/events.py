@@ -283,6 +283,7 @@ class CallError:
     process: dict[str, Any] | None = None  # context.process_facts of the failing process
     host: dict[str, str] = field(default_factory=dict)
     recent: tuple[StateChange, ...] = ()  # transitions on the port shortly before
+    verdict_ms: float | None = None  # from the failure in the kernel to the verdict, facts included
 
     @property
     def type(self) -> str:
@@ -435,6 +436,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "verdict": {"cause": ev.verdict.cause, "summary": ev.verdict.summary,
                         "advice": list(ev.verdict.advice)},
             "lookup_ms": round(ev.lookup_ms, 3),
+            "verdict_ms": None if ev.verdict_ms is None else round(ev.verdict_ms, 3),
             "last_seen": None if ev.last_seen is None else _state(ev.last_seen),
             "ephemeral": _usage(ev.usage),
             "sysctls": dict(ev.sysctls),

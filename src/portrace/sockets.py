@@ -15,14 +15,15 @@ Kernel facts used here (checked against the source and on 6.18):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
-from pyroute2 import DiagSocket
-from pyroute2.netns import popns, pushns
 
 from portrace.events import FAMILIES, Endpoint, Netns, PortUsage, SockOpts, tcp_state_name
 
@@ -146,17 +147,36 @@ def _members() -> Iterator[str]:
         yield f"/proc/{pid}/ns/net"
 
 
+CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
+
+
+def _setns(fd: int) -> None:
+    """setns(2) for the calling thread only (os.setns is Python 3.12+)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
 @contextlib.contextmanager
 def entered(netns_fd: int | None) -> Iterator[None]:
-    """Run the body with this thread in ``netns_fd`` (None: stay where we are)."""
+    """Run the body with this thread in ``netns_fd`` (None: stay where we are).
+    Raises OSError if the namespace cannot be entered."""
     if netns_fd is None:
         yield
         return
-    pushns(netns_fd)
+    home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
     try:
-        yield
+        _setns(netns_fd)
+        try:
+            yield
+        finally:
+            _setns(home)
     finally:
-        popns()
+        os.close(home)
 
 
 def socket_protocol(pid: int, fd: int) -> str | None:
@@ -196,7 +216,7 @@ def _entry(protocol: str, msg: dict) -> SocketEntry:
     )
 
 
-def _dump(ds: DiagSocket, port: int, protocols: Iterable[str]) -> list[SocketEntry]:
+def _dump(ds: Any, port: int, protocols: Iterable[str]) -> list[SocketEntry]:
     """Every socket with local port ``port`` (0: every port) in ``ds``'s
     namespace, both families."""
     out: list[SocketEntry] = []
@@ -322,6 +342,8 @@ def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
     (None: ours), who holds them, and the named sysctls as that namespace sees
     them (``net.*`` ones are per netns). Raises OSError if the namespace cannot
     be entered."""
+    from pyroute2 import DiagSocket  # only this engine's path pays for importing it
+
     with entered(netns_fd):
         ds = DiagSocket()  # the netlink socket keeps the namespace it was made in
         values = read_sysctls(sysctls)

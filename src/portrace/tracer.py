@@ -236,11 +236,13 @@ class Tracer:
             on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
             last_seen = on_port[-1] if on_port else None
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
+        with_facts = _with_facts(blockers)
         return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
-                         netns=netns, blockers=_with_facts(blockers), verdict=verdict,
+                         netns=netns, blockers=with_facts, verdict=verdict,
                          lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
-                         recent=recent)
+                         recent=recent,
+                         verdict_ms=(time.time() - attempt.ts.timestamp()) * 1000.0)
 
     def _recent(self, attempt: SocketCall) -> tuple[StateChange, ...]:
         """Transitions on the port in the RECENT_S before the failure: from the

@@ -1,0 +1,234 @@
+"""Both engines side by side, with bcc's tcpstates (-L) as the anchor, in one
+run, interleaved (figures, not pass/fail; root): `make bench`.
+
+1. start-up to `ready` (median of RUNS) and peak RSS after one diagnosed
+   failure, per engine; tcpstates: to its header line.
+2. churn ratio, traced / untraced connections per second (bench/churn.py in a
+   throwaway netns), median of REPS interleaved pairs: (a) a watched port the
+   churn does not use, (b) the churn's own port watched, (c) all ports; with
+   the records lost.
+3. failure -> verdict (``verdict_ms``: kernel timestamp to the finished event,
+   process facts included), median and p99 over FAILURES failures, with 0, 20k
+   and 50k TCP sockets in the namespace, beside `ss -tanp 'sport = :P'` there.
+
+Issue 8's targets for the CO-RE engine are printed beside the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from portrace.stage import ScratchNetns, Staged
+
+RUNS = 5
+REPS = int(os.environ.get("BENCH_REPS", "3"))
+CHURN_S = float(os.environ.get("BENCH_CHURN_S", "3"))
+FAILURES = 50
+WATCHED, CHURN_PORT, CROWD_PORT = 19490, 19491, 19492
+ENGINES = ("core", "bcc")
+TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def p99(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else float("nan")
+
+
+def vm_hwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Portrace:
+    """`portrace --json ...` as a child; JSON lines read in the background."""
+
+    def __init__(self, engine: str, *args: str) -> None:
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "portrace", "--json", "--engine", engine, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        ready = self.wait(lambda e: e["type"] == "ready", 120)
+        assert ready is not None, f"portrace --engine {engine} did not get ready"
+        self.ready_s = time.monotonic() - self.t0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cond:
+                self.events.append(json.loads(line))
+                self.cond.notify_all()
+
+    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float,
+             start: int = 0) -> dict[str, Any] | None:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = next((e for e in self.events[start:] if pred(e)), None)
+                if found or time.monotonic() > end:
+                    return found
+                self.cond.wait(0.1)
+
+    def wait_count(self, kind: str, n: int, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while sum(e["type"] == kind for e in self.events) < n and time.monotonic() < end:
+                self.cond.wait(0.1)
+
+    def lost(self) -> int:
+        with self.cond:
+            return sum(e["count"] for e in self.events if e["type"] == "lost")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class TcpStates:
+    """bcc's tcpstates -L PORT, until its header line (it has attached)."""
+
+    def __init__(self, port: int) -> None:
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([TCPSTATES, "-L", str(port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()
+        self.ready_s = time.monotonic() - self.t0
+        # Drain what it prints, as a terminal would.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def startup() -> None:
+    print("1. start-up to ready (median of 5) and peak RSS after one diagnosed failure")
+    ready: dict[str, list[float]] = {e: [] for e in (*ENGINES, "tcpstates")}
+    rss: dict[str, list[float]] = {e: [] for e in (*ENGINES, "tcpstates")}
+    for _ in range(RUNS):  # interleaved: core, bcc, tcpstates, core, ...
+        for engine in ENGINES:
+            p = Portrace(engine, str(WATCHED))
+            holder = Staged("listen", "127.0.0.1", WATCHED, "--hold", name="holder")
+            Staged("bind", "127.0.0.1", WATCHED, name="new-server").release()
+            p.wait(lambda e: e["type"] == "bind_error", 30)
+            holder.release()
+            ready[engine].append(p.ready_s)
+            rss[engine].append(vm_hwm_mib(p.proc.pid))
+            p.stop()
+        if os.path.exists(TCPSTATES):
+            t = TcpStates(WATCHED)
+            ready["tcpstates"].append(t.ready_s)
+            rss["tcpstates"].append(vm_hwm_mib(t.proc.pid))
+            t.stop()
+    print(f"   {'':12} {'ready (s)':>10} {'peak RSS (MiB)':>15}   target (core)")
+    for name in ready:
+        target = "<= 0.3 s, <= 40 MiB" if name == "core" else ""
+        print(f"   {name:12} {median(ready[name]):>10.2f} {median(rss[name]):>15.1f}   {target}")
+
+
+def churn_ratios(ns: ScratchNetns) -> None:
+    print(f"2. churn, traced / untraced connections per second (median of {REPS} "
+          f"interleaved pairs, {CHURN_S:.0f} s each)")
+
+    def run_churn() -> float:
+        r = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable,
+                            str(Path(__file__).resolve().parent / "churn.py"),
+                            str(CHURN_PORT), str(CHURN_S)], capture_output=True, text=True)
+        return float(r.stdout.strip() or 0)
+
+    cases: list[tuple[str, list[str], str]] = [
+        ("(a) idle watched port", [str(WATCHED)], ">= 0.97x"),
+        ("(b) churn's port watched", [str(CHURN_PORT)], ">= 0.90x"),
+        ("(c) all ports", [], ">= 0.95x"),
+    ]
+    print(f"   {'':28} {'core':>14} {'bcc':>14} {'tcpstates -L':>14}   target (core)")
+    for title, args, target in cases:
+        cells = []
+        for tracer in (*ENGINES, "tcpstates"):
+            if tracer == "tcpstates" and (not args or not os.path.exists(TCPSTATES)):
+                cells.append(f"{'-':>14}")
+                continue
+            ratios, lost = [], 0
+            for _ in range(REPS):
+                base = run_churn()
+                if tracer == "tcpstates":
+                    t: Any = TcpStates(int(args[0]))
+                else:
+                    t = Portrace(tracer, *args)
+                traced = run_churn()
+                if tracer != "tcpstates":
+                    lost += t.lost()
+                t.stop()
+                ratios.append(traced / base if base else 0.0)
+            lost_txt = f" l{lost}" if tracer != "tcpstates" else ""
+            cells.append(f"{median(ratios):>9.2f}x{lost_txt:>4}")
+        print(f"   {title:28} {' '.join(cells)}   {target}, 0 lost")
+
+
+def latency() -> None:
+    print(f"3. failure -> verdict (verdict_ms), median / p99 of {FAILURES} failures, "
+          "by TCP sockets in the namespace")
+    print(f"   {'sockets':>8} {'core':>18} {'bcc':>18} {'ss -tanp sport':>16}   target (core)")
+    for n in (0, 20000, 50000):
+        with ScratchNetns(f"portrace-bench-{os.getpid()}-{n}") as ns:
+            crowds = [Staged("crowd", "127.0.0.1", CROWD_PORT + i, "--count", "12500", "--hold",
+                             name="crowd", netns=ns, timeout=300)
+                      for i in range(n // 25000)]
+            if n == 20000:
+                crowds.append(Staged("crowd", "127.0.0.1", CROWD_PORT, "--count", "10000",
+                                     "--hold", name="crowd", netns=ns, timeout=300))
+            holder = Staged("listen", "127.0.0.1", WATCHED, "--hold", name="holder", netns=ns)
+            cells = []
+            for engine in ENGINES:
+                p = Portrace(engine, "--coalesce", "0", str(WATCHED))
+                loop = ("import socket, time\n"
+                        f"for _ in range({FAILURES}):\n"
+                        "    s = socket.socket()\n"
+                        f"    try: s.bind(('127.0.0.1', {WATCHED}))\n"
+                        "    except OSError: pass\n"
+                        "    s.close(); time.sleep(0.05)\n")
+                subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop])
+                p.wait_count("bind_error", FAILURES, 120)
+                ms = [e["verdict_ms"] for e in p.events if e["type"] == "bind_error"]
+                p.stop()
+                cells.append(f"{median(ms):>8.1f} / {p99(ms):>6.1f}")
+            ss = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                subprocess.run(["ip", "netns", "exec", ns.name, "ss", "-tanp",
+                                f"sport = :{WATCHED}"], capture_output=True)
+                ss.append((time.monotonic() - t0) * 1000)
+            holder.release()
+            for c in crowds:
+                c.release(timeout=60)
+            target = "median <= 15 ms, p99 <= 50 ms" if n == 50000 else ""
+            print(f"   {n:>8} {cells[0]:>18} {cells[1]:>18} {median(ss):>13.1f} ms   {target}")
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (make bench)")
+    print(f"portrace bench, kernel {os.uname().release}, {os.cpu_count()} CPUs\n")
+    startup()
+    with ScratchNetns(f"portrace-churn-{os.getpid()}") as churn_ns:
+        churn_ratios(churn_ns)
+    latency()
