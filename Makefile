@@ -33,7 +33,9 @@ test: lint
 	$(VENV)/bin/python -m pytest
 
 bench: setup
-	$(VENV)/bin/python bench/startup.py
+	bash scripts/setup.sh --bench
+	$(VENV)/bin/python bench/engines.py
+	$(VENV)/bin/python bench/flood.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache $(CORE_OBJ)

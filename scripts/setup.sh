@@ -4,7 +4,8 @@
 #     libbpf1 (the CO-RE engine's loader);
 #     with --test, also what the tests use: chromium (the HTML report is opened
 #     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck,
-#     debootstrap + qemu-system-x86 + e2fsprogs (the VM test);
+#     debootstrap + qemu-system-x86 + e2fsprogs (the VM test); with --bench,
+#     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor);
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
 #     llvm and libbpf-dev are installed for that build only (run time needs
 #     none of them, nor kernel headers);
@@ -18,7 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KREL=$(uname -r)
 WITH_TESTS=0
+WITH_BENCH=0
 [ "${1:-}" = "--test" ] && WITH_TESTS=1
+[ "${1:-}" = "--bench" ] && WITH_BENCH=1
 SYS_PY=/usr/bin/python3
 say() { printf 'setup: %s\n' "$*"; }
 warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
@@ -47,6 +50,7 @@ missing() {
 
 # 1. OS packages
 packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
+[ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools"  # tcpstates, the anchor
 [ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs"
 # shellcheck disable=SC2086
 need=$(missing $packages)

@@ -85,3 +85,65 @@ def test_help_lists_exit_codes():
     assert r.returncode == 0
     for code in errors.EXIT_CODES:
         assert f"  {code}  " in r.stdout
+
+
+def _ready_of(*args: str, env: dict[str, str]) -> dict:
+    """Start `portrace --json ARGS`, return its ready event, stop it."""
+    import json
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "portrace", "--json", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **env})
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    assert line, p.stderr.read() if p.stderr else ""
+    return json.loads(line)
+
+
+@pytest.mark.parametrize(("env", "code", "words", "reason"), [
+    ({"PORTRACE_KERNEL_BTF": "/nonexistent/vmlinux"}, errors.NoKernelBtf.exit_code,
+     ("no kernel BTF",), "no kernel BTF"),
+    ({"PORTRACE_LIBBPF": "/nonexistent/libbpf.so.1"}, errors.NoLibbpf.exit_code,
+     ("libbpf.so.1 not found", "libbpf1"), "not found"),
+], ids=["no-btf", "no-libbpf"])
+def test_core_preflight_and_auto_fallback(env, code, words, reason):
+    """--engine core fails in one line with its own code; auto falls back to
+    bcc and says why in `ready`."""
+    need_root()
+    assert_one_line_error(run("--engine", "core", "9090", env=env), code, *words)
+    ready = _ready_of("9090", env=env)
+    assert ready["engine"] == "bcc" and reason in ready["engine_reason"]
+
+
+def test_core_object_the_verifier_refuses(tmp_path: Path):
+    """An object whose load the verifier refuses: --engine core exits 14 with
+    one line and the verifier's words in the log; auto falls back to bcc."""
+    need_root()
+    from portrace.engine import bpf_source_dir
+
+    src = tmp_path / "broken.bpf.c"
+    src.write_text('#include "core.bpf.c"\n'
+                   'SEC("tracepoint/syscalls/sys_enter_bind")\n'
+                   'int broken(void *ctx) { return *(volatile int *)0; }\n')
+    obj = tmp_path / "broken.bpf.o"
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-mcpu=v3",
+                    f"-I{bpf_source_dir()}", "-c", str(src), "-o", str(obj)], check=True)
+    env = {"PORTRACE_CORE_OBJECT": str(obj)}
+    r = run("--engine", "core", "9090", env=env)
+    assert_one_line_error(r, errors.CoreLoadFailed.exit_code, "refused", "/run/portrace/")
+    log = Path("/run/portrace/verifier.log").read_text()
+    assert "invalid mem access" in log or "R1" in log, log[-2000:]
+    ready = _ready_of("9090", env=env)
+    assert ready["engine"] == "bcc" and "refused" in ready["engine_reason"]
+
+
+def test_demo_runs_on_core_without_kernel_headers():
+    """`portrace demo` on the default engine needs no kernel headers."""
+    need_root()
+    r = run("demo", "--port", "19550", env={"BCC_KERNEL_SOURCE": "/nonexistent/build"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "portrace demo: engine core (kernel BTF at" in r.stdout
+    assert "portrace demo: 2 of 2 staged conflicts diagnosed" in r.stdout

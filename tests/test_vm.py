@@ -1,7 +1,8 @@
-"""A real VM: Debian stable made with debootstrap (its stock kernel and the
-matching headers, so a second kernel version in CI) boots under QEMU, is
-provisioned by vagrant/provision.sh (the Vagrantfile's script, i.e. the
-README's `make setup`), and runs `portrace demo` and a lab comparison.
+"""Real VMs: Debian 12 (kernel 6.1) and Debian 13 (kernel 6.12), made with
+debootstrap (each its stock kernel and the matching headers, so two more
+kernel versions in CI), boot under QEMU, are provisioned by
+vagrant/provision.sh (the Vagrantfile's script, i.e. the README's
+`make setup`), and run `portrace demo` on both engines and a lab comparison.
 
 Runs in CI; elsewhere only with PORTRACE_VM=1 (it takes minutes)."""
 
@@ -19,6 +20,7 @@ from conftest import IN_CI, need_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "vagrant" / ".cache"
+SUITES = {"bookworm": "6.1.", "trixie": "6.12."}  # Debian release -> its kernel series
 
 
 def section(console: str, name: str) -> str:
@@ -27,30 +29,37 @@ def section(console: str, name: str) -> str:
     return m.group(1)
 
 
+@pytest.fixture(scope="module", params=list(SUITES))
+def suite(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def console() -> str:
+def console(suite: str) -> str:
     if not (IN_CI or os.environ.get("PORTRACE_VM") == "1"):
         pytest.skip("boots a VM for minutes: runs in CI, or with PORTRACE_VM=1")
     need_root()
     for tool in ("debootstrap", "qemu-system-x86_64", "mkfs.ext4"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: make setup-test installs it")
-    build = subprocess.run(["bash", "scripts/vm/build-image.sh", str(CACHE)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=3600)
+    cache = CACHE / suite
+    env = {**os.environ, "PORTRACE_VM_SUITE": suite}
+    build = subprocess.run(["bash", "scripts/vm/build-image.sh", str(cache)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=3600, env=env)
     assert build.returncode == 0, build.stdout + build.stderr
     print(build.stdout)
-    boot = subprocess.run(["bash", "scripts/vm/boot.sh", str(CACHE), "2400"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=2700)
-    (CACHE / "console.log").write_text(boot.stdout)
+    boot = subprocess.run(["bash", "scripts/vm/boot.sh", str(cache), "2400"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=2700, env=env)
+    (cache / "console.log").write_text(boot.stdout)
     assert "=== done" in boot.stdout, boot.stdout[-3000:] + boot.stderr[-2000:]
     return boot.stdout
 
 
-def test_vm_runs_its_own_kernel_with_matching_headers(console):
+def test_vm_runs_its_own_kernel_with_matching_headers(console, suite):
     m = re.search(r"=== kernel (\S+) headers (\S+)", console)
     assert m, console[:2000]
     release, headers = m.groups()
-    assert release != os.uname().release  # a second kernel version
+    assert release != os.uname().release and release.startswith(SUITES[suite])
     assert headers.startswith("/usr/src/linux-headers-") and release in headers
 
 
@@ -62,6 +71,16 @@ def test_vm_is_provisioned_by_the_vagrantfile_script(console):
 def test_vm_demo_diagnoses_both_staged_conflicts(console):
     assert re.search(r"^=== demo-exit 0\r?$", console, re.M), section(console, "demo")
     assert "portrace demo: 2 of 2 staged conflicts diagnosed" in section(console, "demo")
+    # The default is the CO-RE engine: the stock kernel has BTF.
+    assert "portrace demo: engine core (kernel BTF at" in section(console, "demo")
+
+
+@pytest.mark.parametrize("engine", ["core", "bcc"])
+def test_vm_demo_on_each_engine(console, engine):
+    text = section(console, f"demo-{engine}")
+    assert re.search(rf"^=== demo-{engine}-exit 0\r?$", console, re.M), text
+    assert f"portrace demo: engine {engine} (asked for with --engine {engine})" in text
+    assert "portrace demo: 2 of 2 staged conflicts diagnosed" in text
 
 
 def test_vm_lab_agrees_with_the_kernel(console):

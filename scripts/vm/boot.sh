@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Boot the Debian image (build-image.sh) under QEMU with this checkout in it.
 # Inside, as init: provision exactly as the README does (vagrant/provision.sh,
-# i.e. `make setup`, offline from the wheelhouse), run `portrace demo`, run a
-# lab comparison, print everything on the serial console, power off.
-# The console goes to stdout; sections are marked "=== NAME".
+# i.e. `make setup`, offline from the wheelhouse), run `portrace demo` on each
+# engine, run a lab comparison, print everything on the serial console, power
+# off. The console goes to stdout; sections are marked "=== NAME".
 #   boot.sh [DIR] [TIMEOUT_S]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${1:-vagrant/.cache}
+out=${1:-vagrant/.cache/${PORTRACE_VM_SUITE:-bookworm}}
 limit=${2:-2400}
 rootfs="$out/rootfs"
 [ -e "$rootfs/.portrace-built" ] || { echo "boot: no image; run build-image.sh" >&2; exit 1; }
 
 rm -rf "$rootfs/portrace"
 mkdir -p "$rootfs/portrace"
+# bpf/core.bpf.o comes along, built on the host: the VM needs no clang.
 tar --exclude=./.venv --exclude=./vagrant/.cache --exclude=./.git --exclude='*.egg-info' \
     --exclude=__pycache__ -cf - . | tar -xf - -C "$rootfs/portrace"
 
@@ -36,6 +37,11 @@ echo "=== provision-exit $?"
 echo "=== demo"
 .venv/bin/portrace demo
 echo "=== demo-exit $?"
+for engine in core bcc; do
+    echo "=== demo-$engine"
+    .venv/bin/portrace demo --engine "$engine"
+    echo "=== demo-$engine-exit $?"
+done
 echo "=== lab"
 .venv/bin/portrace lab restart-timewait connect-exhaustion \
     --compare net.ipv4.tcp_tw_reuse=0,1 --within 4

@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# Build (or reuse) a bootable Debian stable image for portrace's VM test:
-# debootstrap with the stock kernel and its matching headers, bcc, and an
-# offline wheelhouse of portrace's Python dependencies (the VM has no
-# network). Output in DIR (default vagrant/.cache, git-ignored):
+# Build (or reuse) a bootable Debian image for portrace's VM test:
+# debootstrap with the stock kernel and its matching headers, bcc, libbpf, and
+# an offline wheelhouse of portrace's Python dependencies for that release's
+# Python (the VM has no network). PORTRACE_VM_SUITE picks the release:
+# bookworm (Debian 12, kernel 6.1; the default) or trixie (Debian 13, 6.12).
+# Output in DIR (default vagrant/.cache/SUITE, git-ignored):
 #   rootfs/ (the tree), vmlinuz, initrd.img
 # The project itself is copied in by boot.sh on every run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${1:-vagrant/.cache}
 suite=${PORTRACE_VM_SUITE:-bookworm}
+out=${1:-vagrant/.cache/$suite}
 rootfs="$out/rootfs"
 mkdir -p "$out"
 if [ ! -e "$rootfs/.portrace-built" ]; then
     rm -rf "$rootfs"
     start=$(date +%s)
     debootstrap --variant=minbase \
-        --include=linux-image-amd64,linux-headers-amd64,initramfs-tools,python3-bpfcc,python3-venv,iproute2,procps,make,kmod,ca-certificates \
+        --include=linux-image-amd64,linux-headers-amd64,initramfs-tools,python3-bpfcc,python3-venv,iproute2,libbpf1,procps,make,kmod,ca-certificates \
         "$suite" "$rootfs" http://deb.debian.org/debian >"$out/debootstrap.log" 2>&1 \
         || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
     echo "build-image: debootstrap took $(( $(date +%s) - start )) s"
     touch "$rootfs/.portrace-built"
 fi
-# The wheelhouse: what `make setup` pip-installs, for Python 3.11 (bookworm's).
+# The wheelhouse: what `make setup` pip-installs, as wheels for the image's Python.
 if [ ! -e "$rootfs/wheelhouse/.complete" ]; then
     mkdir -p "$rootfs/wheelhouse"
+    pyver=$(chroot "$rootfs" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     .venv/bin/python -m pip download -q --disable-pip-version-check -d "$rootfs/wheelhouse" \
+        --python-version "$pyver" --only-binary=:all: \
         "setuptools>=64" wheel click "pyroute2>=0.7.2" "psutil>=5.9" "pyelftools>=0.29" \
         "pytest>=7" "ruff>=0.5" 2>&1 | grep -v '^WARNING: Location' || true
     touch "$rootfs/wheelhouse/.complete"

@@ -27,7 +27,8 @@ from portrace import errors, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
 
 ENGINES = ("auto", "core", "bcc")
-KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
+# Overridable, as PORTRACE_TRACEFS is, to point at another kernel's files.
+KERNEL_BTF = Path(os.environ.get("PORTRACE_KERNEL_BTF", "/sys/kernel/btf/vmlinux"))
 CORE_OBJECT = "core.bpf.o"
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39  # include/uapi/linux/capability.h

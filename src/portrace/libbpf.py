@@ -20,7 +20,8 @@ from typing import Any
 
 from portrace import btf
 
-LIBBPF_NAMES = ("libbpf.so.1", "libbpf.so")
+LIBBPF_NAMES = tuple(filter(None, (os.environ.get("PORTRACE_LIBBPF"),))) or (
+    "libbpf.so.1", "libbpf.so")
 LIBBPF_MIN = (0, 7)  # ring_buffer, bpf_program__attach_iter, bpf_map__initial_value
 LOG_LINES = 40  # libbpf/verifier lines kept for an error report
 
@@ -104,7 +105,8 @@ def load() -> Any:
         except OSError:
             continue
     if lib is None:
-        raise LibbpfMissing("libbpf.so.1 not found (install the OS package libbpf1)")
+        raise LibbpfMissing(f"{' or '.join(LIBBPF_NAMES)} not found (install the OS package "
+                            "libbpf1)")
     missing = [n for n in _SIGNATURES if not hasattr(lib, n)]
     if missing:
         raise LibbpfMissing(f"libbpf is too old: it lacks {', '.join(missing[:3])} "
