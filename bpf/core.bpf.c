@@ -410,7 +410,12 @@ int set_state(unsigned long long *ctx)
 	if (!sk || sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 	struct sock_common *skc = &sk->__sk_common;
+	/* tcp_set_state(TCP_CLOSE) has already released an autobound or
+	 * accepted socket's port (inet_put_port zeroes inet_num) when the
+	 * tracepoint fires; inet_sport still has it. */
 	__u16 sport = skc->skc_num;
+	if (!sport)
+		sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
 	if (!watched(sport))
 		return 0;
 	__u64 skaddr = (__u64)sk;

@@ -109,9 +109,12 @@ struct sock {
 	__u16 sk_type;
 } PRESERVE;
 
-/* 6.8+: the socket's own IP_LOCAL_PORT_RANGE, high << 16 | low (0: unset). */
+/* local_port_range (6.8+): the socket's own IP_LOCAL_PORT_RANGE, high << 16 |
+ * low (0: unset); 6.5-6.7 had a struct of two u16 there, which this engine
+ * does not read. */
 struct inet_sock {
 	struct sock sk;
+	__be16 inet_sport;
 	__u32 local_port_range;
 } PRESERVE;
 
