@@ -424,13 +424,30 @@ int set_state(unsigned long long *ctx)
 	 * (listen, connect, close/shutdown), so the task on the CPU is the
 	 * owner. Every other transition may run in softirq, on any task. */
 	bool opening = olds == TCP_CLOSE && (news == TCP_LISTEN || news == TCP_SYN_SENT);
-	if (opening || (olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1) ||
-	    (olds == TCP_CLOSE_WAIT && news == TCP_LAST_ACK)) {
+	bool closing = (olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1) ||
+		       (olds == TCP_CLOSE_WAIT && news == TCP_LAST_ACK);
+	/* Every port: only what a verdict reads, who listened (inherited fds)
+	 * and who closed first (the minisock's closer); the rest only names
+	 * the owner in streamed transitions, which this mode does not send. */
+	if (all_ports)
+		closing = olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1;
+	if (all_ports)
+		opening = olds == TCP_CLOSE && news == TCP_LISTEN;
+	if (opening || closing) {
 		struct pt_task t = {};
 		fill_task(&t);
 		/* listen()/connect() keep the binder seen at bind(); a close
 		 * names the closer. */
 		bpf_map_update_elem(&owners, &skaddr, &t, opening ? BPF_NOEXIST : BPF_ANY);
+	}
+
+	/* Every port (failures only): the only history kept is who closed a
+	 * minisock, so the other transitions cost a map lookup at most. */
+	bool to_minisock = news == TCP_CLOSE && (olds == TCP_FIN_WAIT2 || olds == TCP_CLOSING);
+	if (all_ports && !to_minisock) {
+		if (news == TCP_CLOSE)
+			bpf_map_delete_elem(&owners, &skaddr);
+		return 0;
 	}
 
 	struct pt_state rec = {};
@@ -458,7 +475,7 @@ int set_state(unsigned long long *ctx)
 	/* FIN_WAIT2 -> CLOSE and CLOSING -> CLOSE are how entering TIME_WAIT
 	 * (or an orphaned FIN_WAIT2 minisock) shows: tcp_time_wait() ends with
 	 * tcp_done(). Remember the closer under the minisock's 4-tuple. */
-	if (news == TCP_CLOSE && owner && (olds == TCP_FIN_WAIT2 || olds == TCP_CLOSING))
+	if (to_minisock && owner)
 		bpf_map_update_elem(&closers, &rec.tuple, owner, BPF_ANY);
 
 	if (!all_ports) {
