@@ -132,6 +132,10 @@ class SockOpts:
 
 
 UNKNOWN_OPTS = SockOpts()
+# Where options come from, in the JSON: "kernel" (read from the socket),
+# "probes" (seen being set; for a blocker also "closer", the close that made
+# the minisock, or "binder", the bind seen for its address), else this.
+UNKNOWN_SOURCE = "unknown"
 
 
 @dataclass(frozen=True)
@@ -347,7 +351,7 @@ def _blocker(b: Blocker) -> dict[str, Any]:
         "minisock": b.minisock,
         "v6only": b.v6only,
         "bound_dev_if": b.bound_dev_if,
-        "options": {**b.opts.to_json(), "source": b.opts_source},
+        "options": {**b.opts.to_json(), "source": b.opts_source or UNKNOWN_SOURCE},
         "conflicts": b.conflict,
     }
 
@@ -410,7 +414,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "family": ev.family,
             "addr": ev.addr,
             "port": ev.port,
-            "options": {**ev.opts.to_json(), "source": ev.opts_source},
+            "options": {**ev.opts.to_json(), "source": ev.opts_source or UNKNOWN_SOURCE},
         }
     if isinstance(ev, CallError):
         a = ev.attempt
@@ -428,7 +432,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "family": a.family,
             "addr": a.addr,
             "port": a.port,
-            "options": {**a.opts.to_json(), "source": a.opts_source},
+            "options": {**a.opts.to_json(), "source": a.opts_source or UNKNOWN_SOURCE},
             "sk_uid": a.sk_uid,
             "port_range": list(a.port_range) if a.port_range else None,
             "netns": {"inode": ev.netns.inode, "source": ev.netns.source, "name": ev.netns.name},

@@ -31,6 +31,16 @@ def _clock_of(ts: datetime) -> str:
     return ts.astimezone().strftime("%H:%M:%S")
 
 
+# How the namespace was reached when not through the failing thread itself
+# (events.Netns.source).
+NETNS_NOTES = {
+    "tracer": " (not known: the process had exited; nothing looked up)",
+    "pinned": " (the process had exited; entered by its ip netns name)",
+    "member": " (the process had exited; entered through another process in it)",
+    "gone": " (gone by lookup: nothing left in it to enter)",
+}
+
+
 def format_failure(ev: CallError) -> list[str]:
     a = ev.attempt
     target = format_endpoint(a.addr, a.port)
@@ -39,8 +49,7 @@ def format_failure(ev: CallError) -> list[str]:
     elif a.port == 0:
         target = "(ephemeral port)" if a.call == "listen" else target
     head = f"{_clock(ev)} {a.comm}[{a.pid}] {a.call} {target} {errno_name(a.errno)}"
-    ns = f"netns {ev.netns.name or ev.netns.inode}" + (
-        " (portrace's own: the process had exited)" if ev.netns.source == "tracer" else "")
+    ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")
     lines = [click.style(head, bold=True) + click.style(f"  {a.protocol}, {ns}", dim=True)]
     for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
         lines.append("  " + click.style(describe(b), fg="yellow"))
