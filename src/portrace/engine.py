@@ -97,16 +97,21 @@ def can_load_tracing_bpf(caps: int) -> bool:
     return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
 
 
+def require_root() -> None:
+    """Raises NeedsRoot unless running as root: the first check of all."""
+    if os.geteuid() != 0:
+        raise errors.NeedsRoot(
+            "needs root to load BPF programs and read other processes' sockets: run with sudo"
+        )
+
+
 def preflight(tracepoints: Iterable[str]) -> Path:
     """What every engine needs, cheapest first: root, the capabilities, tracefs
     and these tracepoints (``group/name``). Returns the tracefs root.
 
     Raises NeedsRoot, BpfUnavailable, NoTracefs, MissingTracepoint.
     """
-    if os.geteuid() != 0:
-        raise errors.NeedsRoot(
-            "needs root to load BPF programs and read other processes' sockets: run with sudo"
-        )
+    require_root()
     if not can_load_tracing_bpf(effective_caps()):
         raise errors.BpfUnavailable(
             "root, but without CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN: the kernel will refuse "
@@ -141,8 +146,9 @@ def core_unavailable() -> str | None:
 
 
 def choose(requested: str) -> Choice:
-    """The engine to run for ``--engine requested``. Raises NoKernelBtf or
-    NoLibbpf when ``core`` is asked for and cannot run."""
+    """The engine to run for ``--engine requested``. Raises NeedsRoot, and
+    NoKernelBtf or NoLibbpf when ``core`` is asked for and cannot run."""
+    require_root()  # before anything else is read or imported
     if requested == "bcc":
         return Choice("bcc", "asked for with --engine bcc")
     why_not = core_unavailable()
