@@ -10,7 +10,7 @@ BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 core-object: $(CORE_OBJ)
 
-$(CORE_OBJ): bpf/core.bpf.c bpf/kernel_types.h bpf/portrace.h
+$(CORE_OBJ): bpf/core.bpf.c bpf/kernel_types.h bpf/portrace.h bpf/calls.h
 	clang -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(BPF_ARCH) -Wall -Werror \
 		-Ibpf -c bpf/core.bpf.c -o $@.tmp
 	llvm-strip -g $@.tmp 2>/dev/null || true

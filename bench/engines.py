@@ -8,7 +8,8 @@ run, interleaved (figures, not pass/fail; root): `make bench`.
    churn does not use, (b) the churn's own port watched, (c) all ports; with
    the records lost. Beside it, the same ratio of host CPU time per connection
    (all CPUs' busy time, the tracer's included), which is less noisy on a
-   2-CPU VM than the rate.
+   2-CPU VM than the rate, and the CO-RE programs' own run time per
+   connection (kernel.bpf_stats_enabled, which adds a little itself).
 3. failure -> verdict (``verdict_ms``: kernel timestamp to the finished event,
    process facts included), median and p99 over FAILURES failures, with 0, 20k
    and 50k TCP sockets in the namespace, beside `ss -tanp 'sport = :P'` there.
@@ -47,6 +48,23 @@ def median(xs: list[float]) -> float:
 
 def p99(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else float("nan")
+
+
+CORE_PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_enter",
+                 "connect_exit", "set_state")
+
+
+def core_bpf_ns() -> int:
+    """Run time of the CO-RE engine's programs so far (kernel.bpf_stats_enabled)."""
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True)
+    if out.returncode:
+        return 0
+    return sum(p.get("run_time_ns", 0) for p in json.loads(out.stdout)
+               if p.get("name") in CORE_PROGRAMS)
+
+
+def bpf_stats(on: bool) -> None:
+    subprocess.run(["sysctl", "-qw", f"kernel.bpf_stats_enabled={int(on)}"], check=False)
 
 
 def busy_s() -> float:
@@ -174,6 +192,7 @@ def churn_ratios(ns: ScratchNetns) -> None:
         ("(c) all ports", [], ">= 0.95x"),
     ]
     print("   rate ratio (CPU-per-connection ratio: host busy time, all CPUs)")
+    bpf_ns: list[float] = []
     print(f"   {'':26} {'core':>24} {'bcc':>24} {'tcpstates -L':>24}   target (core)")
     for title, args, target in cases:
         cells = []
@@ -188,7 +207,12 @@ def churn_ratios(ns: ScratchNetns) -> None:
                     t: Any = TcpStates(int(args[0]))
                 else:
                     t = Portrace(tracer, *args)
+                if tracer == "core":
+                    bpf_stats(True)  # only here: it costs every program run a little
                 traced, traced_cost = run_churn()
+                if tracer == "core":
+                    bpf_stats(False)
+                    bpf_ns.append(core_bpf_ns() / max(1.0, traced * CHURN_S))
                 if tracer != "tcpstates":
                     lost += t.lost()
                 t.stop()
@@ -197,6 +221,8 @@ def churn_ratios(ns: ScratchNetns) -> None:
             lost_txt = f" lost {lost}" if tracer != "tcpstates" else ""
             cells.append(f"{median(ratios):.2f}x ({median(cpu):.2f}x){lost_txt}".rjust(24))
         print(f"   {title:26} {' '.join(cells)}   {target}, 0 lost")
+        print(f"   {'':26} core's programs: {median(bpf_ns):.0f} ns of BPF per connection")
+        bpf_ns.clear()
 
 
 def latency() -> None:

@@ -37,6 +37,8 @@ char LICENSE[] SEC("license") = "GPL";
 #define EADDRINUSE 98
 #define EADDRNOTAVAIL 99
 
+#include "calls.h"
+
 /* include/net/tcp_states.h */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
@@ -95,6 +97,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);	/* per-CPU LRU lists: no shared lock */
 	__type(key, __u64);
 	__type(value, struct pt_task);
 } owners SEC(".maps");
@@ -104,6 +107,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct pt_tuple);
 	__type(value, struct pt_task);
 } closers SEC(".maps");
@@ -145,36 +149,7 @@ static __always_inline __u32 cur_tid(void)
 	return (__u32)bpf_get_current_pid_tgid();
 }
 
-static __always_inline void fill_task(struct pt_task *t)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	t->ts_ns = bpf_ktime_get_ns();
-	t->pid = id >> 32;
-	t->tid = (__u32)id;
-	bpf_get_current_comm(&t->comm, sizeof(t->comm));
-}
 
-/* Read a sockaddr from the caller: sockaddr_in first, so a short IPv4
- * buffer at a page end is not over-read. Returns 0 for AF_INET/AF_INET6. */
-static __always_inline int read_sockaddr(const void *uaddr, struct pt_pending *p)
-{
-	struct sockaddr_in6 sa = {};
-	if (bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), uaddr))
-		return -1;
-	if (sa.sin6_family == AF_INET6 && bpf_probe_read_user(&sa, sizeof(sa), uaddr))
-		return -1;
-	if (sa.sin6_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
-		__builtin_memcpy(p->addr, &sin->sin_addr, 4);
-	} else if (sa.sin6_family == AF_INET6) {
-		__builtin_memcpy(p->addr, &sa.sin6_addr, 16);
-	} else {
-		return -1;
-	}
-	p->family = sa.sin6_family;
-	p->port = bpf_ntohs(sa.sin6_port);
-	return 0;
-}
 
 /* The struct sock behind the current task's fd, NULL if it is no socket. */
 static __always_inline struct sock *fd_sock(int fd)
@@ -289,7 +264,7 @@ SEC("tracepoint/syscalls/sys_enter_bind")
 int bind_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	struct pt_pending p = { .fd = (int)ctx->args[0] };
-	if (read_sockaddr((const void *)ctx->args[1], &p))
+	if (read_sockaddr((const void *)ctx->args[1], &p.family, &p.port, p.addr))
 		return 0;
 	/* Port 0 (autobind) is kept too: its failure is ephemeral exhaustion. */
 	if (p.port != 0 && !watched(p.port))
@@ -329,6 +304,11 @@ SEC("tracepoint/syscalls/sys_enter_listen")
 int listen_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	struct pt_pending p = { .fd = (int)ctx->args[0] };
+	/* Port 0: not bound yet, listen() will autobind (exhaustion). */
+	struct sock *sk = fd_sock(p.fd);
+	__u16 port = sk ? BPF_CORE_READ(sk, __sk_common.skc_num) : 0;
+	if (port != 0 && !watched(port))
+		return 0;
 	return stash(&p);
 }
 
@@ -365,7 +345,7 @@ SEC("tracepoint/syscalls/sys_enter_connect")
 int connect_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	struct pt_pending p = { .fd = (int)ctx->args[0] };
-	if (read_sockaddr((const void *)ctx->args[1], &p) || !watched(p.port))
+	if (read_sockaddr((const void *)ctx->args[1], &p.family, &p.port, p.addr) || !watched(p.port))
 		return 0;
 	return stash(&p);
 }

@@ -22,7 +22,7 @@
 #include <uapi/linux/in6.h>
 #include <linux/socket.h>
 #include <linux/net.h>
-#include "portrace.h"
+#include "calls.h"
 
 #ifndef PT_RINGBUF_PAGES
 #define PT_RINGBUF_PAGES 64
@@ -134,36 +134,7 @@ static __always_inline int forget_closing(void)
 	return 0;
 }
 
-static __always_inline void fill_task(struct pt_task *t)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	t->ts_ns = bpf_ktime_get_ns();
-	t->pid = id >> 32;
-	t->tid = (__u32)id;
-	bpf_get_current_comm(&t->comm, sizeof(t->comm));
-}
 
-/* Read a sockaddr from the caller: sockaddr_in first, so a short IPv4
- * buffer at a page end is not over-read. Returns 0 for AF_INET/AF_INET6. */
-static __always_inline int read_sockaddr(const void *uaddr, struct pt_pending *p)
-{
-	struct sockaddr_in6 sa = {};
-	if (bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), uaddr))
-		return -1;
-	if (sa.sin6_family == AF_INET6 && bpf_probe_read_user(&sa, sizeof(sa), uaddr))
-		return -1;
-	if (sa.sin6_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&sa;
-		__builtin_memcpy(p->addr, &sin->sin_addr, 4);
-	} else if (sa.sin6_family == AF_INET6) {
-		__builtin_memcpy(p->addr, &sa.sin6_addr, 16);
-	} else {
-		return -1;
-	}
-	p->family = sa.sin6_family;
-	p->port = bpf_ntohs(sa.sin6_port);
-	return 0;
-}
 
 /* Emit a failed (or, for bind, successful) call on the socket at fd. */
 static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
@@ -364,7 +335,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 	/* Read the address from the caller's memory now: after a failed bind
 	 * the kernel has reset the socket's port to 0. */
 	struct pt_pending p = { .fd = args->fd };
-	if (read_sockaddr(args->umyaddr, &p))
+	if (read_sockaddr(args->umyaddr, &p.family, &p.port, p.addr))
 		return 0;
 	/* Port 0 (autobind) is kept too: its failure is ephemeral exhaustion. */
 	if (p.port != 0 && !port_watched(cfg, p.port))
@@ -442,7 +413,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 	if (!cfg)
 		return 0;
 	struct pt_pending p = { .fd = args->fd };
-	if (read_sockaddr(args->uservaddr, &p) || !port_watched(cfg, p.port))
+	if (read_sockaddr(args->uservaddr, &p.family, &p.port, p.addr) || !port_watched(cfg, p.port))
 		return 0;
 	return stash(&p);
 }

@@ -5,7 +5,7 @@
 #     with --test, also what the tests use: chromium (the HTML report is opened
 #     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck,
 #     debootstrap + qemu-system-x86 + e2fsprogs (the VM test); with --bench,
-#     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor);
+#     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor) and bpftool;
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
 #     llvm and libbpf-dev are installed for that build only (run time needs
 #     none of them, nor kernel headers);
@@ -50,7 +50,8 @@ missing() {
 
 # 1. OS packages
 packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
-[ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools"  # tcpstates, the anchor
+# tcpstates (the anchor) and bpftool (programs' run time)
+[ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools bpftool"
 [ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs"
 # shellcheck disable=SC2086
 need=$(missing $packages)

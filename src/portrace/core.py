@@ -45,6 +45,7 @@ from portrace.records import (
     decode_call,
     decode_state,
     decode_task,
+    fill_tuple,
     opts_of,
 )
 
@@ -142,12 +143,7 @@ class CoreEngine:
         """Who closed the socket with this 4-tuple, if the probes saw it close.
         Its options are not taken from the close: the minisock keeps its own."""
         assert self._obj is not None
-        key = self.tuple_t()
-        fam = socket.AF_INET if family == "inet" else socket.AF_INET6
-        key.family, key.sport, key.dport = fam, local.port, remote.port
-        for dst, addr in ((key.saddr, local.addr), (key.daddr, remote.addr)):
-            packed = socket.inet_pton(fam, addr)
-            ctypes.memmove(ctypes.addressof(dst), packed, len(packed))
+        key = fill_tuple(self.tuple_t(), family, local, remote)
         raw = self.task_t()
         if not self._obj.map("closers").lookup(key, raw):
             return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from portrace.records import (
     decode_opts,
     decode_state,
     decode_task,
+    fill_tuple,
 )
 
 TRACEPOINTS = ("sock/inet_sock_set_state",) + tuple(
@@ -147,12 +147,7 @@ class Probes:
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close."""
         table = self._bpf[b"closers"]
-        key = table.Key()
-        fam = socket.AF_INET if family == "inet" else socket.AF_INET6
-        key.family, key.sport, key.dport = fam, local.port, remote.port
-        for dst, addr in ((key.saddr, local.addr), (key.daddr, remote.addr)):
-            packed = socket.inet_pton(fam, addr)
-            ctypes.memmove(ctypes.addressof(dst), packed, len(packed))
+        key = fill_tuple(table.Key(), family, local, remote)
         try:
             raw = table[key]
         except KeyError:

@@ -7,6 +7,7 @@ field names are the header's, so one decoder serves both.
 
 from __future__ import annotations
 
+import ctypes
 import socket
 import time
 from datetime import datetime, timezone
@@ -99,6 +100,16 @@ def decode_call(raw: Any, clock: MonotonicClock) -> SocketCall:
         inode=raw.inode or None,
         skaddr=raw.skaddr,
     )
+
+
+def fill_tuple(key: Any, family: str, local: Endpoint, remote: Endpoint) -> Any:
+    """Fill a ``struct pt_tuple`` (the closers map's key) for a 4-tuple."""
+    fam = socket.AF_INET if family == "inet" else socket.AF_INET6
+    key.family, key.sport, key.dport = fam, local.port, remote.port
+    for dst, addr in ((key.saddr, local.addr), (key.daddr, remote.addr)):
+        packed = socket.inet_pton(fam, addr)
+        ctypes.memmove(ctypes.addressof(dst), packed, len(packed))
+    return key
 
 
 def decode_state(raw: Any, clock: MonotonicClock) -> StateChange:
