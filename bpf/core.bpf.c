@@ -500,6 +500,17 @@ static __always_inline void fill_sock(struct pt_sock *r, struct sock_common *skc
 		bpf_probe_read_kernel(r->daddr, 4, &skc->skc_daddr);
 }
 
+/* A full socket (not a minisock): also its state, owner and inode. */
+static __always_inline void fill_full_sock(struct pt_sock *r, struct sock *sk, __u16 family,
+					   __u8 protocol)
+{
+	fill_sock(r, &sk->__sk_common, family);
+	r->protocol = protocol;
+	r->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	r->uid = BPF_CORE_READ(sk, sk_uid.val);
+	r->inode = sock_inode(sk);
+}
+
 /* The iterators' filter runs on every socket (or fd) of the host, so it reads
  * through the trusted pointers the iterator hands over (plain loads), and
  * only a match pays for the probed reads of fill_sock(). */
@@ -522,10 +533,10 @@ int iter_tcp(struct bpf_iter__tcp *ctx)
 	__u8 state = skc->skc_state;
 	if (state == TCP_NEW_SYN_RECV)
 		return 0;	/* a request socket: its listener holds the port */
-	fill_sock(&r, skc, family);
-	r.protocol = IPPROTO_TCP;
 	if (state == TCP_TIME_WAIT) {
 		struct inet_timewait_sock *tw = (struct inet_timewait_sock *)skc;
+		fill_sock(&r, skc, family);
+		r.protocol = IPPROTO_TCP;
 		r.minisock = 1;
 		r.state = BPF_CORE_READ(tw, tw_substate);
 		__u64 expires = BPF_CORE_READ(tw, tw_timer.expires), now = bpf_jiffies64();
@@ -533,10 +544,7 @@ int iter_tcp(struct bpf_iter__tcp *ctx)
 		if (hz)
 			r.expires_ms = expires > now ? (expires - now) * 1000 / hz : 0;
 	} else {
-		struct sock *sk = (struct sock *)skc;
-		r.state = state;
-		r.uid = BPF_CORE_READ(sk, sk_uid.val);
-		r.inode = sock_inode(sk);
+		fill_full_sock(&r, (struct sock *)skc, family, IPPROTO_TCP);
 	}
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
@@ -553,11 +561,7 @@ int iter_udp(struct bpf_iter__udp *ctx)
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (!in_query(q, family, BPF_CORE_READ(sk, __sk_common.skc_num)))
 		return 0;
-	fill_sock(&r, &sk->__sk_common, family);
-	r.protocol = IPPROTO_UDP;
-	r.state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	r.uid = BPF_CORE_READ(sk, sk_uid.val);
-	r.inode = sock_inode(sk);
+	fill_full_sock(&r, sk, family, IPPROTO_UDP);
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }
@@ -585,11 +589,7 @@ int iter_task_file(struct bpf_iter__task_file *ctx)
 	__u16 proto = BPF_CORE_READ(sk, sk_protocol);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;
-	fill_sock(&r, &sk->__sk_common, family);
-	r.protocol = proto;
-	r.state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	r.uid = BPF_CORE_READ(sk, sk_uid.val);
-	r.inode = BPF_CORE_READ(f, f_inode, i_ino);
+	fill_full_sock(&r, sk, family, proto);
 	r.pid = BPF_CORE_READ(task, tgid);
 	r.ppid = BPF_CORE_READ(task, real_parent, tgid);
 	r.fd = ctx->fd;
