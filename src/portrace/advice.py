@@ -333,31 +333,35 @@ def _connect_exhausted(attempt: SocketCall, usage: PortUsage | None,
     return Verdict(cause="ephemeral_exhausted", summary=summary, advice=tuple(advice))
 
 
+# Namespaces nothing was looked up in (events.Netns.source): why, and what to do.
+NOT_LOOKED_UP = {
+    "gone": ("the failing socket's network namespace was gone by lookup, so nothing could be "
+             "looked up for {ep}",
+             "Now: a retry in that namespace (container) shows what blocks it; no process is "
+             "named here, since the only namespace left to look in is another one."),
+    "tracer": ("the failing process exited before its network namespace could be read, so "
+               "nothing was looked up for {ep}",
+               "Now: retry it; this engine (bcc) cannot read a gone process's namespace, and "
+               "naming a socket of another namespace could blame the wrong process. "
+               "--engine core reads the namespace in the kernel at the failure."),
+}
+
+
 def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
           netns_source: str) -> Verdict:
     ep = Endpoint(req.addr, req.port)
+    if netns_source in NOT_LOOKED_UP:
+        why, now = NOT_LOOKED_UP[netns_source]
+        return Verdict(cause="unknown", summary=why.format(ep=ep), advice=(now,))
     summary = (f"nothing on port {req.port} blocks {ep} any more: the blocker was gone by "
                "lookup")
-    advice = ["Now: a retry may already succeed."]
     if last_seen is not None:
         who = f", by {last_seen.owner.comm}[{last_seen.owner.pid}]" if last_seen.owner else ""
         age = (attempt.ts - last_seen.ts).total_seconds()
         peer = f" <-> {last_seen.remote}" if last_seen.remote.port else ""
         summary += (f"; last socket seen on the port: {last_seen.local}{peer} entering "
                     f"{last_seen.new}{who}, {age:.3f} s before the failure")
-    if netns_source == "gone":
-        summary = (f"the failing socket's network namespace was gone by lookup, so nothing "
-                   f"could be looked up for {ep}")
-        advice = ["Now: a retry in that namespace (container) shows what blocks it; no "
-                  "process is named here, since the only namespace left to look in is "
-                  "another one."]
-    if netns_source == "tracer":
-        summary = (f"the failing process exited before its network namespace could be read, "
-                   f"so nothing was looked up for {ep}")
-        advice = ["Now: retry it; this engine (bcc) cannot read a gone process's namespace, and "
-                  "naming a socket of another namespace could blame the wrong process. "
-                  "--engine core reads the namespace in the kernel at the failure."]
-    return Verdict(cause="unknown", summary=summary, advice=tuple(advice))
+    return Verdict(cause="unknown", summary=summary, advice=("Now: a retry may already succeed.",))
 
 
 _ERRNO_ADVICE = {

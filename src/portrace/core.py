@@ -37,12 +37,11 @@ from portrace.events import (
     tcp_state_name,
 )
 from portrace.records import (
-    CALLS,
     PT_OPT_ALL,
     PT_STATE,
     MonotonicClock,
     addr_text,
-    decode_call,
+    decode_event,
     decode_state,
     decode_task,
     fill_tuple,
@@ -79,7 +78,6 @@ class CoreEngine:
         self._obj: libbpf.BpfObject | None = None
         self._rb = 0
         self._iters: dict[str, int] = {}
-        self._lost_seen = 0
 
     def open(self) -> None:
         engine.preflight(TRACEPOINTS)
@@ -119,25 +117,19 @@ class CoreEngine:
                 f"are in {_save_log(exc.log)}; `--engine bcc` does without it") from None
 
     def _on_record(self, data: int, _size: int) -> None:
-        rec = self.event_t.from_address(data)
-        kind = rec.call.kind
-        if kind in CALLS:
-            self.on_event(decode_call(rec.call, self.clock))
-        elif kind == PT_STATE:
-            self.on_event(decode_state(rec.state, self.clock))
+        ev = decode_event(self.event_t.from_address(data), self.clock)
+        if ev is not None:
+            self.on_event(ev)
 
     def poll(self, timeout_ms: int) -> None:
         """Deliver pending records to ``on_event``; waits up to ``timeout_ms``."""
         assert self._obj is not None
         self._obj.poll(self._rb, timeout_ms)
 
-    def take_lost(self) -> int:
-        """Records dropped (ring buffer full) since the previous call."""
+    def lost_total(self) -> int:
+        """Records dropped so far (ring buffer full)."""
         assert self._obj is not None
-        total = self._obj.map("lost").percpu_sum(ctypes.c_uint32(0))
-        new = total - self._lost_seen
-        self._lost_seen = total
-        return new
+        return self._obj.map("lost").percpu_sum(ctypes.c_uint32(0))
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close.

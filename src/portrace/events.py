@@ -270,6 +270,12 @@ class Netns:
     source: str
     name: str | None = None
 
+    @property
+    def searchable(self) -> bool:
+        """Whether this is the failing socket's namespace, entered: only then
+        may a blocker be named from it."""
+        return self.source not in ("gone", "tracer")
+
 
 @dataclass(frozen=True)
 class CallError:

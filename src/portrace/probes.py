@@ -21,12 +21,9 @@ from typing import Any
 from portrace import engine, errors, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
 from portrace.records import (
-    CALLS,
-    PT_STATE,
     MonotonicClock,
-    decode_call,
+    decode_event,
     decode_opts,
-    decode_state,
     decode_task,
     fill_tuple,
 )
@@ -78,7 +75,9 @@ class Probes:
     """The bcc engine: attached tracepoints for a set of ports (empty: every port).
 
     ``on_event`` receives ``SocketCall`` and ``StateChange`` objects from
-    :meth:`poll`. In all-ports mode only failed binds arrive.
+    :meth:`poll`. In all-ports mode only failed binds arrive. ``states`` is
+    taken for the engine interface and not used: this engine always streams
+    the watched ports' transitions, since the tracer keeps their history.
     """
 
     name = "bcc"
@@ -91,7 +90,6 @@ class Probes:
         self.clock = MonotonicClock()
         self._bpf: Any = None
         self._layout: Any = None
-        self._lost_seen = 0
 
     def open(self) -> None:
         """Compile, load and attach. Raises the errors of :func:`preflight`,
@@ -126,23 +124,17 @@ class Probes:
         self._bpf[b"events"].open_ring_buffer(self._on_record)
 
     def _on_record(self, _ctx: Any, data: Any, _size: int) -> None:
-        rec = ctypes.cast(data, ctypes.POINTER(self._layout)).contents
-        kind = rec.call.kind
-        if kind in CALLS:
-            self.on_event(decode_call(rec.call, self.clock))
-        elif kind == PT_STATE:
-            self.on_event(decode_state(rec.state, self.clock))
+        ev = decode_event(ctypes.cast(data, ctypes.POINTER(self._layout)).contents, self.clock)
+        if ev is not None:
+            self.on_event(ev)
 
     def poll(self, timeout_ms: int) -> None:
         """Deliver pending records to ``on_event``; waits up to ``timeout_ms``."""
         self._bpf.ring_buffer_poll(timeout_ms)
 
-    def take_lost(self) -> int:
-        """Records dropped (ring buffer full) since the previous call."""
-        total = int(self._bpf[b"lost"].sum(0).value)
-        new = total - self._lost_seen
-        self._lost_seen = total
-        return new
+    def lost_total(self) -> int:
+        """Records dropped so far (ring buffer full)."""
+        return int(self._bpf[b"lost"].sum(0).value)
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close."""

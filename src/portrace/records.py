@@ -102,6 +102,17 @@ def decode_call(raw: Any, clock: MonotonicClock) -> SocketCall:
     )
 
 
+def decode_event(raw: Any, clock: MonotonicClock) -> SocketCall | StateChange | None:
+    """``union pt_event`` -> the typed event its ``kind`` names, None for an
+    unknown kind."""
+    kind = raw.call.kind
+    if kind in CALLS:
+        return decode_call(raw.call, clock)
+    if kind == PT_STATE:
+        return decode_state(raw.state, clock)
+    return None
+
+
 def fill_tuple(key: Any, family: str, local: Endpoint, remote: Endpoint) -> Any:
     """Fill a ``struct pt_tuple`` (the closers map's key) for a 4-tuple."""
     fam = socket.AF_INET if family == "inet" else socket.AF_INET6

@@ -82,25 +82,35 @@ class Snapshot:
 NETNS_NAMES = "/run/netns"  # where `ip netns add` pins named namespaces
 
 
-def netns_name(inode: int) -> str | None:
-    """The ``ip netns`` name of a namespace, if it has one."""
+def _pinned() -> Iterator[str]:
+    """The paths of the namespaces pinned under /run/netns (``ip netns add``)."""
     try:
         with os.scandir(NETNS_NAMES) as it:
-            for entry in it:
-                try:
-                    if os.stat(entry.path).st_ino == inode:
-                        return entry.name
-                except OSError:
-                    continue
+            yield from (e.path for e in it)
     except OSError:
-        pass
+        return
+
+
+def netns_name(inode: int) -> str | None:
+    """The ``ip netns`` name of a namespace, if it has one."""
+    for path in _pinned():
+        try:
+            if os.stat(path).st_ino == inode:
+                return os.path.basename(path)
+        except OSError:
+            continue
     return None
+
+
+def _thread_netns(pid: int, tid: int) -> tuple[str, str]:
+    """The failing thread's namespace, then its process's."""
+    return f"/proc/{pid}/task/{tid}/ns/net", f"/proc/{pid}/ns/net"
 
 
 def open_netns(pid: int, tid: int) -> tuple[int | None, Netns]:
     """An fd on the failing thread's network namespace, or None and portrace's
     own namespace when the thread is already gone (the caller closes the fd)."""
-    for path in (f"/proc/{pid}/task/{tid}/ns/net", f"/proc/{pid}/ns/net"):
+    for path in _thread_netns(pid, tid):
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -118,8 +128,7 @@ def open_netns_inode(inode: int, pid: int, tid: int) -> tuple[int | None, Netns]
     ``pinned`` or ``member``; ``gone`` (and no fd) when nothing holds the
     namespace any more, so its sockets cannot be looked up (the caller closes
     the fd)."""
-    candidates = [f"/proc/{pid}/task/{tid}/ns/net", f"/proc/{pid}/ns/net"]
-    for source, paths in (("process", candidates), ("pinned", _pinned()),
+    for source, paths in (("process", _thread_netns(pid, tid)), ("pinned", _pinned()),
                           ("member", _members())):
         for path in paths:
             try:
@@ -132,14 +141,6 @@ def open_netns_inode(inode: int, pid: int, tid: int) -> tuple[int | None, Netns]
                 return fd, Netns(inode=inode, source=source, name=netns_name(inode))
             os.close(fd)
     return None, Netns(inode=inode, source="gone", name=None)
-
-
-def _pinned() -> Iterator[str]:
-    try:
-        with os.scandir(NETNS_NAMES) as it:
-            yield from (e.path for e in it)
-    except OSError:
-        return
 
 
 def _members() -> Iterator[str]:

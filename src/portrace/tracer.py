@@ -122,7 +122,7 @@ class Tracer:
             self.probes.close()
 
     def _report_lost(self) -> None:
-        lost = self.engine.take_lost()
+        lost = self.engine.lost_total() - self.lost_total
         if lost:
             self.lost_total += lost
             self.sink(Lost(ts=datetime.now(timezone.utc), count=lost))
@@ -197,10 +197,9 @@ class Tracer:
             if own is None and attempt.call == "listen":
                 own = sockets.fd_inode(attempt.pid, attempt.fd)
             snap = sockets.Snapshot(sockets=[])
-            # "tracer": the engine could not tell the namespace (bcc, the process
-            # gone); looking in ours could blame the wrong process.
+            # Looking in any other namespace could blame the wrong process.
             if (attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL)
-                    and netns.source not in ("gone", "tracer")):
+                    and netns.searchable):
                 protocol = attempt.protocol
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
                 whole_range = attempt.call == "connect" or attempt.port == 0
@@ -236,9 +235,8 @@ class Tracer:
             on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
             last_seen = on_port[-1] if on_port else None
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
-        with_facts = _with_facts(blockers)
         return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
-                         netns=netns, blockers=with_facts, verdict=verdict,
+                         netns=netns, blockers=_with_facts(blockers), verdict=verdict,
                          lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
                          recent=recent,
