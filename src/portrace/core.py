@@ -179,8 +179,8 @@ class CoreEngine:
         # Run even without holders wanted: bound-only sockets are only found
         # here. Both walks cost the kernel ~0.4 us per socket or fd, so the
         # fd walk runs beside the socket walk (read() releases the GIL).
-        held: list[bytes] = []
-        walker = threading.Thread(target=lambda: held.append(
+        walked: list[bytes] = []
+        walker = threading.Thread(target=lambda: walked.append(
             obj.iterate(self._iters["holders"])))
         walker.start()
         try:
@@ -190,27 +190,25 @@ class CoreEngine:
                 raw = {p: obj.iterate(self._iters[p]) for p in protos}
         finally:
             walker.join()
-        held_raw = held[0] if held else b""
         entries: list[sockets.SocketEntry] = []
         seen: set[int] = set()
         for p in protos:
             for r in libbpf.records(raw[p], self.sock_t):
                 entries.append(_entry(r))
                 seen.add(r.skaddr)
-        found: dict[int, list[sockets.Holder]] = {}
-        fds: dict[tuple[int, int], list[int]] = {}
-        meta: dict[tuple[int, int], tuple[int, str]] = {}
-        for r in libbpf.records(held_raw, self.sock_t):
+        # (inode, pid) -> (ppid, comm, fds): one holder per process and socket
+        held: dict[tuple[int, int], tuple[int, str, list[int]]] = {}
+        for r in libbpf.records(walked[0] if walked else b"", self.sock_t):
             if PROTOCOLS.get(r.protocol) not in protos:
                 continue
             if r.skaddr not in seen:  # bound-only: only the bind hash and fds know it
                 seen.add(r.skaddr)
                 entries.append(_entry(r))
             if holders:
-                fds.setdefault((r.inode, r.pid), []).append(r.fd)
-                meta[(r.inode, r.pid)] = (r.ppid, r.comm.decode(errors="replace"))
-        for (inode, pid), nums in fds.items():
-            ppid, comm = meta[(inode, pid)]
+                comm = r.comm.decode(errors="replace")
+                held.setdefault((r.inode, r.pid), (r.ppid, comm, []))[2].append(r.fd)
+        found: dict[int, list[sockets.Holder]] = {}
+        for (inode, pid), (ppid, comm, nums) in held.items():
             found.setdefault(inode, []).append(
                 sockets.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
         return sockets.Snapshot(sockets=entries, holders=found, sysctls=values)
