@@ -404,30 +404,19 @@ int set_state(unsigned long long *ctx)
 	 * (listen, connect, close/shutdown), so the task on the CPU is the
 	 * owner. Every other transition may run in softirq, on any task. */
 	bool opening = olds == TCP_CLOSE && (news == TCP_LISTEN || news == TCP_SYN_SENT);
-	bool closing = (olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1) ||
-		       (olds == TCP_CLOSE_WAIT && news == TCP_LAST_ACK);
+	bool closes_first = olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1;
+	bool closing = closes_first || (olds == TCP_CLOSE_WAIT && news == TCP_LAST_ACK);
 	/* Every port: only what a verdict reads, who listened (inherited fds)
 	 * and who closed first (the minisock's closer); the rest only names
 	 * the owner in streamed transitions, which this mode does not send. */
-	if (all_ports)
-		closing = olds == TCP_ESTABLISHED && news == TCP_FIN_WAIT1;
-	if (all_ports)
+	if (all_ports) {
+		closing = closes_first;
 		opening = olds == TCP_CLOSE && news == TCP_LISTEN;
-	if (opening || closing) {
-		struct pt_task t = {};
-		fill_task(&t);
-		/* listen()/connect() keep the binder seen at bind(); a close
-		 * names the closer. */
-		bpf_map_update_elem(&owners, &skaddr, &t, opening ? BPF_NOEXIST : BPF_ANY);
-	}
-
-	/* Every port (failures only): the only history kept is who closed a
-	 * minisock, so the other transitions cost a map lookup at most. */
-	bool to_minisock = news == TCP_CLOSE && (olds == TCP_FIN_WAIT2 || olds == TCP_CLOSING);
-	if (all_ports && !to_minisock) {
-		if (news == TCP_CLOSE)
-			bpf_map_delete_elem(&owners, &skaddr);
-		return 0;
+		if (!opening && !closing) {
+			if (news == TCP_CLOSE)
+				bpf_map_delete_elem(&owners, &skaddr);
+			return 0;
+		}
 	}
 
 	struct pt_state rec = {};
@@ -448,27 +437,38 @@ int set_state(unsigned long long *ctx)
 		bpf_probe_read_kernel(rec.tuple.saddr, 4, &skc->skc_rcv_saddr);
 		bpf_probe_read_kernel(rec.tuple.daddr, 4, &skc->skc_daddr);
 	}
+
+	if (opening || closing) {
+		struct pt_task t = {};
+		fill_task(&t);
+		/* listen()/connect() keep the binder seen at bind(); a close
+		 * names the closer. */
+		bpf_map_update_elem(&owners, &skaddr, &t, opening ? BPF_NOEXIST : BPF_ANY);
+		/* Who closes first owns the TIME_WAIT (or FIN_WAIT2) minisock
+		 * this 4-tuple becomes. Remember it now, in the closer's own
+		 * syscall: the FIN_WAIT2/CLOSING -> CLOSE that makes the minisock
+		 * (tcp_time_wait() ends with tcp_done()) often runs in softirq,
+		 * where the kernel skips this program if it was already running
+		 * on that CPU (kernel/trace/bpf_trace.c: __bpf_trace_run). */
+		if (closes_first)
+			bpf_map_update_elem(&closers, &rec.tuple, &t, BPF_ANY);
+	}
+	if (all_ports)
+		return 0;
+
 	struct pt_task *owner = bpf_map_lookup_elem(&owners, &skaddr);
 	if (owner)
 		rec.owner = *owner;
 
-	/* FIN_WAIT2 -> CLOSE and CLOSING -> CLOSE are how entering TIME_WAIT
-	 * (or an orphaned FIN_WAIT2 minisock) shows: tcp_time_wait() ends with
-	 * tcp_done(). Remember the closer under the minisock's 4-tuple. */
-	if (to_minisock && owner)
-		bpf_map_update_elem(&closers, &rec.tuple, owner, BPF_ANY);
-
-	if (!all_ports) {
-		keep_recent(sport, &rec);
-		if (stream_states) {
-			struct pt_state *e = bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
-			if (e) {
-				__builtin_memset(e, 0, sizeof(union pt_event));
-				*e = rec;
-				bpf_ringbuf_submit(e, 0);
-			} else {
-				count_lost();
-			}
+	keep_recent(sport, &rec);
+	if (stream_states) {
+		struct pt_state *e = bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
+		if (e) {
+			__builtin_memset(e, 0, sizeof(union pt_event));
+			*e = rec;
+			bpf_ringbuf_submit(e, 0);
+		} else {
+			count_lost();
 		}
 	}
 	if (news == TCP_CLOSE)

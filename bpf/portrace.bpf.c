@@ -83,9 +83,9 @@ BPF_HASH(pending, __u32, struct pt_pending, 10240);		/* by tid */
 BPF_HASH(closing, __u32, struct pt_opts, 10240);
 BPF_TABLE("lru_hash", __u64, struct pt_sockinfo, sockinfo, 65536);	/* tgid<<32|fd */
 BPF_TABLE("lru_hash", __u64, struct pt_task, owners, 65536);	/* by skaddr */
-/* Who closed a socket that became a TIME_WAIT / FIN_WAIT2 minisock, keyed
- * by its 4-tuple: the minisock is a new object, so skaddr cannot find it,
- * and sock_diag reports the minisock by its 4-tuple. */
+/* Who closed a connection first (ESTABLISHED -> FIN_WAIT1), keyed by its
+ * 4-tuple: the TIME_WAIT / FIN_WAIT2 minisock it becomes is a new object,
+ * so skaddr cannot find it, and sock_diag reports it by its 4-tuple. */
 BPF_TABLE("lru_hash", struct pt_tuple, struct pt_task, closers, 65536);
 
 static __always_inline struct pt_config *get_config(void)
@@ -444,21 +444,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	int olds = args->oldstate, news = args->newstate;
 	__u64 skaddr = (__u64)args->skaddr;
 
-	/* These transitions are made by a syscall of the socket's owner
-	 * (listen, connect, close/shutdown), so the task on the CPU is the
-	 * owner. Every other transition may run in softirq, on any task. */
-	if ((olds == PT_TCP_CLOSE && (news == PT_TCP_LISTEN || news == PT_TCP_SYN_SENT)) ||
-	    (olds == PT_TCP_ESTABLISHED && news == PT_TCP_FIN_WAIT1) ||
-	    (olds == PT_TCP_CLOSE_WAIT && news == PT_TCP_LAST_ACK)) {
-		struct pt_task t = {};
-		fill_task(&t);
-		__u32 tid = t.tid;
-		struct pt_opts *opts = closing.lookup(&tid);
-		if (opts)
-			t.opts = *opts;
-		owners.update(&skaddr, &t);
-	}
-
 	struct pt_tuple tuple = {
 		.family = args->family,
 		.sport = args->sport,
@@ -472,14 +457,31 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		__builtin_memcpy(tuple.daddr, args->daddr_v6, 16);
 	}
 
-	struct pt_task *owner = owners.lookup(&skaddr);
-	/* FIN_WAIT2 -> CLOSE and CLOSING -> CLOSE are how entering TIME_WAIT
-	 * (or an orphaned FIN_WAIT2 minisock) shows: tcp_time_wait() ends with
-	 * tcp_done(). Remember the closer under the minisock's 4-tuple. */
-	if (news == PT_TCP_CLOSE && owner &&
-	    (olds == PT_TCP_FIN_WAIT2 || olds == PT_TCP_CLOSING))
-		closers.update(&tuple, owner);
+	/* These transitions are made by a syscall of the socket's owner
+	 * (listen, connect, close/shutdown), so the task on the CPU is the
+	 * owner. Every other transition may run in softirq, on any task. */
+	if ((olds == PT_TCP_CLOSE && (news == PT_TCP_LISTEN || news == PT_TCP_SYN_SENT)) ||
+	    (olds == PT_TCP_ESTABLISHED && news == PT_TCP_FIN_WAIT1) ||
+	    (olds == PT_TCP_CLOSE_WAIT && news == PT_TCP_LAST_ACK)) {
+		struct pt_task t = {};
+		fill_task(&t);
+		__u32 tid = t.tid;
+		struct pt_opts *opts = closing.lookup(&tid);
+		if (opts)
+			t.opts = *opts;
+		owners.update(&skaddr, &t);
+		/* Who closes first owns the TIME_WAIT (or FIN_WAIT2) minisock this
+		 * 4-tuple will become. Remember it now, in the closer's syscall:
+		 * the FIN_WAIT2/CLOSING -> CLOSE that makes the minisock
+		 * (tcp_time_wait() ends with tcp_done()) often runs in softirq,
+		 * and the kernel skips a tracepoint program there whenever any
+		 * BPF program was running on that CPU (kernel/trace/bpf_trace.c:
+		 * trace_call_bpf, bpf_prog_active). */
+		if (news == PT_TCP_FIN_WAIT1)
+			closers.update(&tuple, &t);
+	}
 
+	struct pt_task *owner = owners.lookup(&skaddr);
 	if (!cfg->all_ports) {
 		struct pt_state *e = events.ringbuf_reserve(sizeof(union pt_event));
 		if (e) {
