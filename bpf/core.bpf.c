@@ -63,9 +63,17 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+/* Failures of a watched port have a ring of their own: a flood of
+ * transitions, successes or host-wide noise cannot crowd them out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} failures SEC(".maps");
+
+/* Records a full ring had no room for: slot 0 events, slot 1 failures. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } lost SEC(".maps");
@@ -136,10 +144,9 @@ static __always_inline bool watched(__u16 port)
 	return all_ports || bpf_map_lookup_elem(&watched_ports, &port);
 }
 
-static __always_inline void count_lost(void)
+static __always_inline void count_lost(__u32 slot)
 {
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+	__u64 *n = bpf_map_lookup_elem(&lost, &slot);
 	if (n)
 		(*n)++;
 }
@@ -205,9 +212,14 @@ static __always_inline void read_local(const struct sock_common *skc, __u16 fami
 /* Emit a bind(), listen() or connect() result with what the socket says. */
 static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret, struct sock *sk)
 {
-	struct pt_call *e = bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
+	/* A failure on a watched port goes to its own ring; successes,
+	 * autobind (port 0) failures and host-wide ones share the other. */
+	bool own_ring = ret < 0 && p->port != 0 && !all_ports;
+	struct pt_call *e = own_ring
+		? bpf_ringbuf_reserve(&failures, sizeof(union pt_event), 0)
+		: bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
 	if (!e) {
-		count_lost();
+		count_lost(own_ring ? 1 : 0);
 		return;
 	}
 	__builtin_memset(e, 0, sizeof(union pt_event));
@@ -290,11 +302,11 @@ int bind_exit(struct trace_event_raw_sys_exit *ctx)
 			if (!all_ports)
 				emit_call(PT_BIND_OK, p, 0, sk);
 		}
-	} else if (p->port != 0 || ret == -EADDRINUSE) {
-		/* Host-wide port 0 reports only exhaustion: an unprivileged
-		 * EINVAL loop must not fill the ring buffer. */
-		if (!all_ports || ret == -EADDRINUSE || ret == -EADDRNOTAVAIL)
-			emit_call(PT_BIND_ERROR, p, ret, fd_sock(p->fd));
+	} else if (ret == -EADDRINUSE || ret == -EADDRNOTAVAIL || (p->port != 0 && !all_ports)) {
+		/* A watched port reports every errno (EACCES...); port 0, and
+		 * every port host-wide, only the address-in-use class: an
+		 * unprivileged EINVAL loop must not reach userspace. */
+		emit_call(PT_BIND_ERROR, p, ret, fd_sock(p->fd));
 	}
 	bpf_map_delete_elem(&pending, &tid);
 	return 0;
@@ -468,7 +480,7 @@ int set_state(unsigned long long *ctx)
 			*e = rec;
 			bpf_ringbuf_submit(e, 0);
 		} else {
-			count_lost();
+			count_lost(0);
 		}
 	}
 	if (news == TCP_CLOSE)

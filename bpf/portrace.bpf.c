@@ -68,10 +68,17 @@ struct pt_pending {
 	__u8 addr[16];
 };
 
+#ifndef PT_WATCHED_MAX
+#define PT_WATCHED_MAX 1024
+#endif
+
 BPF_RINGBUF_OUTPUT(events, PT_RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(lost, __u64, 1);
+/* Failures of a watched port have a ring of their own: a flood of
+ * transitions, successes or host-wide noise cannot crowd them out. */
+BPF_RINGBUF_OUTPUT(failures, 16);
+BPF_PERCPU_ARRAY(lost, __u64, 2);	/* slot 0: events, slot 1: failures */
 BPF_ARRAY(config, struct pt_config, 1);
-BPF_HASH(watched_ports, __u16, __u8, 1024);
+BPF_HASH(watched_ports, __u16, __u8, PT_WATCHED_MAX);
 /* Never read or written by the programs: its value type is the decoder's
  * layout of union pt_event (see portrace.h). */
 BPF_ARRAY(pt_layout, union pt_event, 1);
@@ -101,10 +108,9 @@ static __always_inline int port_watched(struct pt_config *cfg, __u16 port)
 	return watched_ports.lookup(&port) != NULL;
 }
 
-static __always_inline void count_lost(void)
+static __always_inline void count_lost(int slot)
 {
-	int zero = 0;
-	__u64 *n = lost.lookup(&zero);
+	__u64 *n = lost.lookup(&slot);
 	if (n)
 		(*n)++;
 }
@@ -140,9 +146,14 @@ static __always_inline int forget_closing(void)
 static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
 				      struct pt_sockinfo *si)
 {
-	struct pt_call *e = events.ringbuf_reserve(sizeof(union pt_event));
+	/* A failure on a watched port goes to its own ring; successes,
+	 * autobind (port 0) failures and host-wide ones share the other. */
+	struct pt_config *cfg = get_config();
+	int own_ring = ret < 0 && p->port != 0 && cfg && !cfg->all_ports;
+	struct pt_call *e = own_ring ? failures.ringbuf_reserve(sizeof(union pt_event))
+				     : events.ringbuf_reserve(sizeof(union pt_event));
 	if (!e) {
-		count_lost();
+		count_lost(own_ring);
 		return;
 	}
 	e->kind = kind;
@@ -367,7 +378,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_bind)
 		 * every port sends userspace nothing but failures. */
 		if (!cfg->all_ports && p->port != 0)
 			emit_call(PT_BIND_OK, p, ret, si);
-	} else {
+	} else if (ret == -PT_EADDRINUSE || ret == -PT_EADDRNOTAVAIL ||
+		   (p->port != 0 && !cfg->all_ports)) {
+		/* A watched port reports every errno (EACCES...); port 0, and
+		 * every port host-wide, only the address-in-use class: an
+		 * unprivileged EINVAL loop must not reach userspace. */
 		si = sockinfo.lookup(&key);
 		emit_call(PT_BIND_ERROR, p, ret, si);
 	}
@@ -500,7 +515,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 				__builtin_memset(&e->owner, 0, sizeof(e->owner));
 			events.ringbuf_submit(e, 0);
 		} else {
-			count_lost();
+			count_lost(0);
 		}
 	}
 	if (news == PT_TCP_CLOSE)

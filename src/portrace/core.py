@@ -56,6 +56,7 @@ PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_e
 ITERATORS = {"tcp": "iter_tcp", "udp": "iter_udp", "holders": "iter_task_file"}
 LOG_DIR = Path("/run/portrace")  # root-only: the verifier's log of a refused load
 PAGE = 4096
+LOST_SLOTS = 2  # bpf/core.bpf.c: the lost map, one slot per ring
 
 
 class CoreEngine:
@@ -78,6 +79,8 @@ class CoreEngine:
         self._obj: libbpf.BpfObject | None = None
         self._rb = 0
         self._iters: dict[str, int] = {}
+        self._failures_budget = engine.PollBudget()
+        self._events_budget = engine.PollBudget()
 
     def open(self) -> None:
         engine.preflight(TRACEPOINTS)
@@ -109,27 +112,41 @@ class CoreEngine:
             for prog in PROGRAMS:
                 obj.attach(prog)
             self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
-            self._rb = obj.ring_buffer("events", self._on_record)
+            # Failures of the watched ports come first and have their own
+            # ring: no flood of transitions or host-wide noise can crowd them out.
+            self._rb = obj.ring_buffer([("failures", self._ring_callback(self._failures_budget)),
+                                        ("events", self._ring_callback(self._events_budget))])
         except libbpf.LibbpfError as exc:
             self.close()
             raise errors.CoreLoadFailed(
                 f"the kernel refused the CO-RE object ({exc}); the verifier's last lines "
                 f"are in {_save_log(exc.log)}; `--engine bcc` does without it") from None
 
-    def _on_record(self, data: int, _size: int) -> None:
-        ev = decode_event(self.event_t.from_address(data), self.clock)
-        if ev is not None:
-            self.on_event(ev)
+    def _ring_callback(self, budget: engine.PollBudget) -> Callable[[int, int], int]:
+        def on_record(data: int, _size: int) -> int:
+            ev = decode_event(self.event_t.from_address(data), self.clock)
+            if ev is not None:
+                self.on_event(ev)
+            return libbpf.STOP if budget.spent() else 0
+        return on_record
 
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending records to ``on_event``; waits up to ``timeout_ms``."""
+        """Deliver pending records to ``on_event``: waits up to ``timeout_ms``,
+        then serves the failures ring first; each ring stops after its
+        engine.PollBudget, so a poll returns however long a flood lasts."""
         assert self._obj is not None
+        self._failures_budget.renew()
+        self._events_budget.renew()
         self._obj.poll(self._rb, timeout_ms)
+        self._failures_budget.renew()
+        self._events_budget.renew()
+        self._obj.consume(self._rb)
 
     def lost_total(self) -> int:
-        """Records dropped so far (ring buffer full)."""
+        """Records dropped so far (either ring buffer full)."""
         assert self._obj is not None
-        return self._obj.map("lost").percpu_sum(ctypes.c_uint32(0))
+        lost = self._obj.map("lost")
+        return sum(lost.percpu_sum(ctypes.c_uint32(i)) for i in range(LOST_SLOTS))
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close.

@@ -17,6 +17,7 @@ and says why in the ``ready`` event.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -51,6 +52,27 @@ class Engine(Protocol):
     def fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]: ...
     def owner(self, skaddr: int) -> Task | None: ...
     def recent(self, port: int) -> list[StateChange] | None: ...
+
+
+POLL_BUDGET_S = 0.05  # one ring's share of one poll
+
+
+class PollBudget:
+    """How long one ring's callback may go on within one poll: under a
+    sustained flood libbpf would otherwise keep delivering records and never
+    return (tools/lib/bpf/ringbuf.c: ringbuf_process_ring loops while new
+    data arrives), so signals and lost counts would wait for the flood's end.
+    ``renew()`` at each poll; ``spent()`` after each record."""
+
+    def __init__(self, seconds: float = POLL_BUDGET_S) -> None:
+        self.seconds = seconds
+        self._deadline = 0.0
+
+    def renew(self) -> None:
+        self._deadline = time.monotonic() + self.seconds
+
+    def spent(self) -> bool:
+        return time.monotonic() > self._deadline
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ LOG_LINES = 40  # libbpf/verifier lines kept for an error report
 
 _p = ctypes.c_void_p
 PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+STOP = -errno.ECANCELED  # a ring callback's "enough for this poll"
 SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
@@ -53,7 +54,9 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _p, _p, ctypes.c_uint64]),
     "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _p, _p]),
     "ring_buffer__new": (_p, [ctypes.c_int, SAMPLE_FN, _p, _p]),
+    "ring_buffer__add": (ctypes.c_int, [_p, ctypes.c_int, SAMPLE_FN, _p]),
     "ring_buffer__poll": (ctypes.c_int, [_p, ctypes.c_int]),
+    "ring_buffer__consume": (ctypes.c_int, [_p]),
     "ring_buffer__free": (None, [_p]),
     "btf__type_by_id": (_p, [_p, ctypes.c_uint32]),
     "btf__name_by_offset": (ctypes.c_char_p, [_p, ctypes.c_uint32]),
@@ -244,26 +247,44 @@ class BpfObject:
     def map(self, name: str) -> Map:
         return Map(_check(f"map fd {name}", self.lib.bpf_map__fd(self._map(name))), name)
 
-    def ring_buffer(self, name: str, callback: Callable[[int, int], None]) -> int:
-        """A ring buffer over map ``name``; ``callback(address, size)`` per record."""
-        def sample(_ctx: int, data: int, size: int) -> int:
-            callback(data, size)
-            return 0
-        fn = SAMPLE_FN(sample)  # kept alive with the ring
-        rb = _nonnull(f"ring buffer {name}",
-                      self.lib.ring_buffer__new(self.map(name).fd, fn, None, None))
-        self._rings.append((rb, fn))
+    def ring_buffer(self, rings: list[tuple[str, Callable[[int, int], int]]]) -> int:
+        """One libbpf ring_buffer over the maps named in ``rings``, in that
+        order (ring_buffer__consume serves them so). Each callback gets
+        (address, size) and returns 0 to go on, or STOP to end this poll:
+        the record is consumed all the same (tools/lib/bpf/ringbuf.c:
+        ringbuf_process_ring)."""
+        rb = 0
+        for i, (name, callback) in enumerate(rings):
+            def sample(_ctx: int, data: int, size: int,
+                       callback: Callable[[int, int], int] = callback) -> int:
+                return callback(data, size)
+            fn = SAMPLE_FN(sample)  # kept alive with the ring
+            fd = self.map(name).fd
+            if not rb:
+                rb = _nonnull(f"ring buffer {name}", self.lib.ring_buffer__new(fd, fn, None, None))
+            else:
+                _check(f"ring buffer {name}", self.lib.ring_buffer__add(rb, fd, fn, None))
+            self._rings.append((rb if i == 0 else 0, fn))
         return rb
 
-    def poll(self, rb: int, timeout_ms: int) -> int:
+    def poll(self, rb: int, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for records and deliver them; a
+        callback's STOP ends the pass early."""
         ret = self.lib.ring_buffer__poll(rb, timeout_ms)
-        if ret == -errno.EINTR:
-            return 0
-        return _check("poll ring buffer", ret)
+        if ret not in (-errno.EINTR, STOP):
+            _check("poll ring buffer", ret)
+
+    def consume(self, rb: int) -> None:
+        """Deliver what every ring holds, ring by ring in their order, without
+        waiting; a callback's STOP ends the pass early."""
+        ret = self.lib.ring_buffer__consume(rb)
+        if ret != STOP:
+            _check("consume ring buffer", ret)
 
     def close(self) -> None:
         for rb, _fn in self._rings:
-            self.lib.ring_buffer__free(rb)
+            if rb:
+                self.lib.ring_buffer__free(rb)
         self._rings.clear()
         for link in reversed(self._links):
             self.lib.bpf_link__destroy(link)

@@ -20,6 +20,7 @@ from typing import Any
 
 from portrace import engine, errors, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
+from portrace.libbpf import STOP
 from portrace.records import (
     MonotonicClock,
     decode_event,
@@ -90,6 +91,8 @@ class Probes:
         self.clock = MonotonicClock()
         self._bpf: Any = None
         self._layout: Any = None
+        self._failures_budget = engine.PollBudget()
+        self._events_budget = engine.PollBudget()
 
     def open(self) -> None:
         """Compile, load and attach. Raises the errors of :func:`preflight`,
@@ -98,7 +101,8 @@ class Probes:
         from bcc import BPF
 
         src = engine.bpf_source_dir()
-        cflags = [f"-I{src}", f"-DPT_RINGBUF_PAGES={self.ringbuf_pages}"]
+        cflags = [f"-I{src}", f"-DPT_RINGBUF_PAGES={self.ringbuf_pages}",
+                  f"-DPT_WATCHED_MAX={max(1024, len(self.ports))}"]
         try:
             self._bpf = BPF(src_file=str(src / "portrace.bpf.c").encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for both cases
@@ -121,20 +125,34 @@ class Probes:
         for port in self.ports:
             watched[watched.Key(port)] = watched.Leaf(1)
         cfg[cfg.Key(0)] = value  # last: the filter is complete before it applies
-        self._bpf[b"events"].open_ring_buffer(self._on_record)
+        # The failures ring first: ring_buffer_consume serves rings in order.
+        self._bpf[b"failures"].open_ring_buffer(self._ring_callback(self._failures_budget))
+        self._bpf[b"events"].open_ring_buffer(self._ring_callback(self._events_budget))
 
-    def _on_record(self, _ctx: Any, data: Any, _size: int) -> None:
-        ev = decode_event(ctypes.cast(data, ctypes.POINTER(self._layout)).contents, self.clock)
-        if ev is not None:
-            self.on_event(ev)
+    def _ring_callback(self, budget: engine.PollBudget) -> Callable[[Any, Any, int], int]:
+        def on_record(_ctx: Any, data: Any, _size: int) -> int:
+            ev = decode_event(ctypes.cast(data, ctypes.POINTER(self._layout)).contents,
+                              self.clock)
+            if ev is not None:
+                self.on_event(ev)
+            return STOP if budget.spent() else 0
+        return on_record
 
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending records to ``on_event``; waits up to ``timeout_ms``."""
+        """Deliver pending records to ``on_event``: waits up to ``timeout_ms``,
+        then serves the failures ring first; each ring stops after its
+        engine.PollBudget, so a poll returns however long a flood lasts."""
+        self._failures_budget.renew()
+        self._events_budget.renew()
         self._bpf.ring_buffer_poll(timeout_ms)
+        self._failures_budget.renew()
+        self._events_budget.renew()
+        self._bpf.ring_buffer_consume()
 
     def lost_total(self) -> int:
-        """Records dropped so far (ring buffer full)."""
-        return int(self._bpf[b"lost"].sum(0).value)
+        """Records dropped so far (either ring buffer full)."""
+        lost = self._bpf[b"lost"]
+        return sum(int(lost.sum(i).value) for i in range(2))
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close."""
