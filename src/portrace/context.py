@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
 MAX_PARENTS = 16
@@ -35,7 +36,9 @@ def _build_id(dev: int, ino: int, mtime_ns: int, path: str) -> str | None:
                 for note in section.iter_notes():
                     if note["n_type"] == "NT_GNU_BUILD_ID":
                         return str(note["n_desc"])
-    except (OSError, ELFError):
+    except (OSError, ELFError, ConstructError, ValueError, KeyError, IndexError):
+        # Any executable may be hostile: malformed notes make pyelftools raise
+        # construct's errors, not only ELFError.
         return None
     return None
 

@@ -8,6 +8,7 @@ object serialised by :func:`to_json` has ``type`` and ``ts`` (ISO 8601 UTC, µs)
 from __future__ import annotations
 
 import errno as errno_mod
+import re
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +49,21 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# C0 and C1 controls, DEL, and the Unicode marks that reorder or break lines.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
+                          "\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: a process names itself (comm, argv[0]), so a
+    name may carry escape sequences or newlines that would forge output.
+    Control characters become ``\\x1b``, newlines ``\\n``."""
+    return _UNPRINTABLE.sub(
+        lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                               else f"\\u{ord(m.group()):04x}"), text)
+
+
 def format_endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
@@ -85,11 +101,30 @@ class Ready:
 
 @dataclass(frozen=True)
 class Lost:
-    """Records the ring buffer had no room for since the previous ``Lost``."""
+    """Records lost since the previous ``Lost`` of the same ``source``:
+    ``kernel`` (a ring buffer had no room; counted by the probes) or ``queue``
+    (portrace's own bounded backlog behind the diagnosis was full)."""
 
     ts: datetime
     count: int
+    source: str = "kernel"
     type: str = field(default="lost", init=False)
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """An exception portrace survived: in a sink (``where`` ``output``: a
+    full disk, a closed pipe on another output) or while diagnosing one
+    failure (``diagnosis``). ``count``: how many of this kind so far; the
+    failure it was about, if any, is in ``failure`` (call, pid, comm, addr,
+    port, errno), so nothing is lost silently."""
+
+    ts: datetime
+    where: str
+    message: str
+    count: int
+    failure: dict[str, Any] | None = None
+    type: str = field(default="error", init=False)
 
 
 @dataclass(frozen=True)
@@ -227,6 +262,7 @@ class Blocker:
     # seen binding this address), "closer" (the close that made the minisock).
     opts_source: str | None = None
     conflict: bool | None = None  # the kernel's rule, given what is known
+    processes_total: int | None = None  # more holders than listed: how many in all
 
 
 @dataclass(frozen=True)
@@ -293,7 +329,10 @@ class CallError:
     process: dict[str, Any] | None = None  # context.process_facts of the failing process
     host: dict[str, str] = field(default_factory=dict)
     recent: tuple[StateChange, ...] = ()  # transitions on the port shortly before
-    verdict_ms: float | None = None  # from the failure in the kernel to the verdict, facts included
+    verdict_ms: float | None = None  # from the failure in the kernel to the event's emission
+    # More blockers than are listed (a busy port): how many in all, by state.
+    blockers_total: int | None = None
+    blockers_by_state: dict[str, int] | None = None
 
     @property
     def type(self) -> str:
@@ -323,7 +362,13 @@ class Repeats:
     type: str = field(default="repeats", init=False)
 
 
-Event = Union[Ready, Lost, StateChange, SocketCall, CallError, Repeats]
+def failure_summary(a: SocketCall) -> dict[str, Any]:
+    """The fields that identify a failure, for an ``error`` event about it."""
+    return {"call": a.call, "pid": a.pid, "comm": a.comm, "addr": a.addr, "port": a.port,
+            "errno": errno_name(a.errno)}
+
+
+Event = Union[Ready, Lost, ErrorRecord, StateChange, SocketCall, CallError, Repeats]
 
 
 def _endpoint(ep: Endpoint | None) -> dict[str, Any] | None:
@@ -348,6 +393,7 @@ def _blocker(b: Blocker) -> dict[str, Any]:
              "inherited": p.inherited}
             for p in b.processes
         ],
+        "processes_total": b.processes_total or len(b.processes),
         "inode": b.inode,
         "uid": b.uid,
         "expires_s": b.expires_s,
@@ -398,7 +444,10 @@ def to_json(ev: Event) -> dict[str, Any]:
             out["options"] = ev.options
         return out
     if isinstance(ev, Lost):
-        return {"type": "lost", "ts": iso(ev.ts), "count": ev.count}
+        return {"type": "lost", "ts": iso(ev.ts), "count": ev.count, "source": ev.source}
+    if isinstance(ev, ErrorRecord):
+        return {"type": "error", "ts": iso(ev.ts), "where": ev.where, "message": ev.message,
+                "count": ev.count, "failure": ev.failure}
     if isinstance(ev, Repeats):
         return {"type": "repeats", "ts": iso(ev.ts), "since": iso(ev.since), "call": ev.call,
                 "pid": ev.pid, "comm": ev.comm, "family": ev.family, "addr": ev.addr,
@@ -443,6 +492,8 @@ def to_json(ev: Event) -> dict[str, Any]:
             "port_range": list(a.port_range) if a.port_range else None,
             "netns": {"inode": ev.netns.inode, "source": ev.netns.source, "name": ev.netns.name},
             "blockers": [_blocker(b) for b in ev.blockers],
+            "blockers_total": ev.blockers_total or len(ev.blockers),
+            "blockers_by_state": ev.blockers_by_state,
             "verdict": {"cause": ev.verdict.cause, "summary": ev.verdict.summary,
                         "advice": list(ev.verdict.advice)},
             "lookup_ms": round(ev.lookup_ms, 3),

@@ -1,17 +1,21 @@
 """The pipeline: probes -> typed events -> socket snapshot -> verdict -> sinks.
 
-A failed bind is diagnosed inside the ring-buffer callback, before the next
-record is read: the blocker may be gone a moment later, and so may the failing
-process whose network namespace says where to look.
+Two threads. The caller's drains the ring buffers (each poll bounded in time
+by the engine), reports lost records and honours ``stop``; it only decodes and
+hands over (portrace.inbox). The diagnosing thread takes the newest failure
+first, snapshots its port in the failing socket's namespace, judges it and
+emits it: the blocker may be gone a moment later, so a fresh failure must not
+wait behind a stale backlog, and no flood may make the drain or a signal wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -22,13 +26,16 @@ from portrace.events import (
     CallError,
     Closer,
     Endpoint,
+    ErrorRecord,
     Event,
     Lost,
     Ready,
     Repeats,
     SocketCall,
     StateChange,
+    failure_summary,
 )
+from portrace.inbox import FailureKey, Inbox, Waiting, failure_key
 
 Sink = Callable[[Event], None]
 
@@ -37,6 +44,12 @@ MAX_BINDERS = 4096  # bound addresses remembered, most recent kept
 BINDERS_PER_ADDRESS = 8  # recent successful binds kept per address
 # What the verdicts quote, read in the failing process's namespace.
 RECENT_S = 60  # transitions on the port kept in a failure's evidence
+# A busy port (thousands of connections) is summarised: the blockers listed
+# are the first of these, the rest only counted by state (blockers_total,
+# blockers_by_state), and each lists at most so many holding processes.
+MAX_BLOCKERS_LISTED = 32
+MAX_PROCESSES_LISTED = 16
+STOP_GRACE_S = 0.5  # after stop, how long a diagnosis under way may finish
 SYSCTLS = (
     "net.ipv4.tcp_fin_timeout",
     "net.ipv4.tcp_max_tw_buckets",
@@ -73,9 +86,16 @@ class Tracer:
         self.lost_total = 0
         self.coalesce_s = coalesce_s
         # failure key -> the last report of it, and its repeats counted since
-        self._reported: OrderedDict[tuple, _Coalesced] = OrderedDict()
+        self._reported: OrderedDict[FailureKey, _Coalesced] = OrderedDict()
         self.options = options
         self.host = context.host_facts()
+        self.inbox = Inbox()
+        self._queue_lost = 0
+        self._sink_lock = threading.Lock()
+        self._errors: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._stopping = threading.Event()  # run() is ending: the worker finishes
+        self.broken_pipe = False  # stdout's reader went away: stop, exit 0
 
     def start(self) -> Ready:
         """Load and attach the chosen engine. Raises the portrace.errors of
@@ -92,7 +112,7 @@ class Tracer:
         ready = Ready(ts=datetime.now(timezone.utc), engine=choice.name,
                       engine_reason=choice.reason, ports=self.ports,
                       kernel=os.uname().release, host=self.host, options=self.options)
-        self.sink(ready)
+        self._emit(ready)
         return ready
 
     def _open(self, choice: engine.Choice) -> engine.Engine:
@@ -108,51 +128,120 @@ class Tracer:
         return self.probes
 
     def run(self, stop: threading.Event, poll_ms: int = 100) -> None:
-        """Poll until ``stop`` is set. Lost records are reported as they are counted."""
+        """Drain the ring buffers until ``stop`` is set (by a signal, or by
+        portrace itself when stdout's reader has gone); returns within about
+        ``poll_ms`` + the engine's per-poll budget + STOP_GRACE_S of it.
+        Lost records are reported as they are counted."""
+        self._stop = stop
+        worker = threading.Thread(target=self._work, name="portrace-diagnosis", daemon=True)
+        worker.start()
         while not stop.is_set():
             self.engine.poll(poll_ms)
             self._report_lost()
-            self._flush_repeats(time.time() - self.coalesce_s)
         self.engine.poll(0)
+        self._stopping.set()
+        self.inbox.wake()
+        worker.join(STOP_GRACE_S)
+        if worker.is_alive():  # a long diagnosis: what still waits is lost, and counted
+            self.inbox.dropped += self.inbox.abandon()
         self._report_lost()
-        self._flush_repeats(float("inf"))
 
     def close(self) -> None:
         if self.probes is not None:
             self.probes.close()
 
     def _report_lost(self) -> None:
+        now = datetime.now(timezone.utc)
         lost = self.engine.lost_total() - self.lost_total
         if lost:
             self.lost_total += lost
-            self.sink(Lost(ts=datetime.now(timezone.utc), count=lost))
+            self._emit(Lost(ts=now, count=lost, source="kernel"))
+        dropped = self.inbox.dropped - self._queue_lost
+        if dropped:
+            self._queue_lost += dropped
+            self._emit(Lost(ts=now, count=dropped, source="queue"))
+
+    def _emit(self, ev: Event) -> None:
+        """Hand one event to the sink, from either thread. A sink that raises
+        is counted and reported on stderr, never allowed to kill a thread;
+        a closed stdout (EPIPE) stops portrace cleanly."""
+        try:
+            with self._sink_lock:
+                self.sink(ev)
+        except BrokenPipeError:
+            self.broken_pipe = True
+            self._stop.set()
+        except Exception as exc:  # noqa: BLE001 - the boundary: count, say, go on
+            n = self._count_error("output")
+            if n == 1 or n % 1000 == 0:
+                print(f"portrace: an event could not be written ({n} so far): "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+    def _count_error(self, where: str) -> int:
+        self._errors[where] = self._errors.get(where, 0) + 1
+        return self._errors[where]
 
     def _on_event(self, ev: StateChange | SocketCall) -> None:
+        """From the ring-buffer callback: hand over, never wait."""
+        if isinstance(ev, StateChange) or ev.ok:
+            self.inbox.put_stream(ev)
+        elif self.pid is None or ev.pid == self.pid:
+            self.inbox.put_failure(ev)
+
+    def _work(self) -> None:
+        """The diagnosing thread: streamed events in order, then the newest
+        waiting failure; until stopped and the inbox is empty."""
+        while True:
+            stream, waiting = self.inbox.take(0.2)
+            for ev in stream:
+                self._stream(ev)
+            if waiting is not None:
+                self._failure(waiting)
+            self._flush_repeats(time.time() - self.coalesce_s)
+            if self._stopping.is_set() and not stream and waiting is None:
+                self._flush_repeats(float("inf"))
+                return
+
+    def _stream(self, ev: StateChange | SocketCall) -> None:
         if isinstance(ev, StateChange):
             self.history.setdefault(ev.local.port, deque(maxlen=HISTORY_PER_PORT)).append(ev)
-            self.sink(ev)
-        elif ev.ok:
-            if ev.call == "bind":
-                self._remember_binder(ev)
-            if self.pid is None or ev.pid == self.pid:
-                # Its failures' repeats come first, so a report sees them in order.
-                self._flush_repeats(float("inf"), pid=ev.pid, port=ev.port)
-                self.sink(ev)
-        elif self.pid is None or ev.pid == self.pid:
-            key = (ev.pid, ev.call, ev.family, ev.addr, ev.port, ev.errno)
-            seen = self._reported.get(key)
-            if seen is not None and ev.ts.timestamp() - seen.since.timestamp() < self.coalesce_s:
-                seen.count += 1  # a retry loop must not cost a snapshot per attempt
-                seen.last = ev
-                return
-            self._flush_repeats(float("inf"), key=key)
-            self._reported[key] = _Coalesced(since=ev.ts, last=ev)
-            self._reported.move_to_end(key)
-            while len(self._reported) > MAX_BINDERS:
-                self._reported.popitem(last=False)
-            self.sink(self.diagnose(ev))
+            self._emit(ev)
+            return
+        if ev.call == "bind":
+            self._remember_binder(ev)
+        if self.pid is None or ev.pid == self.pid:
+            # Its failures' repeats come first, so a report sees them in order.
+            self._flush_repeats(float("inf"), pid=ev.pid, port=ev.port)
+            self._emit(ev)
 
-    def _flush_repeats(self, before: float, key: tuple | None = None, pid: int | None = None,
+    def _failure(self, waiting: Waiting) -> None:
+        ev = waiting.first
+        key = failure_key(ev)
+        seen = self._reported.get(key)
+        if seen is not None and ev.ts.timestamp() - seen.since.timestamp() < self.coalesce_s:
+            seen.count += 1 + waiting.repeats  # a retry loop must not cost a snapshot each
+            seen.last = waiting.last
+            return
+        self._flush_repeats(float("inf"), key=key)
+        coalesced = _Coalesced(since=ev.ts, last=waiting.last, count=waiting.repeats)
+        self._reported[key] = coalesced
+        self._reported.move_to_end(key)
+        while len(self._reported) > MAX_BINDERS:
+            self._reported.popitem(last=False)
+        try:
+            report: Event = self.diagnose(ev)
+        except Exception as exc:  # noqa: BLE001 - one failure's diagnosis, not the tracer
+            report = ErrorRecord(
+                ts=datetime.now(timezone.utc), where="diagnosis",
+                message=f"{type(exc).__name__}: {exc}", count=self._count_error("diagnosis"),
+                failure=failure_summary(ev))
+        if isinstance(report, CallError):
+            report = dataclasses.replace(
+                report, verdict_ms=(time.time() - ev.ts.timestamp()) * 1000.0)
+        self._emit(report)
+
+    def _flush_repeats(self, before: float, key: FailureKey | None = None,
+                       pid: int | None = None,
                        port: int | None = None) -> None:
         """Report the repeats counted for failures last reported before
         ``before`` (epoch s): all of them, one key's, or one process's on a port."""
@@ -161,7 +250,7 @@ class Tracer:
                     or (pid is not None and (k[0] != pid or k[4] != port))):
                 continue
             last = c.last
-            self.sink(Repeats(ts=last.ts, since=c.since, call=last.call, pid=last.pid,
+            self._emit(Repeats(ts=last.ts, since=c.since, call=last.call, pid=last.pid,
                               comm=last.comm, family=last.family, addr=last.addr,
                               port=last.port, errno=last.errno, count=c.count))
             c.count = 0
@@ -235,8 +324,10 @@ class Tracer:
             on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
             last_seen = on_port[-1] if on_port else None
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
+        listed, total, by_state = _summarised(blockers)
         return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
-                         netns=netns, blockers=_with_facts(blockers), verdict=verdict,
+                         netns=netns, blockers=_with_facts(listed), verdict=verdict,
+                         blockers_total=total, blockers_by_state=by_state,
                          lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
                          recent=recent,
@@ -285,10 +376,33 @@ class _Coalesced:
     count: int = 0
 
 
-def _with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
-    """Blockers whose holders carry their process facts (exe, build-id...)."""
-    return tuple(
-        dataclasses.replace(b, processes=tuple(
-            dataclasses.replace(p, facts=context.process_facts(p.pid)) for p in b.processes))
-        for b in blockers)
+def _summarised(blockers: list[Blocker]
+                ) -> tuple[list[Blocker], int | None, dict[str, int] | None]:
+    """At most MAX_BLOCKERS_LISTED blockers, those the kernel's rule says
+    conflict and listeners first; with the total and a count by state when
+    some are left out (None, None when all are listed)."""
+    if len(blockers) <= MAX_BLOCKERS_LISTED:
+        return blockers, None, None
+    ranked = sorted(blockers, key=lambda b: (b.conflict is not True, b.state != "LISTEN"))
+    return (ranked[:MAX_BLOCKERS_LISTED], len(blockers),
+            dict(Counter(b.state for b in blockers)))
 
+
+def _with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
+    """Blockers whose holders carry their process facts (exe, build-id...),
+    read once per process however many sockets it holds, for at most
+    MAX_PROCESSES_LISTED holders of one socket."""
+    facts: dict[int, dict[str, Any] | None] = {}
+
+    def of(pid: int) -> dict[str, Any] | None:
+        if pid not in facts:
+            facts[pid] = context.process_facts(pid)
+        return facts[pid]
+
+    return tuple(
+        dataclasses.replace(
+            b, processes=tuple(dataclasses.replace(p, facts=of(p.pid))
+                               for p in b.processes[:MAX_PROCESSES_LISTED]),
+            processes_total=len(b.processes) if len(b.processes) > MAX_PROCESSES_LISTED
+            else None)
+        for b in blockers)

@@ -1,0 +1,100 @@
+"""The bounded hand-off from the thread that drains the ring buffers to the
+thread that diagnoses: draining must never wait for a diagnosis, and no flood
+may grow portrace's memory or delay a fresh failure behind a stale backlog.
+
+- Transitions and successful calls keep their order, up to ``STREAM_MAX``.
+- Failures wait under their coalescing key (process, call, address, errno):
+  an identical failure that arrives while one waits only counts as its
+  repeat. At most ``FAILURES_MAX`` keys wait; the oldest one is dropped first.
+- The newest waiting failure is diagnosed first: its blocker is the likeliest
+  to still exist.
+
+Whatever is dropped is counted, and reported as ``lost`` with source ``queue``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from portrace.events import SocketCall, StateChange
+
+STREAM_MAX = 65536  # transitions and successes waiting to be emitted
+FAILURES_MAX = 256  # distinct failures waiting for a diagnosis
+
+FailureKey = tuple[int, str, str, str, int, int]  # pid, call, family, addr, port, errno
+
+
+def failure_key(ev: SocketCall) -> FailureKey:
+    return (ev.pid, ev.call, ev.family, ev.addr, ev.port, ev.errno)
+
+
+@dataclass
+class Waiting:
+    """A failure waiting for its diagnosis, and the identical ones that came
+    while it waited (``repeats``; ``last`` is the newest of them)."""
+
+    first: SocketCall
+    last: SocketCall
+    repeats: int = 0
+
+
+class Inbox:
+    """Thread-safe; ``put_*`` never block (called from the ring-buffer
+    callback), ``take`` blocks the diagnosing thread up to ``timeout`` s."""
+
+    def __init__(self, stream_max: int = STREAM_MAX, failures_max: int = FAILURES_MAX) -> None:
+        self._cond = threading.Condition()
+        self._stream: deque[StateChange | SocketCall] = deque()
+        self._failures: OrderedDict[FailureKey, Waiting] = OrderedDict()
+        self.stream_max = stream_max
+        self.failures_max = failures_max
+        self.dropped = 0  # records dropped here, since the start
+
+    def put_stream(self, ev: StateChange | SocketCall) -> None:
+        with self._cond:
+            if len(self._stream) >= self.stream_max:
+                self.dropped += 1
+                return
+            self._stream.append(ev)
+            self._cond.notify()
+
+    def put_failure(self, ev: SocketCall) -> None:
+        key = failure_key(ev)
+        with self._cond:
+            waiting = self._failures.get(key)
+            if waiting is not None:
+                waiting.repeats += 1
+                waiting.last = ev
+                self._failures.move_to_end(key)
+                return
+            if len(self._failures) >= self.failures_max:
+                _, old = self._failures.popitem(last=False)
+                self.dropped += 1 + old.repeats
+            self._failures[key] = Waiting(first=ev, last=ev)
+            self._cond.notify()
+
+    def take(self, timeout: float) -> tuple[list[StateChange | SocketCall], Waiting | None]:
+        """Everything streamed so far, in order, and the newest waiting
+        failure (or None); both empty after ``timeout`` s with nothing."""
+        with self._cond:
+            if not self._stream and not self._failures:
+                self._cond.wait(timeout)
+            stream = list(self._stream)
+            self._stream.clear()
+            failure = self._failures.popitem(last=True)[1] if self._failures else None
+            return stream, failure
+
+    def abandon(self) -> int:
+        """Drop everything waiting (portrace is stopping); returns how many
+        records that was."""
+        with self._cond:
+            n = len(self._stream) + sum(1 + w.repeats for w in self._failures.values())
+            self._stream.clear()
+            self._failures.clear()
+            return n
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
