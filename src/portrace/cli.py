@@ -7,6 +7,8 @@ Every error a user can cause is one line on stderr and a distinct exit code
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -22,6 +24,7 @@ from portrace import errors
 from portrace.engine import ENGINES
 from portrace.events import Event, SocketCall, StateChange
 from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
+from portrace.outputs import Fanout, open_private
 from portrace.render import terminal_sink
 from portrace.tracer import Tracer
 
@@ -48,15 +51,83 @@ def cli() -> None:
     """
 
 
-def _stop_on_signals() -> threading.Event:
+def _stop_on_signals(*signums: int) -> threading.Event:
     stop = threading.Event()
 
     def handler(_sig: int, _frame: object) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in signums or (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
     return stop
+
+
+def _trace(tracer: Tracer, stop: threading.Event, started: str | None = None) -> None:
+    """Start the tracer, then drain it until ``stop``. Start-up (bcc compiles
+    for seconds) runs in a thread so a signal meanwhile ends portrace at once,
+    exit 130, before anything is attached. A closed stdout ends it with 0."""
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            tracer.start()
+        except BaseException as exc:  # re-raised below, in the main thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name="portrace-start", daemon=True)
+    starter.start()
+    while starter.is_alive():
+        starter.join(0.05)
+        if stop.is_set():
+            click.echo("portrace: interrupted during start-up", err=True)
+            os._exit(130)  # the kernel detaches whatever was attached with our fds
+    if failed:
+        raise failed[0]
+    try:
+        if started:
+            click.echo(started, err=True)
+        tracer.run(stop)
+    finally:
+        tracer.close()
+    if tracer.broken_pipe:
+        _quiet_stdout()
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader has gone (``portrace 9090 | head -1``): point fd 1 at
+    /dev/null so the interpreter's last flush does not fail, and exit 0."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class PrivateFile(click.ParamType):
+    """A file to write as root: never through a symlink, new files 0600
+    (portrace.outputs.open_private); ``-`` is stdout."""
+
+    name = "file"
+
+    def __init__(self, append: bool) -> None:
+        self.append = append
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> IO[str]:
+        if not isinstance(value, str):
+            return value  # type: ignore[return-value]
+        if value == "-":
+            return sys.stdout
+        return open_private(Path(value), append=self.append)
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def engine_option(f: Any) -> Any:
@@ -72,12 +143,13 @@ def engine_option(f: Any) -> Any:
 @engine_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (shared/DESIGN.md's contract) instead of text.")
-@click.option("-o", "--output", type=click.File("a", lazy=False),
-              help="Also append every event as JSON Lines to this file.")
+@click.option("-o", "--output", type=PrivateFile(append=True),
+              help="Also append every event as JSON Lines to this file (made 0600; "
+                   "never written through a symlink).")
 @click.option("-p", "--pid", type=click.IntRange(1), help="Only failures of this process.")
 @click.option("--states", is_flag=True,
               help="Also print TCP state transitions and successful binds on the ports.")
-@click.option("--coalesce", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--coalesce", type=Finite(0), default=1.0, show_default=True,
               metavar="SECONDS",
               help="Count, without diagnosing again, a process's identical failures this soon "
                    "after the last report (0: diagnose every one).")
@@ -86,25 +158,24 @@ def watch(ports: Sequence[int], engine_name: str, as_json: bool, output: IO[str]
     """Watch PORTs (default: every port) until Ctrl-C or SIGTERM."""
     if pid is not None and not psutil.pid_exists(pid):
         raise click.BadParameter(f"no process {pid}", param_hint="'-p' / '--pid'")
+    if sys.stdout is None:
+        raise errors.OutputFailed("standard output is closed; give it a reader, or "
+                                  "redirect it (e.g. >/dev/null with -o FILE)")
     shown = JsonLinesSink(sys.stdout) if as_json else terminal_sink(states=True)
-    recorded = JsonLinesSink(output) if output is not None else None
 
-    def sink(ev: Event) -> None:
+    def on_screen(ev: Event) -> None:
         # Transitions and successful binds reach the screen only with --states;
         # the evidence file gets everything.
         if states or not isinstance(ev, (StateChange, SocketCall)):
             shown(ev)
-        if recorded is not None:
-            recorded(ev)
 
+    outputs = [("stdout", on_screen)]
+    if output is not None:
+        outputs.append((getattr(output, "name", "-o"), JsonLinesSink(output)))
     stop = _stop_on_signals()
-    tracer = Tracer(ports, sink, pid=pid, coalesce_s=coalesce, engine_name=engine_name,
-                    states=states or output is not None)
-    try:
-        tracer.start()
-        tracer.run(stop)
-    finally:
-        tracer.close()
+    tracer = Tracer(ports, Fanout(outputs), pid=pid, coalesce_s=coalesce,
+                    engine_name=engine_name, states=states or output is not None)
+    _trace(tracer, stop)
 
 
 class ByteSize(click.ParamType):
@@ -147,24 +218,22 @@ def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: i
     try:
         writer = EvidenceDir(directory, max_bytes=max_bytes, keep=keep)
     except OSError as exc:
-        raise click.BadParameter(f"cannot write evidence there: {exc}",
+        raise click.BadParameter(f"cannot write evidence there: {exc.strerror or exc}",
                                  param_hint="'--dir'") from None
     options = {"command": "record", "dir": str(directory), "max_bytes": max_bytes,
                "keep": keep, "states": states, "ports": sorted(set(ports)),
                "engine": engine_name}
 
-    def sink(ev: Event) -> None:
+    def evidence(ev: Event) -> None:
         if states or not isinstance(ev, StateChange):
             writer(ev)
 
     stop = _stop_on_signals()
-    tracer = Tracer(ports, sink, options=options, engine_name=engine_name, states=states)
+    tracer = Tracer(ports, Fanout([(str(directory), evidence)]), options=options,
+                    engine_name=engine_name, states=states)
     try:
-        tracer.start()
-        click.echo(f"portrace: recording into {directory}", err=True)
-        tracer.run(stop)
+        _trace(tracer, stop, started=f"portrace: recording into {directory}")
     finally:
-        tracer.close()
         writer.close()
 
 
@@ -191,8 +260,9 @@ class Timestamp(click.ParamType):
               default="terminal", show_default=True)
 @click.option("--since", type=Timestamp(), help="Only events at or after this time.")
 @click.option("--until", type=Timestamp(), help="Only events at or before this time.")
-@click.option("-o", "--output", type=click.File("w"), default="-",
-              help="Write the report here (default: stdout).")
+@click.option("-o", "--output", type=PrivateFile(append=False), default="-",
+              help="Write the report here (default: stdout; a file is made 0600, never "
+                   "written through a symlink).")
 def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datetime | None,
            output: IO[str]) -> None:
     """Postmortem of evidence files or directories (rotated, gzipped ones too)."""
@@ -205,12 +275,20 @@ def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datet
         click.echo(f"portrace: {warning}", err=True)
     pm = pm_report.analyze(events, [str(f) for f in seen.files], seen.warnings(), since, until)
     if fmt == "json":
-        output.write(json.dumps(pm_report.to_json(pm), indent=2) + "\n")
+        text = json.dumps(pm_report.to_json(pm), indent=2) + "\n"
     elif fmt == "html":
         ok = [e for e in events if e["type"] in pm_report.SUCCESSES]
-        output.write(pm_report.to_html(pm, ok))
+        text = pm_report.to_html(pm, ok)
     else:
-        output.write(pm_report.to_text(pm, markdown=fmt == "markdown"))
+        text = pm_report.to_text(pm, markdown=fmt == "markdown")
+    try:
+        output.write(text)
+        output.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    except OSError as exc:
+        raise errors.OutputFailed(f"cannot write the report to {getattr(output, 'name', '-o')}: "
+                                  f"{exc.strerror or exc}") from None
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -227,7 +305,7 @@ def _key_value(text: str) -> tuple[str, str]:
               help="Set in every run (repeatable).")
 @click.option("--compare", metavar="KEY=V1,V2,...",
               help="One run per value; the last is judged against the first.")
-@click.option("--within", type=click.FloatRange(1, 300), default=10.0, show_default=True,
+@click.option("--within", type=Finite(1, 300), default=10.0, show_default=True,
               help="Seconds a restart may retry, or the client may connect.")
 @click.option("--expect", type=click.Choice(["fixed", "improved", "unchanged"]),
               help="Exit 0 only if every scenario's comparison came out so (needs --compare).")
@@ -256,10 +334,18 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
     if compare:
         key, value = _key_value(compare)
         cmp = (key, value.split(","))
+    lab_mod.check_settings(fixed + [(cmp[0], v) for v in cmp[1]] if cmp else fixed)
+    # SIGTERM and SIGHUP unwind like Ctrl-C: namespaces removed, sysctls restored.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
     runs = lab_mod.variants(fixed, cmp)
     verdicts: dict[str, str] = {}
     results = []
-    writer = EvidenceDir(evidence) if evidence is not None else None
+    try:
+        writer = EvidenceDir(evidence) if evidence is not None else None
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write evidence there: {exc.strerror or exc}",
+                                 param_hint="'--evidence'") from None
     laboratory = lab_mod.Lab(host=host, within=within, evidence=writer, engine_name=engine_name)
     with laboratory.attached():
         for name, reuse in parsed:

@@ -61,6 +61,26 @@ class CoreLoadFailed(PortraceError):
     exit_code = 14
 
 
+class UnsafePath(PortraceError):
+    """An output path portrace will not write as root: a symlink, not a
+    regular file, or a directory another user owns or may write."""
+
+    exit_code = 15
+
+
+class EvidenceBusy(PortraceError):
+    """Another recorder holds the evidence directory's lock."""
+
+    exit_code = 16
+
+
+class OutputFailed(PortraceError):
+    """Where the main output should go cannot be written (stdout closed,
+    a full disk for a report)."""
+
+    exit_code = 17
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success (also after Ctrl-C / SIGTERM)",
     1: "unexpected runtime failure",
@@ -77,4 +97,8 @@ EXIT_CODES: dict[int, str] = {
     NoKernelBtf.exit_code: "--engine core: the kernel has no BTF (/sys/kernel/btf/vmlinux)",
     NoLibbpf.exit_code: "--engine core: no usable libbpf.so.1, or the CO-RE object is not built",
     CoreLoadFailed.exit_code: "--engine core: the kernel refused the CO-RE object",
+    UnsafePath.exit_code: "an output is a symlink, not a regular file, or in a directory "
+                          "another user can write",
+    EvidenceBusy.exit_code: "another portrace records into that evidence directory",
+    OutputFailed.exit_code: "the main output cannot be written (stdout closed, disk full)",
 }

@@ -8,32 +8,41 @@ temporary name, then renamed, so no state is ever half-written) and only the
 newest ``keep`` compressed segments are kept. Files are 0600, the directory
 0700: evidence names processes and addresses.
 
-The reader takes files and directories, plain or gzipped, in time order; a
-torn last line (the writer died mid-write) or a corrupt line is skipped and
-counted, never fatal.
+The directory must belong to the user portrace runs as and be writable by
+no one else; every file in it is opened relative to it, never through a
+symlink, new files with O_EXCL. A lock file keeps a second recorder out.
+
+The reader treats evidence as hostile: files and directories, plain or
+gzipped, in time order, read line by line with a size cap; a torn last line,
+a corrupt or oversized line, an event with a missing or mistyped field and a
+gzip file cut short are skipped or noted, counted and warned about, never
+fatal.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from portrace.errors import PortraceError
+from portrace.errors import EvidenceBusy, PortraceError, UnsafePath
 from portrace.events import Event, to_json
 
 SEGMENT_PREFIX = "portrace-"
 PLAIN, GZIPPED = ".jsonl", ".jsonl.gz"
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_KEEP = 8
-KNOWN_TYPES = {"ready", "state", "bind", "listen", "bind_error", "listen_error",
-               "connect_error", "lost", "repeats"}
+LOCK = ".portrace.lock"
+MAX_LINE_BYTES = 8 * 1024 * 1024  # one event; a busy port's is summarised far below this
+NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class EvidenceError(PortraceError):
@@ -61,18 +70,44 @@ def _segment_name(now: datetime) -> str:
     return SEGMENT_PREFIX + now.strftime("%Y%m%dT%H%M%S.%fZ") + PLAIN
 
 
-def _compress(plain: Path) -> Path:
-    """gzip ``plain`` next to it, atomically, and remove it."""
-    final = plain.with_name(plain.name + ".gz")
-    tmp = plain.with_name(plain.name + ".gz.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _compress(dirfd: int, plain: str) -> None:
+    """gzip segment ``plain`` of the directory open at ``dirfd`` next to it,
+    atomically (a temporary made with O_EXCL, then renamed), and remove it."""
+    tmp = plain + ".gz.tmp"
+    fd = os.open(tmp, NEW, 0o600, dir_fd=dirfd)
+    src_fd = os.open(plain, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb",
-                                                     filename=plain.name) as gz, \
-            open(plain, "rb") as src:
+                                                     filename=plain) as gz, \
+            os.fdopen(src_fd, "rb") as src:
         shutil.copyfileobj(src, gz)
-    os.replace(tmp, final)
-    plain.unlink()
-    return final
+    os.replace(tmp, plain + ".gz", src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    os.unlink(plain, dir_fd=dirfd)
+
+
+def open_private_dir(directory: Path) -> int:
+    """An fd of ``directory``, made 0700 if missing. Raises UnsafePath when
+    it is a symlink, not a directory, not owned by this user, or writable by
+    group or others: root must not write where another user can plant files."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UnsafePath(f"cannot make {directory}: {exc.strerror or exc}") from None
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        why = "is a symbolic link" if os.path.islink(directory) else \
+            f"cannot be opened ({exc.strerror or exc})"
+        raise UnsafePath(f"evidence directory {directory} {why}") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        os.close(fd)
+        raise UnsafePath(f"evidence directory {directory} belongs to uid {st.st_uid} or is "
+                         f"writable by others (mode {stat.S_IMODE(st.st_mode):o}); use a "
+                         "directory only this user can write")
+    os.fchmod(fd, 0o700)
+    return fd
 
 
 class EvidenceDir:
@@ -82,7 +117,9 @@ class EvidenceDir:
     that gets a segment of its own) and at most ``keep`` compressed segments
     remain, so the directory holds at most ``max_bytes`` plus ``keep``
     compressed segments of ``max_bytes`` each before compression.
-    Raises OSError when the directory cannot be made or written.
+    Raises UnsafePath (see :func:`open_private_dir`), EvidenceBusy when
+    another recorder holds the directory's lock, OSError when it cannot be
+    written.
     """
 
     def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -90,30 +127,46 @@ class EvidenceDir:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.keep = keep
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        for tmp in self.dir.glob(SEGMENT_PREFIX + "*" + GZIPPED + ".tmp"):
-            tmp.unlink()  # a compression that a crash interrupted; its source is intact
-        for leftover in sorted(self.dir.glob(SEGMENT_PREFIX + "*" + PLAIN)):
-            _compress(leftover)  # segments of an earlier run: finished, so compress
+        self._dirfd = open_private_dir(self.dir)
+        try:
+            self._lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600, dir_fd=self._dirfd)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock)
+                raise EvidenceBusy(f"another portrace records into {self.dir} "
+                                   f"(it holds {self.dir / LOCK})") from None
+        except BaseException:
+            os.close(self._dirfd)
+            raise
+        for name in self._names(GZIPPED + ".tmp"):
+            os.unlink(name, dir_fd=self._dirfd)  # a compression a crash cut short
+        for leftover in self._names(PLAIN):
+            _compress(self._dirfd, leftover)  # segments of an earlier run: finished
         self._prune()
         self._open()
+
+    def _names(self, suffix: str) -> list[str]:
+        """Segment names in the directory ending in ``suffix``, oldest first."""
+        return sorted(n for n in os.listdir(self._dirfd)
+                      if n.startswith(SEGMENT_PREFIX) and n.endswith(suffix))
 
     def _open(self) -> None:
         name = _segment_name(datetime.now(timezone.utc))
         self.path = self.dir / name
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(name, NEW | os.O_APPEND, 0o600, dir_fd=self._dirfd)
         self._file = os.fdopen(fd, "w", encoding="utf-8")
         self.size = 0
 
     def _prune(self) -> None:
-        done = sorted(self.dir.glob(SEGMENT_PREFIX + "*" + GZIPPED))
+        done = self._names(GZIPPED)
         for old in done[:max(0, len(done) - self.keep)]:
-            old.unlink()
+            os.unlink(old, dir_fd=self._dirfd)
 
     def rotate(self) -> None:
         self._file.close()
-        _compress(self.path)
+        _compress(self._dirfd, self.path.name)
         self._prune()
         self._open()
 
@@ -128,19 +181,111 @@ class EvidenceDir:
 
     def close(self) -> None:
         self._file.close()
+        os.close(self._lock)  # releases the flock
+        os.close(self._dirfd)
+
+
+# What the report and the lab read of each event type: field -> JSON types.
+# An event without one of them, or with another type, is skipped and counted.
+_TS = "timestamp"  # an ISO 8601 string with a zone
+_ENDPOINT = {"addr": (str,), "port": (int,)}
+_CALL = {"pid": (int,), "comm": (str,), "addr": (str,), "port": (int,)}
+_FAILURE = {**_CALL, "errno": (str,), "blockers": (list,), "verdict": (dict,),
+            "sysctls": (dict, type(None)), "process": (dict, type(None))}
+SHAPES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "ready": {"kernel": (str,), "ports": (list,), "host": (dict, type(None))},
+    "state": {"local": (dict,), "remote": (dict,), "old": (str,), "new": (str,)},
+    "bind": _CALL,
+    "listen": _CALL,
+    "bind_error": _FAILURE,
+    "listen_error": _FAILURE,
+    "connect_error": _FAILURE,
+    "lost": {"count": (int,)},
+    "error": {"where": (str,), "message": (str,)},
+    "repeats": {**_CALL, "since": (_TS,), "call": (str,), "count": (int,)},
+}
+_VERDICT = {"cause": (str,), "summary": (str,), "advice": (list,)}
+_BLOCKER = {"state": (str,), "local": (dict,), "remote": (dict, type(None)),
+            "processes": (list,), "expires_s": (int, float, type(None)),
+            "closed_by": (dict, type(None))}
+_HOLDER = {"pid": (int,), "comm": (str,)}
+_CLOSER = {"pid": (int,), "comm": (str,), "ts": (_TS,)}
+
+
+def _mistyped(obj: dict[str, Any], shape: dict[str, tuple[Any, ...]], where: str) -> str | None:
+    for name, kinds in shape.items():
+        value = obj.get(name, _MISSING)
+        if value is _MISSING:
+            return f"{where}{name} is missing"
+        if _TS in kinds:
+            if not (isinstance(value, str) and _aware(value)):
+                return f"{where}{name} is not an ISO 8601 time with a zone"
+        elif isinstance(value, bool) or not isinstance(value, kinds):
+            return f"{where}{name} has the wrong type ({type(value).__name__})"
+    return None
+
+
+_MISSING = object()
+
+
+def _aware(text: str) -> bool:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def shape_error(ev: Any) -> str | None:
+    """Why ``ev`` is not an event portrace's readers can use, or None."""
+    if not isinstance(ev, dict) or ev.get("type") not in SHAPES:
+        return "not a portrace event"
+    problem = _mistyped(ev, {"ts": (_TS,), **SHAPES[ev["type"]]}, "")
+    if problem or ev["type"] not in ("bind_error", "listen_error", "connect_error"):
+        return problem
+    problem = _mistyped(ev["verdict"], _VERDICT, "verdict.")
+    for i, b in enumerate(ev["blockers"]):
+        problem = problem or _blocker_error(b, f"blockers[{i}].")
+    return problem
+
+
+def _blocker_error(b: Any, where: str) -> str | None:
+    if not isinstance(b, dict):
+        return f"{where} is not an object"
+    problem = _mistyped(b, _BLOCKER, where) or _mistyped(b["local"], _ENDPOINT, where + "local.")
+    if not problem and b["remote"] is not None:
+        problem = _mistyped(b["remote"], _ENDPOINT, where + "remote.")
+    if not problem and b["closed_by"] is not None:
+        problem = _mistyped(b["closed_by"], _CLOSER, where + "closed_by.")
+    for j, h in enumerate(b["processes"]):
+        if problem:
+            break
+        problem = (_mistyped(h, _HOLDER, f"{where}processes[{j}].") if isinstance(h, dict)
+                   else f"{where}processes[{j}] is not an object")
+    return problem
 
 
 @dataclass
 class ReadReport:
-    """What the reader skipped, per file: torn last lines and corrupt lines."""
+    """What the reader skipped or could not finish, per file."""
 
     files: list[Path] = field(default_factory=list)
     torn: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)  # "path:line: why"
+    oversized: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)  # gzip files cut short
 
     def warnings(self) -> list[str]:
         out = [f"skipped a torn last line (the writer stopped mid-line): {t}" for t in self.torn]
         out += [f"skipped an unreadable line: {c}" for c in self.corrupt]
+        if self.malformed:
+            out.append(f"skipped {len(self.malformed)} events with a missing or mistyped "
+                       f"field (first: {self.malformed[0]})")
+        if self.oversized:
+            out.append(f"skipped {len(self.oversized)} lines over {MAX_LINE_BYTES} bytes "
+                       f"(first: {self.oversized[0]})")
+        out += [f"{t} ends early (a truncated gzip file): the events before the cut are "
+                "used" for t in self.truncated]
         return out
 
 
@@ -149,55 +294,70 @@ def segments(paths: Iterable[Path]) -> list[Path]:
     for a path that does not exist or a directory with no evidence."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir()
-                           if f.name.endswith((PLAIN, GZIPPED)) and f.is_file())
-            if not found:
-                raise EvidenceError(f"no evidence files (*{PLAIN}, *{GZIPPED}) in {p}")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise EvidenceError(f"no such file or directory: {p}")
+        try:
+            if p.is_dir():
+                found = sorted(f for f in p.iterdir()
+                               if f.name.endswith((PLAIN, GZIPPED)) and f.is_file())
+                if not found:
+                    raise EvidenceError(f"no evidence files (*{PLAIN}, *{GZIPPED}) in {p}")
+                out.extend(found)
+            elif p.is_file():
+                out.append(p)
+            else:
+                raise EvidenceError(f"no such file or directory: {p}")
+        except OSError as exc:
+            raise EvidenceError(f"cannot read {p}: {exc.strerror or exc}") from None
     return out
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str, bool]]:
-    """(line number, text, complete?) of a plain or gzipped file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+def _lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, complete?) of a plain or gzipped file, at most
+    MAX_LINE_BYTES a line: a longer one is skipped without being held."""
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:  # type: ignore[operator]
-            for n, line in enumerate(f, 1):
-                yield n, line, line.endswith("\n")
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            n = 0
+            while True:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    return
+                n += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    report.oversized.append(f"{path}:{n}")
+                    while raw and not raw.endswith(b"\n"):
+                        raw = f.readline(MAX_LINE_BYTES)
+                    continue
+                yield n, raw.decode("utf-8", errors="replace"), raw.endswith(b"\n")
     except EOFError:
-        return  # a gzip segment cut short (e.g. a partial copy): what was read stands
+        report.truncated.append(str(path))  # e.g. a partial copy: what was read stands
     except gzip.BadGzipFile:
         raise EvidenceError(f"{path} is not portrace evidence (not gzip data)") from None
     except OSError as exc:
-        raise EvidenceError(f"cannot read {path}: {exc}") from None
+        raise EvidenceError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def read(paths: Iterable[Path], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
-    """Every event in the evidence at ``paths``. Raises EvidenceError for a
-    file that is not portrace evidence (no line of it is an event)."""
+    """Every well-formed event in the evidence at ``paths``. Raises
+    EvidenceError for a file that is not portrace evidence (no line of it is
+    JSON at all)."""
     report = report if report is not None else ReadReport()
     for path in segments(paths):
         report.files.append(path)
         good = 0
         first_bad: str | None = None
-        for n, text, complete in _lines(path):
+        for n, text, complete in _lines(path, report):
             if not text.strip():
                 continue
             try:
                 ev = json.loads(text)
-                if not (isinstance(ev, dict) and ev.get("type") in KNOWN_TYPES and "ts" in ev):
-                    raise ValueError("not an event")
             except ValueError:
-                where = f"{path}:{n}"
-                (report.corrupt if complete else report.torn).append(where)
+                (report.corrupt if complete else report.torn).append(f"{path}:{n}")
                 first_bad = first_bad or text.strip()[:60]
                 continue
             good += 1
+            problem = shape_error(ev)
+            if problem:
+                report.malformed.append(f"{path}:{n}: {problem}")
+                continue
             yield ev
         if not good and first_bad is not None:
             raise EvidenceError(f"{path} is not portrace evidence (first line: {first_bad!r})")

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from portrace.errors import PortraceError
+from portrace.errors import PortraceError, StagingFailed
 from portrace.events import CallError, Event, Repeats, StateChange
 from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
@@ -112,6 +113,31 @@ class Namespace:
                 return ABSENT
             raise LabError(f"cannot read sysctl {key}: {out.stderr.strip()}")
         return " ".join(out.stdout.split())
+
+
+# A per-namespace sysctl's name: net. and dot-separated words, nothing that
+# sysctl(8) or a path could read as another tree ("/", "..", empty parts).
+SYSCTL_KEY = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
+
+
+def check_settings(settings: list[tuple[str, str]]) -> None:
+    """Write every KEY=VALUE once in a throwaway netns before the first run,
+    so a bad name or value fails at once with one line, never mid-run.
+    Raises LabError."""
+    for key, _ in settings:
+        if not SYSCTL_KEY.fullmatch(key):
+            raise LabError(f"{key!r} is not a net.* sysctl name (want e.g. "
+                           "net.ipv4.tcp_fin_timeout)")
+    if not settings:
+        return
+    with Namespace(host=False, tag="check") as ns:
+        for key, value in settings:
+            if ns.get(key) == ABSENT:
+                raise LabError(f"{key}: no such per-namespace sysctl on this kernel")
+            try:
+                ns.set(key, value)
+            except StagingFailed as exc:
+                raise LabError(f"{key}={value}: the kernel refused it ({exc})") from None
 
 
 def _sysctl_write(key: str, value: str) -> None:

@@ -1,4 +1,7 @@
-"""Human output: one compact block per failure, for a person at a terminal."""
+"""Human output: one compact block per failure, for a person at a terminal.
+
+Every line is made printable (events.printable) before it is styled: names
+come from the processes themselves and may carry escape sequences."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import click
 from portrace.diagnose import describe
 from portrace.events import (
     CallError,
+    ErrorRecord,
     Event,
     Lost,
     Ready,
@@ -18,9 +22,16 @@ from portrace.events import (
     StateChange,
     errno_name,
     format_endpoint,
+    printable,
 )
 
+
+def _styled(text: str, **style: object) -> str:
+    return click.style(printable(text), **style)  # type: ignore[arg-type]
+
 MAX_BLOCKERS_SHOWN = 5
+LOST_WHERE = {"kernel": "a ring buffer was full",
+              "queue": "portrace's backlog of failures to diagnose was full"}
 
 
 def _clock(ev: Event) -> str:
@@ -50,16 +61,20 @@ def format_failure(ev: CallError) -> list[str]:
         target = "(ephemeral port)" if a.call == "listen" else target
     head = f"{_clock(ev)} {a.comm}[{a.pid}] {a.call} {target} {errno_name(a.errno)}"
     ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")
-    lines = [click.style(head, bold=True) + click.style(f"  {a.protocol}, {ns}", dim=True)]
+    lines = [_styled(head, bold=True) + _styled(f"  {a.protocol}, {ns}", dim=True)]
     for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
-        lines.append("  " + click.style(describe(b), fg="yellow"))
-    if len(ev.blockers) > MAX_BLOCKERS_SHOWN:
-        lines.append(f"  ... and {len(ev.blockers) - MAX_BLOCKERS_SHOWN} more (see --json)")
+        lines.append("  " + _styled(describe(b), fg="yellow"))
+    total = ev.blockers_total or len(ev.blockers)
+    if total > MAX_BLOCKERS_SHOWN:
+        by_state = ", ".join(f"{n} {state}" for state, n in
+                             sorted((ev.blockers_by_state or {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"  ... and {total - MAX_BLOCKERS_SHOWN} more"
+                     + (f" ({total} in all: {by_state})" if by_state else " (see --json)"))
     if not ev.blockers:  # exhaustion, gone, or another errno: the summary says it
-        lines.append("  " + click.style(ev.verdict.summary, fg="yellow"))
-    lines.append(f"  cause: {click.style(ev.verdict.cause, bold=True)}"
-                 + click.style(f"  (looked up {ev.lookup_ms:.1f} ms after the failure)", dim=True))
-    lines.extend(f"  - {line}" for line in ev.verdict.advice)
+        lines.append("  " + _styled(ev.verdict.summary, fg="yellow"))
+    lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}"
+                 + _styled(f"  (looked up {ev.lookup_ms:.1f} ms after the failure)", dim=True))
+    lines.extend(f"  - {printable(line)}" for line in ev.verdict.advice)
     return lines
 
 
@@ -69,12 +84,21 @@ def format_event(ev: Event, states: bool) -> list[str]:
         return format_failure(ev)
     if isinstance(ev, Ready):
         where = ", ".join(map(str, ev.ports)) if ev.ports else "every port (failures only)"
-        return [click.style(f"portrace: watching bind() on {where} "
+        return [_styled(f"portrace: watching bind() on {where} "
                             f"(engine {ev.engine}, kernel {ev.kernel}); Ctrl-C to stop", dim=True)]
     if isinstance(ev, Lost):
-        return [click.style(f"portrace: ring buffer full, {ev.count} records lost", fg="red")]
+        where = LOST_WHERE.get(ev.source, ev.source)
+        return [_styled(f"portrace: {ev.count} records lost ({where})", fg="red")]
+    if isinstance(ev, ErrorRecord):
+        about = ""
+        if ev.failure:
+            f = ev.failure
+            about = (f", about {f['comm']}[{f['pid']}] {f['call']} "
+                     f"{format_endpoint(f['addr'], f['port'])} {f['errno']}")
+        return [_styled(f"portrace: error in the {ev.where} ({ev.count} so far){about}: "
+                        f"{ev.message}", fg="red")]
     if isinstance(ev, Repeats):
-        return [click.style(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
+        return [_styled(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
                             f"{format_endpoint(ev.addr, ev.port)} {errno_name(ev.errno)} "
                             f"x{ev.count} more since {_clock_of(ev.since)} (the same failure, "
                             "not diagnosed again)", dim=True)]
@@ -82,11 +106,11 @@ def format_event(ev: Event, states: bool) -> list[str]:
         return []
     if isinstance(ev, StateChange):
         who = f" {ev.owner.comm}[{ev.owner.pid}]" if ev.owner else ""
-        return [click.style(f"{_clock(ev)} {ev.local} <-> {ev.remote} {ev.old} -> {ev.new}{who}",
-                            dim=True)]
+        return [_styled(f"{_clock(ev)} {ev.local} <-> {ev.remote} {ev.old} -> {ev.new}{who}",
+                        dim=True)]
     if isinstance(ev, SocketCall):
-        return [click.style(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
-                            f"{format_endpoint(ev.addr, ev.port)} ok", dim=True)]
+        return [_styled(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
+                        f"{format_endpoint(ev.addr, ev.port)} ok", dim=True)]
     return []
 
 

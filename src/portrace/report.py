@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from portrace.events import printable
+
 FAILURES = ("bind_error", "listen_error")
 SUCCESSES = ("bind", "listen")
 
@@ -193,7 +195,9 @@ def to_text(pm: Postmortem, markdown: bool = False) -> str:
             out.append(f"{li}  cause: {causes}")
             for b, _f in w.blockers():
                 out.append(f"{li}  blocker: {_blocker_line(b)}")
-            out.append(f"{li}  advice: {w.failures[-1]['verdict']['advice'][0]}")
+            advice = w.failures[-1]["verdict"]["advice"]
+            if advice:
+                out.append(f"{li}  advice: {advice[0]}")
             for p in w.processes():
                 out.append(f"{li}  process: {_proc_line(p)}")
     if pm.connect_errors:
@@ -204,7 +208,19 @@ def to_text(pm: Postmortem, markdown: bool = False) -> str:
         out.append(f"\n{h2}settings in force (the failing processes' namespaces)")
         for k, v in sorted(pm.settings.items()):
             out.append(f"{li}{'`' if markdown else ''}{k} = {v}{'`' if markdown else ''}")
-    return "\n".join(out) + "\n"
+    return "\n".join(_safe_line(line, markdown) for line in out) + "\n"
+
+
+def _safe_line(line: str, markdown: bool) -> str:
+    """A report line with every name in it made printable; the newlines the
+    report itself puts around it are kept. Markdown also gets <, > and &
+    escaped, so a name cannot become markup in a rendered page."""
+    body = line.strip("\n")
+    lead, tail = line[:len(line) - len(line.lstrip("\n"))], line[len(line.rstrip("\n")):]
+    body = printable(body)
+    if markdown:
+        body = html.escape(body, quote=False)
+    return lead + body + tail
 
 
 def to_json(pm: Postmortem) -> dict[str, Any]:
@@ -250,7 +266,7 @@ text-align:left;vertical-align:top}code{font-size:.92em}
 
 def _dot(kind: str, x: float, y: int, r: int, title: str) -> str:
     return (f'<circle class="mark {kind}" cx="{x:.1f}" cy="{y}" r="{r}">'
-            f'<title>{html.escape(title)}</title></circle>')
+            f'<title>{_e(title)}</title></circle>')
 
 
 def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
@@ -283,7 +299,7 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
                     stop = min(gone, w.end or t1, t1)
                     marks.append(f'<line class="mark expiry" x1="{x(ts):.1f}" y1="60" '
                                  f'x2="{x(stop):.1f}" y2="60"><title>'
-                                 f'{html.escape(b["state"])}, timer until {html.escape(_t(gone))}'
+                                 f'{_e(b["state"])}, timer until {_e(_t(gone))}'
                                  f'</title></line>')
         for r in w.repeats:
             ts = parse_ts(r["ts"])
@@ -298,8 +314,12 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
             + "".join(marks) + "</svg>")
 
 
+def _e(value: object) -> str:
+    return html.escape(printable(str(value)))
+
+
 def to_html(pm: Postmortem, successes: list[Ev]) -> str:
-    e = html.escape
+    e = _e
     body = [f"<h1>portrace postmortem</h1><p>{e(_t(pm.first)) if pm.first else ''} .. "
             f"{e(_t(pm.last)) if pm.last else ''}; {len(pm.files)} evidence file(s)</p>"]
     for h in pm.hosts[:1]:
