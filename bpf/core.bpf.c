@@ -67,16 +67,23 @@ struct {
  * transitions, successes or host-wide noise cannot crowd them out. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 * 1024);
+	__uint(max_entries, 256 * 1024);
 } failures SEC(".maps");
 
-/* Records a full ring had no room for: slot 0 events, slot 1 failures. */
+/* Records not sent, by PT_LOST_* slot. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, PT_LOST_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } lost SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);	/* resized to the watched ports before load */
+	__type(key, __u16);
+	__type(value, struct pt_rate);
+} port_rate SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -209,17 +216,45 @@ static __always_inline void read_local(const struct sock_common *skc, __u16 fami
 		bpf_probe_read_kernel(addr, 4, &skc->skc_rcv_saddr);
 }
 
+/* Whether this failure is over its port's PT_RATE_MAX per PT_RATE_NS. The
+ * count is not atomic (bcc's LLVM has no fetch-and-add with a result): CPUs
+ * racing may let a flood send a few records more, never fewer. */
+static __always_inline bool over_rate(__u16 port)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct pt_rate *r = bpf_map_lookup_elem(&port_rate, &port);
+	if (!r) {
+		struct pt_rate fresh = { .window_ns = now, .n = 1 };
+		bpf_map_update_elem(&port_rate, &port, &fresh, BPF_NOEXIST);
+		return false;
+	}
+	if (now - r->window_ns > PT_RATE_NS) {
+		r->window_ns = now;
+		r->n = 1;
+		return false;
+	}
+	if (r->n >= PT_RATE_MAX)
+		return 1;
+	r->n++;
+	return 0;
+}
+
 /* Emit a bind(), listen() or connect() result with what the socket says. */
 static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret, struct sock *sk)
 {
-	/* A failure on a watched port goes to its own ring; successes,
-	 * autobind (port 0) failures and host-wide ones share the other. */
+	/* A failure on a watched port goes to its own ring, within the
+	 * port's rate; successes, autobind (port 0) failures and host-wide
+	 * ones share the other. */
 	bool own_ring = ret < 0 && p->port != 0 && !all_ports;
+	if (own_ring && over_rate(p->port)) {
+		count_lost(PT_LOST_LIMITED);
+		return;
+	}
 	struct pt_call *e = own_ring
 		? bpf_ringbuf_reserve(&failures, sizeof(union pt_event), 0)
 		: bpf_ringbuf_reserve(&events, sizeof(union pt_event), 0);
 	if (!e) {
-		count_lost(own_ring ? 1 : 0);
+		count_lost(own_ring ? PT_LOST_FAILURES : PT_LOST_EVENTS);
 		return;
 	}
 	__builtin_memset(e, 0, sizeof(union pt_event));
@@ -480,7 +515,7 @@ int set_state(unsigned long long *ctx)
 			*e = rec;
 			bpf_ringbuf_submit(e, 0);
 		} else {
-			count_lost(0);
+			count_lost(PT_LOST_EVENTS);
 		}
 	}
 	if (news == TCP_CLOSE)

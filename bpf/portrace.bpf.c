@@ -75,8 +75,9 @@ struct pt_pending {
 BPF_RINGBUF_OUTPUT(events, PT_RINGBUF_PAGES);
 /* Failures of a watched port have a ring of their own: a flood of
  * transitions, successes or host-wide noise cannot crowd them out. */
-BPF_RINGBUF_OUTPUT(failures, 16);
-BPF_PERCPU_ARRAY(lost, __u64, 2);	/* slot 0: events, slot 1: failures */
+BPF_RINGBUF_OUTPUT(failures, 64);
+BPF_PERCPU_ARRAY(lost, __u64, PT_LOST_SLOTS);	/* by PT_LOST_* */
+BPF_HASH(port_rate, __u16, struct pt_rate, PT_WATCHED_MAX);
 BPF_ARRAY(config, struct pt_config, 1);
 BPF_HASH(watched_ports, __u16, __u8, PT_WATCHED_MAX);
 /* Never read or written by the programs: its value type is the decoder's
@@ -143,6 +144,29 @@ static __always_inline int forget_closing(void)
 
 
 /* Emit a failed (or, for bind, successful) call on the socket at fd. */
+/* Whether this failure is over its port's PT_RATE_MAX per PT_RATE_NS. The
+ * count is not atomic (bcc's LLVM has no fetch-and-add with a result): CPUs
+ * racing may let a flood send a few records more, never fewer. */
+static __always_inline int over_rate(__u16 port)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct pt_rate *r = port_rate.lookup(&port);
+	if (!r) {
+		struct pt_rate fresh = { .window_ns = now, .n = 1 };
+		port_rate.insert(&port, &fresh);
+		return 0;
+	}
+	if (now - r->window_ns > PT_RATE_NS) {
+		r->window_ns = now;
+		r->n = 1;
+		return 0;
+	}
+	if (r->n >= PT_RATE_MAX)
+		return 1;
+	r->n++;
+	return 0;
+}
+
 static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
 				      struct pt_sockinfo *si)
 {
@@ -150,10 +174,14 @@ static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
 	 * autobind (port 0) failures and host-wide ones share the other. */
 	struct pt_config *cfg = get_config();
 	int own_ring = ret < 0 && p->port != 0 && cfg && !cfg->all_ports;
+	if (own_ring && over_rate(p->port)) {
+		count_lost(PT_LOST_LIMITED);
+		return;
+	}
 	struct pt_call *e = own_ring ? failures.ringbuf_reserve(sizeof(union pt_event))
 				     : events.ringbuf_reserve(sizeof(union pt_event));
 	if (!e) {
-		count_lost(own_ring);
+		count_lost(own_ring ? PT_LOST_FAILURES : PT_LOST_EVENTS);
 		return;
 	}
 	e->kind = kind;
@@ -515,7 +543,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 				__builtin_memset(&e->owner, 0, sizeof(e->owner));
 			events.ringbuf_submit(e, 0);
 		} else {
-			count_lost(0);
+			count_lost(PT_LOST_EVENTS);
 		}
 	}
 	if (news == PT_TCP_CLOSE)

@@ -161,6 +161,21 @@ struct pt_query {
 };
 
 /* The last transitions seen on a watched port, kept in the kernel (CO-RE). */
+/* A watched port's failures reach the failures ring at most PT_RATE_MAX
+ * per PT_RATE_NS window; beyond that they are counted in lost slot 2, so a
+ * flood on one port leaves room for the others'. */
+#define PT_RATE_NS 100000000ULL
+#define PT_RATE_MAX 256
+#define PT_LOST_EVENTS 0	/* the events ring was full */
+#define PT_LOST_FAILURES 1	/* the failures ring was full */
+#define PT_LOST_LIMITED 2	/* over a port's rate */
+#define PT_LOST_SLOTS 3
+struct pt_rate {
+	__u64 window_ns;
+	__u32 n;
+	__u32 pad;
+};
+
 #define PT_RECENT 16
 struct pt_recent {
 	__u32 next;		/* total written; slot = next % PT_RECENT */

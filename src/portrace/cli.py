@@ -6,6 +6,7 @@ Every error a user can cause is one line on stderr and a distinct exit code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,38 +52,27 @@ def cli() -> None:
     """
 
 
-def _stop_on_signals(*signums: int) -> threading.Event:
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def handler(_sig: int, _frame: object) -> None:
         stop.set()
 
-    for signum in signums or (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     return stop
 
 
-def _trace(tracer: Tracer, stop: threading.Event, started: str | None = None) -> None:
-    """Start the tracer, then drain it until ``stop``. Start-up (bcc compiles
-    for seconds) runs in a thread so a signal meanwhile ends portrace at once,
-    exit 130, before anything is attached. A closed stdout ends it with 0."""
-    failed: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            tracer.start()
-        except BaseException as exc:  # re-raised below, in the main thread
-            failed.append(exc)
-
-    starter = threading.Thread(target=start, name="portrace-start", daemon=True)
-    starter.start()
-    while starter.is_alive():
-        starter.join(0.05)
-        if stop.is_set():
-            click.echo("portrace: interrupted during start-up", err=True)
-            os._exit(130)  # the kernel detaches whatever was attached with our fds
-    if failed:
-        raise failed[0]
+def _trace(tracer: Tracer, started: str | None = None) -> None:
+    """Start the tracer, then drain it until SIGINT or SIGTERM. During
+    start-up (bcc compiles for seconds, in C, where no Python handler runs)
+    both signals keep their default action: portrace dies at once, and the
+    kernel detaches whatever was attached with its fds. A closed stdout ends
+    it with 0."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    tracer.start()
+    stop = _stop_on_signals()
     try:
         if started:
             click.echo(started, err=True)
@@ -172,10 +162,9 @@ def watch(ports: Sequence[int], engine_name: str, as_json: bool, output: IO[str]
     outputs = [("stdout", on_screen)]
     if output is not None:
         outputs.append((getattr(output, "name", "-o"), JsonLinesSink(output)))
-    stop = _stop_on_signals()
     tracer = Tracer(ports, Fanout(outputs), pid=pid, coalesce_s=coalesce,
                     engine_name=engine_name, states=states or output is not None)
-    _trace(tracer, stop)
+    _trace(tracer)
 
 
 class ByteSize(click.ParamType):
@@ -228,11 +217,10 @@ def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: i
         if states or not isinstance(ev, StateChange):
             writer(ev)
 
-    stop = _stop_on_signals()
     tracer = Tracer(ports, Fanout([(str(directory), evidence)]), options=options,
                     engine_name=engine_name, states=states)
     try:
-        _trace(tracer, stop, started=f"portrace: recording into {directory}")
+        _trace(tracer, started=f"portrace: recording into {directory}")
     finally:
         writer.close()
 
@@ -287,6 +275,8 @@ def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datet
     except BrokenPipeError:
         _quiet_stdout()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            output.close()  # what could not be flushed is dropped, not retried at exit
         raise errors.OutputFailed(f"cannot write the report to {getattr(output, 'name', '-o')}: "
                                   f"{exc.strerror or exc}") from None
 
@@ -393,5 +383,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo(f"portrace: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        sys.exit(130)  # before the probes were attached
+        click.echo("portrace: interrupted", err=True)
+        sys.exit(130)
     sys.exit(0)

@@ -56,7 +56,6 @@ PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_e
 ITERATORS = {"tcp": "iter_tcp", "udp": "iter_udp", "holders": "iter_task_file"}
 LOG_DIR = Path("/run/portrace")  # root-only: the verifier's log of a refused load
 PAGE = 4096
-LOST_SLOTS = 2  # bpf/core.bpf.c: the lost map, one slot per ring
 
 
 class CoreEngine:
@@ -96,6 +95,7 @@ class CoreEngine:
             n = max(1, len(self.ports))
             obj.set_max_entries("watched_ports", n)
             obj.set_max_entries("recent", n)
+            obj.set_max_entries("port_rate", n)
             obj.set_max_entries("events", self.ringbuf_pages * PAGE)
             obj.set_rodata({"all_ports": 0 if self.ports else 1,
                             "stream_states": 1 if self.states else 0})
@@ -143,10 +143,15 @@ class CoreEngine:
         self._obj.consume(self._rb)
 
     def lost_total(self) -> int:
-        """Records dropped so far (either ring buffer full)."""
+        """Records dropped so far because a ring buffer was full."""
         assert self._obj is not None
         lost = self._obj.map("lost")
-        return sum(lost.percpu_sum(ctypes.c_uint32(i)) for i in range(LOST_SLOTS))
+        return sum(lost.percpu_sum(ctypes.c_uint32(i)) for i in engine.LOST_FULL)
+
+    def limited_total(self) -> int:
+        """Failures not sent so far because their port was over its rate."""
+        assert self._obj is not None
+        return self._obj.map("lost").percpu_sum(ctypes.c_uint32(engine.LOST_LIMITED))
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close.
@@ -197,8 +202,15 @@ class CoreEngine:
         # here. Both walks cost the kernel ~0.4 us per socket or fd, so the
         # fd walk runs beside the socket walk (read() releases the GIL).
         walked: list[bytes] = []
-        walker = threading.Thread(target=lambda: walked.append(
-            obj.iterate(self._iters["holders"])))
+        failed: list[Exception] = []
+
+        def walk() -> None:
+            try:
+                walked.append(obj.iterate(self._iters["holders"]))
+            except Exception as exc:  # raised below, in the diagnosing thread
+                failed.append(exc)
+
+        walker = threading.Thread(target=walk)
         walker.start()
         try:
             with sockets.entered(netns_fd):
@@ -207,6 +219,8 @@ class CoreEngine:
                 raw = {p: obj.iterate(self._iters[p]) for p in protos}
         finally:
             walker.join()
+        if failed:
+            raise failed[0]
         entries: list[sockets.SocketEntry] = []
         seen: set[int] = set()
         for p in protos:

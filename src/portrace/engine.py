@@ -43,7 +43,8 @@ class Engine(Protocol):
 
     def open(self) -> None: ...
     def poll(self, timeout_ms: int) -> None: ...
-    def lost_total(self) -> int: ...  # records dropped since open()
+    def lost_total(self) -> int: ...  # records a full ring dropped since open()
+    def limited_total(self) -> int: ...  # failures over their port's rate since open()
     def close(self) -> None: ...
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None: ...
     def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
@@ -55,6 +56,9 @@ class Engine(Protocol):
 
 
 POLL_BUDGET_S = 0.05  # one ring's share of one poll
+# Slots of the probes' lost map (bpf/portrace.h: PT_LOST_*).
+LOST_FULL = (0, 1)  # the events ring, the failures ring was full
+LOST_LIMITED = 2  # a watched port's failure over PT_RATE_MAX per PT_RATE_NS
 
 
 class PollBudget:

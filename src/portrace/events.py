@@ -102,8 +102,11 @@ class Ready:
 @dataclass(frozen=True)
 class Lost:
     """Records lost since the previous ``Lost`` of the same ``source``:
-    ``kernel`` (a ring buffer had no room; counted by the probes) or ``queue``
-    (portrace's own bounded backlog behind the diagnosis was full)."""
+    ``kernel`` (a ring buffer had no room; counted by the probes), ``limit``
+    (a watched port's failures beyond 256 per 100 ms, counted in the kernel
+    and not sent, so one port's flood leaves room for the others':
+    bpf/portrace.h PT_RATE_MAX) or ``queue`` (portrace's own bounded backlog
+    behind the diagnosis was full)."""
 
     ts: datetime
     count: int

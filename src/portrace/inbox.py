@@ -5,9 +5,11 @@ may grow portrace's memory or delay a fresh failure behind a stale backlog.
 - Transitions and successful calls keep their order, up to ``STREAM_MAX``.
 - Failures wait under their coalescing key (process, call, address, errno):
   an identical failure that arrives while one waits only counts as its
-  repeat. At most ``FAILURES_MAX`` keys wait; the oldest one is dropped first.
-- The newest waiting failure is diagnosed first: its blocker is the likeliest
-  to still exist.
+  repeat. Each port has its own line of at most ``PER_PORT_MAX`` keys (the
+  oldest dropped first), and ports take turns: a flood of distinct failures
+  on one port cannot push another port's failure out or hold it back.
+- Within a port, the newest waiting failure is diagnosed first: its blocker
+  is the likeliest to still exist.
 
 Whatever is dropped is counted, and reported as ``lost`` with source ``queue``.
 """
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 from portrace.events import SocketCall, StateChange
 
 STREAM_MAX = 65536  # transitions and successes waiting to be emitted
-FAILURES_MAX = 256  # distinct failures waiting for a diagnosis
+PER_PORT_MAX = 64  # distinct failures of one port waiting for a diagnosis
+PORTS_MAX = 1024  # ports with failures waiting (every-port mode); the stalest goes
 
 FailureKey = tuple[int, str, str, str, int, int]  # pid, call, family, addr, port, errno
 
@@ -44,12 +47,15 @@ class Inbox:
     """Thread-safe; ``put_*`` never block (called from the ring-buffer
     callback), ``take`` blocks the diagnosing thread up to ``timeout`` s."""
 
-    def __init__(self, stream_max: int = STREAM_MAX, failures_max: int = FAILURES_MAX) -> None:
+    def __init__(self, stream_max: int = STREAM_MAX, per_port_max: int = PER_PORT_MAX,
+                 ports_max: int = PORTS_MAX) -> None:
         self._cond = threading.Condition()
         self._stream: deque[StateChange | SocketCall] = deque()
-        self._failures: OrderedDict[FailureKey, Waiting] = OrderedDict()
+        # port -> its waiting failures by key; the port next in turn comes first
+        self._ports: OrderedDict[int, OrderedDict[FailureKey, Waiting]] = OrderedDict()
         self.stream_max = stream_max
-        self.failures_max = failures_max
+        self.per_port_max = per_port_max
+        self.ports_max = ports_max
         self.dropped = 0  # records dropped here, since the start
 
     def put_stream(self, ev: StateChange | SocketCall) -> None:
@@ -63,36 +69,51 @@ class Inbox:
     def put_failure(self, ev: SocketCall) -> None:
         key = failure_key(ev)
         with self._cond:
-            waiting = self._failures.get(key)
+            line = self._ports.get(ev.port)
+            if line is None:
+                if len(self._ports) >= self.ports_max:
+                    _, stale = self._ports.popitem(last=True)  # the last in turn
+                    self.dropped += sum(1 + w.repeats for w in stale.values())
+                line = self._ports[ev.port] = OrderedDict()
+            waiting = line.get(key)
             if waiting is not None:
                 waiting.repeats += 1
                 waiting.last = ev
-                self._failures.move_to_end(key)
+                line.move_to_end(key)
                 return
-            if len(self._failures) >= self.failures_max:
-                _, old = self._failures.popitem(last=False)
+            if len(line) >= self.per_port_max:
+                _, old = line.popitem(last=False)
                 self.dropped += 1 + old.repeats
-            self._failures[key] = Waiting(first=ev, last=ev)
+            line[key] = Waiting(first=ev, last=ev)
             self._cond.notify()
 
     def take(self, timeout: float) -> tuple[list[StateChange | SocketCall], Waiting | None]:
         """Everything streamed so far, in order, and the newest waiting
-        failure (or None); both empty after ``timeout`` s with nothing."""
+        failure of the port whose turn it is (or None); both empty after
+        ``timeout`` s with nothing."""
         with self._cond:
-            if not self._stream and not self._failures:
+            if not self._stream and not self._ports:
                 self._cond.wait(timeout)
             stream = list(self._stream)
             self._stream.clear()
-            failure = self._failures.popitem(last=True)[1] if self._failures else None
+            failure = None
+            if self._ports:
+                port, line = next(iter(self._ports.items()))
+                failure = line.popitem(last=True)[1]
+                if line:
+                    self._ports.move_to_end(port)  # its next one waits for the others
+                else:
+                    del self._ports[port]
             return stream, failure
 
     def abandon(self) -> int:
         """Drop everything waiting (portrace is stopping); returns how many
         records that was."""
         with self._cond:
-            n = len(self._stream) + sum(1 + w.repeats for w in self._failures.values())
+            n = len(self._stream) + sum(1 + w.repeats for line in self._ports.values()
+                                        for w in line.values())
             self._stream.clear()
-            self._failures.clear()
+            self._ports.clear()
             return n
 
     def wake(self) -> None:

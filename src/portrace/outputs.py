@@ -48,7 +48,9 @@ def open_private(path: Path, append: bool) -> IO[str]:
             os.ftruncate(fd, 0)
     except OSError as exc:
         raise UnsafePath(_why(path, exc)) from None
-    return os.fdopen(fd, "a" if append else "w", encoding="utf-8")
+    f = os.fdopen(fd, "a" if append else "w", encoding="utf-8")
+    f.buffer.raw.name = str(path)  # type: ignore[attr-defined]  # for messages, not the fd number
+    return f
 
 
 def _why(path: Path, exc: OSError) -> str:

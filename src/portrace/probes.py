@@ -150,9 +150,13 @@ class Probes:
         self._bpf.ring_buffer_consume()
 
     def lost_total(self) -> int:
-        """Records dropped so far (either ring buffer full)."""
+        """Records dropped so far because a ring buffer was full."""
         lost = self._bpf[b"lost"]
-        return sum(int(lost.sum(i).value) for i in range(2))
+        return sum(int(lost.sum(i).value) for i in engine.LOST_FULL)
+
+    def limited_total(self) -> int:
+        """Failures not sent so far because their port was over its rate."""
+        return int(self._bpf[b"lost"].sum(engine.LOST_LIMITED).value)
 
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None:
         """Who closed the socket with this 4-tuple, if the probes saw it close."""

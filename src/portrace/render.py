@@ -31,6 +31,7 @@ def _styled(text: str, **style: object) -> str:
 
 MAX_BLOCKERS_SHOWN = 5
 LOST_WHERE = {"kernel": "a ring buffer was full",
+              "limit": "over the port's rate of 256 failures per 100 ms",
               "queue": "portrace's backlog of failures to diagnose was full"}
 
 

@@ -420,10 +420,10 @@ class ScratchNetns:
         self.name = name
 
     def __enter__(self) -> ScratchNetns:
-        _run(["ip", "netns", "add", self.name])
         try:
+            _run(["ip", "netns", "add", self.name])
             _run(["ip", "-n", self.name, "link", "set", "lo", "up"])
-        except StagingFailed:
+        except BaseException:  # Ctrl-C or SIGTERM mid-way too: never leave it behind
             self.__exit__()
             raise
         return self
@@ -479,8 +479,8 @@ class Staged:
         if not line.startswith(word):
             self.proc.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise StagingFailed(f"staged {self.proc.args!r} did not get ready: "
-                                f"{(line + err).strip()[-500:]}")
+            last = (line + err).strip().splitlines()[-1:] or ["(nothing printed)"]
+            raise StagingFailed(f"staged {self.proc.args!r} did not get ready: {last[0]}")
         return line[len(word):].strip()
 
     def release(self, timeout: float = 5.0) -> None:

@@ -50,6 +50,7 @@ RECENT_S = 60  # transitions on the port kept in a failure's evidence
 MAX_BLOCKERS_LISTED = 32
 MAX_PROCESSES_LISTED = 16
 STOP_GRACE_S = 0.5  # after stop, how long a diagnosis under way may finish
+LOST_EVERY_S = 1.0  # lost records are summed and reported at most this often
 SYSCTLS = (
     "net.ipv4.tcp_fin_timeout",
     "net.ipv4.tcp_max_tw_buckets",
@@ -91,10 +92,12 @@ class Tracer:
         self.host = context.host_facts()
         self.inbox = Inbox()
         self._queue_lost = 0
+        self._limited = 0
         self._sink_lock = threading.Lock()
         self._errors: dict[str, int] = {}
         self._stop = threading.Event()
         self._stopping = threading.Event()  # run() is ending: the worker finishes
+        self._worker: threading.Thread | None = None
         self.broken_pipe = False  # stdout's reader went away: stop, exit 0
 
     def start(self) -> Ready:
@@ -133,11 +136,15 @@ class Tracer:
         ``poll_ms`` + the engine's per-poll budget + STOP_GRACE_S of it.
         Lost records are reported as they are counted."""
         self._stop = stop
-        worker = threading.Thread(target=self._work, name="portrace-diagnosis", daemon=True)
+        worker = self._worker = threading.Thread(target=self._work, name="portrace-diagnosis",
+                                                 daemon=True)
         worker.start()
+        reported = 0.0
         while not stop.is_set():
             self.engine.poll(poll_ms)
-            self._report_lost()
+            if time.monotonic() - reported >= LOST_EVERY_S:  # one line a second in a flood
+                self._report_lost()
+                reported = time.monotonic()
         self.engine.poll(0)
         self._stopping.set()
         self.inbox.wake()
@@ -147,6 +154,10 @@ class Tracer:
         self._report_lost()
 
     def close(self) -> None:
+        """Detach and free the engine, unless a diagnosis still reads its maps
+        after ``run`` gave up waiting for it: then the process's exit does."""
+        if self._worker is not None and self._worker.is_alive():
+            return
         if self.probes is not None:
             self.probes.close()
 
@@ -156,6 +167,10 @@ class Tracer:
         if lost:
             self.lost_total += lost
             self._emit(Lost(ts=now, count=lost, source="kernel"))
+        limited = self.engine.limited_total() - self._limited
+        if limited:
+            self._limited += limited
+            self._emit(Lost(ts=now, count=limited, source="limit"))
         dropped = self.inbox.dropped - self._queue_lost
         if dropped:
             self._queue_lost += dropped
