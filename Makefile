@@ -36,6 +36,7 @@ bench: setup
 	bash scripts/setup.sh --bench
 	$(VENV)/bin/python bench/engines.py
 	$(VENV)/bin/python bench/flood.py
+	$(VENV)/bin/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache $(CORE_OBJ)

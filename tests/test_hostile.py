@@ -228,6 +228,9 @@ def test_under_a_flood_a_real_conflict_is_reported_and_sigterm_is_honoured(engin
         lost = [e for e in tracer.events if e["type"] in ("lost", "error")]
         assert ev is not None, f"the quiet port's conflict was not reported: {lost}"
         assert ev["verdict"]["cause"] == "listener"
+        limited = tracer.wait_for(lambda e: e["type"] == "lost" and e["source"] == "limit",
+                                  timeout=3)
+        assert limited is not None, "the flood's excess was not counted as lost"
         t0 = time.monotonic()
         tracer.proc.terminate()
         tracer.proc.wait(10)  # 51 s before this issue; `make bench` has the figure
@@ -242,6 +245,30 @@ def test_under_a_flood_a_real_conflict_is_reported_and_sigterm_is_honoured(engin
     flooded = [e for e in tracer.events if e["type"] in ("bind_error", "repeats")
                and e["port"] == noisy]
     assert flooded, "the flood itself was not reported at all"
+
+
+def test_sigterm_is_honoured_when_nobody_reads_stdout(engine: str):
+    """A reader that stops reading (a stuck log shipper) fills the pipe; the
+    write blocks, but the drain and the signal must not wait for it."""
+    need_root()
+    port = fresh_port()
+    proc = subprocess.Popen([sys.executable, "-m", "portrace", "--json", "--engine", engine,
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    if not proc.stdout.readline():
+        bpf_unavailable(proc.stderr.read().decode() if proc.stderr else "")
+    holder = Staged("listen", "0.0.0.0", port, "--hold", name="old-server")
+    noise = flood(FLOOD_INUSE, seconds=30, port=port)
+    try:
+        time.sleep(5)  # far more than a pipe's 64 KiB of events, never read
+        proc.terminate()
+        proc.wait(10)
+    finally:
+        noise.kill()
+        noise.wait()
+        holder.release()
+        proc.kill()
+    assert proc.returncode == 0, proc.returncode
 
 
 def test_a_closed_pipe_ends_portrace_cleanly(engine: str):
@@ -384,6 +411,11 @@ def test_report_to_a_full_disk_is_one_line(tmp_path: Path):
 ])
 def test_lab_refuses_bad_input_before_running(args: list[str], words: str):
     assert_one_line_error(run("lab", "restart-finwait2", *args), errors.EXIT_USAGE, words)
+
+
+def test_lab_evidence_in_an_impossible_place_is_one_line():
+    assert_one_line_error(run("lab", "restart-finwait2", "--evidence", "/proc/1/nope"),
+                          errors.UnsafePath.exit_code, "cannot make")
 
 
 def test_lab_checks_sysctl_values_before_the_first_run():

@@ -81,6 +81,9 @@ def _trace(tracer: Tracer, started: str | None = None) -> None:
         tracer.close()
     if tracer.broken_pipe:
         _quiet_stdout()
+    if tracer.busy:  # its thread is stuck in a write or a long diagnosis: do not wait
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _quiet_stdout() -> None:

@@ -151,38 +151,56 @@ class Tracer:
         worker.join(STOP_GRACE_S)
         if worker.is_alive():  # a long diagnosis: what still waits is lost, and counted
             self.inbox.dropped += self.inbox.abandon()
-        self._report_lost()
+        self._report_lost(wait=not worker.is_alive())
 
     def close(self) -> None:
         """Detach and free the engine, unless a diagnosis still reads its maps
         after ``run`` gave up waiting for it: then the process's exit does."""
-        if self._worker is not None and self._worker.is_alive():
+        if self.busy:
             return
         if self.probes is not None:
             self.probes.close()
 
-    def _report_lost(self) -> None:
-        now = datetime.now(timezone.utc)
-        lost = self.engine.lost_total() - self.lost_total
-        if lost:
-            self.lost_total += lost
-            self._emit(Lost(ts=now, count=lost, source="kernel"))
-        limited = self.engine.limited_total() - self._limited
-        if limited:
-            self._limited += limited
-            self._emit(Lost(ts=now, count=limited, source="limit"))
-        dropped = self.inbox.dropped - self._queue_lost
-        if dropped:
-            self._queue_lost += dropped
-            self._emit(Lost(ts=now, count=dropped, source="queue"))
+    def _report_lost(self, wait: bool = False) -> None:
+        """Report what was lost since the last report. From the drain thread
+        it never waits for the sink (a reader that stops reading stdout must
+        not stop the drain or a signal): if the sink is busy, the counts wait
+        for the next report."""
+        if not self._sink_lock.acquire(timeout=5.0 if wait else 0.05):
+            return
+        try:
+            now = datetime.now(timezone.utc)
+            lost = self.engine.lost_total() - self.lost_total
+            if lost:
+                self.lost_total += lost
+                self._emit_locked(Lost(ts=now, count=lost, source="kernel"))
+            limited = self.engine.limited_total() - self._limited
+            if limited:
+                self._limited += limited
+                self._emit_locked(Lost(ts=now, count=limited, source="limit"))
+            dropped = self.inbox.dropped - self._queue_lost
+            if dropped:
+                self._queue_lost += dropped
+                self._emit_locked(Lost(ts=now, count=dropped, source="queue"))
+        finally:
+            self._sink_lock.release()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the diagnosing thread outlived ``run`` (a long diagnosis,
+        or a sink that blocks): then only the process's exit ends it."""
+        return self._worker is not None and self._worker.is_alive()
 
     def _emit(self, ev: Event) -> None:
-        """Hand one event to the sink, from either thread. A sink that raises
-        is counted and reported on stderr, never allowed to kill a thread;
-        a closed stdout (EPIPE) stops portrace cleanly."""
+        """Hand one event to the sink, from either thread."""
+        with self._sink_lock:
+            self._emit_locked(ev)
+
+    def _emit_locked(self, ev: Event) -> None:
+        """A sink that raises is counted and reported on stderr, never
+        allowed to kill a thread; a closed stdout (EPIPE) stops portrace."""
         try:
-            with self._sink_lock:
-                self.sink(ev)
+            self.sink(ev)
         except BrokenPipeError:
             self.broken_pipe = True
             self._stop.set()
