@@ -33,18 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NOISY, QUIET, BUSY = 19590, 19591, 19592
 FLOOD_S = float(os.environ.get("BENCH_FLOOD_S", "60"))
 CROWDS = (10000, 19000)
-FLOOD = """
-import socket, time
-end = time.monotonic() + {seconds}
-i = 0
-while time.monotonic() < end:
-    i += 1
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.{{}}.{{}}".format(i // 250 % 250, i % 250 + 1), {port}))
-        except OSError:
-            pass
-"""
 
 
 class Portrace:
@@ -108,9 +96,10 @@ def conflict_latency(pt: Portrace, port: int, timeout: float = 120) -> tuple[flo
     return (time.monotonic() - t0, got[1]) if got else (float("inf"), 0)
 
 
-def flood(seconds: float, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", FLOOD.format(seconds=seconds, port=port)],
-                            user=65534, group=65534, extra_groups=[])
+def flood(seconds: float, port: int) -> Staged:
+    """Distinct EADDRINUSE failures from uid nobody (portrace.stage's flood role)."""
+    return Staged("flood", "127.0.0.1", port, "--uid", "65534", "--within", str(seconds),
+                  name="flooder")
 
 
 def flooded(src: Path, engine: str | None) -> dict[str, float]:
@@ -121,27 +110,26 @@ def flooded(src: Path, engine: str | None) -> dict[str, float]:
         noise = flood(FLOOD_S, NOISY)
         time.sleep(FLOOD_S / 2)
         during, _ = conflict_latency(pt, QUIET)
-        noise.wait()
+        noise.proc.wait()
         after, _ = conflict_latency(pt, QUIET)
         pt.stop()
         pt = Portrace(src, engine, [NOISY, QUIET])
         noise = flood(30, NOISY)
         time.sleep(10)
         sigterm = pt.stop()
-        noise.kill()
-        noise.wait()
+        noise.release()
     finally:
         for h in holders:
             h.release()
     return {"during": during, "after": after, "sigterm": sigterm}
 
 
-def busy(src: Path, engine: str | None, count: int) -> tuple[float, int]:
-    crowd = Staged("crowd", "127.0.0.1", BUSY, "--count", str(count), name="busy-server",
+def busy(src: Path, engine: str | None, count: int, port: int) -> tuple[float, int]:
+    crowd = Staged("crowd", "127.0.0.1", port, "--count", str(count), name="busy-server",
                    timeout=300)
     try:
-        pt = Portrace(src, engine, [BUSY])
-        result = conflict_latency(pt, BUSY, timeout=300)
+        pt = Portrace(src, engine, [port])
+        result = conflict_latency(pt, port, timeout=300)
         pt.stop()
     finally:
         crowd.release()
@@ -164,9 +152,11 @@ def main() -> None:
                   f"{f['sigterm']:>17.2f} s", flush=True)
         print("2. one failure on a port with many established connections: time to the "
               "event, its size")
+        port = BUSY
         for count in CROWDS:
             for label, src, engine in versions:
-                secs, size = busy(src, engine, count)
+                port += 1  # the last crowd's connections linger in TIME_WAIT
+                secs, size = busy(src, engine, count, port)
                 print(f"   {count:>6} conns  {label:24} {secs:>8.2f} s {size / 1024:>10.1f} KiB",
                       flush=True)
     finally:

@@ -167,49 +167,24 @@ def test_hostile_names_are_escaped_on_screen_and_in_reports(engine: str, tmp_pat
 
 # -- floods, pipes, full disks -----------------------------------------------
 
-FLOOD_EINVAL = """
-import socket, time
-s = socket.socket(); s.bind(("127.0.0.1", 0))
-end = time.monotonic() + {seconds}
-while time.monotonic() < end:
-    try:
-        s.bind(("127.0.0.1", 0))  # already bound: EINVAL
-    except OSError:
-        pass
-"""
-
-FLOOD_INUSE = """
-import socket, time
-end = time.monotonic() + {seconds}
-i = 0
-while time.monotonic() < end:
-    i += 1
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.{{}}.{{}}".format(i // 250 % 250, i % 250 + 1), {port}))
-        except OSError:
-            pass
-"""
-
-
-def flood(code: str, **fmt: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", code.format(**fmt)], user=NOBODY,
-                            group=NOBODY, extra_groups=[])
+def flood(port: int, seconds: float, *args: str) -> Staged:
+    """Failing binds from uid nobody (portrace.stage's flood role)."""
+    return Staged("flood", "127.0.0.1", port, "--uid", str(NOBODY), "--within", str(seconds),
+                  *args, name="flooder")
 
 
 def test_an_unprivileged_einval_flood_does_not_blind_a_watched_port(engine: str):
     port = fresh_port()
     tracer = started([port], engine, "--json")
     holder = Staged("listen", "0.0.0.0", port, "--hold", name="old-server")
-    noise = flood(FLOOD_EINVAL, seconds=8)
+    noise = flood(port, 8, "--einval")
     try:
         time.sleep(1)
         for _ in range(5):
             ev = conflict(tracer, port)
             assert ev is not None and ev["verdict"]["cause"] == "listener", ev
     finally:
-        noise.kill()
-        noise.wait()
+        noise.release()
         holder.release()
         code, err = tracer.stop()
     assert code == 0 and "Traceback" not in err, err
@@ -221,7 +196,7 @@ def test_under_a_flood_a_real_conflict_is_reported_and_sigterm_is_honoured(engin
     tracer = started([noisy, quiet], engine, "--json")
     holders = [Staged("listen", "0.0.0.0", p, "--hold", name="old-server")
                for p in (noisy, quiet)]
-    noise = flood(FLOOD_INUSE, seconds=60, port=noisy)
+    noise = flood(noisy, 60)
     try:
         time.sleep(3)  # a backlog of distinct failures builds up
         ev = conflict(tracer, quiet)
@@ -236,8 +211,7 @@ def test_under_a_flood_a_real_conflict_is_reported_and_sigterm_is_honoured(engin
         tracer.proc.wait(10)  # 51 s before this issue; `make bench` has the figure
         assert time.monotonic() - t0 < 10
     finally:
-        noise.kill()
-        noise.wait()
+        noise.release()
         for h in holders:
             h.release()
         code, err = tracer.stop()
@@ -258,14 +232,13 @@ def test_sigterm_is_honoured_when_nobody_reads_stdout(engine: str):
     if not proc.stdout.readline():
         bpf_unavailable(proc.stderr.read().decode() if proc.stderr else "")
     holder = Staged("listen", "0.0.0.0", port, "--hold", name="old-server")
-    noise = flood(FLOOD_INUSE, seconds=30, port=port)
+    noise = flood(port, 30)
     try:
         time.sleep(5)  # far more than a pipe's 64 KiB of events, never read
         proc.terminate()
         proc.wait(10)
     finally:
-        noise.kill()
-        noise.wait()
+        noise.release()
         holder.release()
         proc.kill()
     assert proc.returncode == 0, proc.returncode

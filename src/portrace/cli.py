@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +25,7 @@ from portrace import errors
 from portrace.engine import ENGINES
 from portrace.events import Event, SocketCall, StateChange
 from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
-from portrace.outputs import Fanout, open_private
+from portrace.outputs import Fanout, Sink, open_private
 from portrace.render import terminal_sink
 from portrace.tracer import Tracer
 
@@ -63,27 +63,32 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _trace(tracer: Tracer, started: str | None = None) -> None:
-    """Start the tracer, then drain it until SIGINT or SIGTERM. During
-    start-up (bcc compiles for seconds, in C, where no Python handler runs)
-    both signals keep their default action: portrace dies at once, and the
-    kernel detaches whatever was attached with its fds. A closed stdout ends
-    it with 0."""
+def _trace(tracer: Tracer, started: str | None = None,
+           finish: Callable[[], None] | None = None) -> None:
+    """Start the tracer, drain it until SIGINT or SIGTERM, run ``finish``,
+    and exit 0 without waiting for anything else.
+
+    During start-up (bcc compiles for seconds, in C, where no Python handler
+    runs) both signals keep their default action: portrace dies at once. At
+    the end, the kernel detaches the probes with the process's fds, so
+    portrace does not wait for a detach, for a diagnosis still under way or
+    for a write stdout's reader no longer takes. A closed stdout ends it too."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
     tracer.start()
     stop = _stop_on_signals()
-    try:
-        if started:
-            click.echo(started, err=True)
-        tracer.run(stop)
-    finally:
-        tracer.close()
+    if started:
+        click.echo(started, err=True)
+    tracer.run(stop)
+    if finish is not None:
+        finish()
     if tracer.broken_pipe:
         _quiet_stdout()
-    if tracer.busy:  # its thread is stuck in a write or a long diagnosis: do not wait
-        sys.stderr.flush()
-        os._exit(0)
+    elif not tracer.busy:  # else its thread may hold stdout's lock, mid-write
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _quiet_stdout() -> None:
@@ -115,7 +120,7 @@ class PrivateFile(click.ParamType):
 class Finite(click.FloatRange):
     """A FloatRange that also refuses nan and inf."""
 
-    def convert(self, value: object, param: click.Parameter | None,
+    def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
@@ -162,7 +167,7 @@ def watch(ports: Sequence[int], engine_name: str, as_json: bool, output: IO[str]
         if states or not isinstance(ev, (StateChange, SocketCall)):
             shown(ev)
 
-    outputs = [("stdout", on_screen)]
+    outputs: list[tuple[str, Sink]] = [("stdout", on_screen)]
     if output is not None:
         outputs.append((getattr(output, "name", "-o"), JsonLinesSink(output)))
     tracer = Tracer(ports, Fanout(outputs), pid=pid, coalesce_s=coalesce,
@@ -222,10 +227,7 @@ def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: i
 
     tracer = Tracer(ports, Fanout([(str(directory), evidence)]), options=options,
                     engine_name=engine_name, states=states)
-    try:
-        _trace(tracer, started=f"portrace: recording into {directory}")
-    finally:
-        writer.close()
+    _trace(tracer, started=f"portrace: recording into {directory}", finish=writer.close)
 
 
 class Timestamp(click.ParamType):

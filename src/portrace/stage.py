@@ -75,6 +75,41 @@ def _hold() -> None:
             return
 
 
+def _drop_to(uid: int) -> None:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def role_flood(a: argparse.Namespace) -> None:
+    """Fail bind() in a loop for --within s, or until stdin closes: on the
+    loopback addresses 127.0.x.y at PORT, each a distinct failure (EADDRINUSE
+    while something holds 0.0.0.0:PORT); with --einval, a bound socket bound
+    again to port 0 (EINVAL). --uid: as that uid (after the "ready" line)."""
+    if a.uid is not None:
+        _drop_to(a.uid)
+    _ready()
+    bound = None
+    if a.einval:
+        bound = socket.socket()
+        bound.bind(("127.0.0.1", 0))
+    end = time.monotonic() + a.within
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        if i % 1024 == 0 and select.select([sys.stdin], [], [], 0)[0] \
+                and not os.read(sys.stdin.fileno(), 4096):
+            return
+        try:
+            if bound is not None:
+                bound.bind(("127.0.0.1", 0))
+            else:
+                with socket.socket() as s:
+                    s.bind((f"127.0.{i // 250 % 250}.{i % 250 + 1}", a.port))
+        except OSError:
+            pass
+
+
 def role_listen(a: argparse.Namespace) -> None:
     """Bind (and, unless --no-listen or UDP, listen); hold. --late-listen:
     report ``ready`` once bound, and listen only when a line arrives."""
@@ -326,9 +361,7 @@ def role_bind(a: argparse.Namespace) -> None:
     --euid: create the socket under that effective uid only (its sk_uid), then
     switch back before bind(). --port-range LO-HI: IP_LOCAL_PORT_RANGE."""
     if a.uid is not None:
-        os.setgroups([])
-        os.setgid(a.uid)
-        os.setuid(a.uid)
+        _drop_to(a.uid)
     if a.euid is not None:
         os.seteuid(a.euid)
     own = None
@@ -377,6 +410,7 @@ ROLES = {
     "connect-loop": role_connect_loop,
     "connect-until-fail": role_connect_until_fail,
     "bind": role_bind,
+    "flood": role_flood,
 }
 
 
@@ -402,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--euid", type=int)
     p.add_argument("--port-range")
     p.add_argument("--orphan", action="store_true")
+    p.add_argument("--einval", action="store_true")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--every", type=float, default=0.2)
     p.add_argument("--within", type=float, default=10.0)

@@ -49,7 +49,7 @@ RECENT_S = 60  # transitions on the port kept in a failure's evidence
 # blockers_by_state), and each lists at most so many holding processes.
 MAX_BLOCKERS_LISTED = 32
 MAX_PROCESSES_LISTED = 16
-STOP_GRACE_S = 0.5  # after stop, how long a diagnosis under way may finish
+STOP_GRACE_S = 0.2  # after stop, how long a diagnosis under way may finish
 LOST_EVERY_S = 1.0  # lost records are summed and reported at most this often
 SYSCTLS = (
     "net.ipv4.tcp_fin_timeout",
