@@ -24,6 +24,9 @@ def check(ev: dict[str, Any]) -> None:
         assert all(isinstance(p, int) for p in ev["ports"])
     elif t == "lost":
         assert isinstance(ev["count"], int) and ev["count"] > 0
+        assert ev["source"] in ("kernel", "limit", "queue")
+    elif t == "error":
+        assert ev["where"] and isinstance(ev["message"], str) and ev["count"] > 0
     elif t == "state":
         assert set(ev) >= {"skaddr", "protocol", "family", "local", "remote", "old", "new",
                            "pid", "comm"}
@@ -49,6 +52,8 @@ def check(ev: dict[str, Any]) -> None:
                 assert set(b["closed_by"]) >= {"pid", "comm", "ts"}
                 assert ISO_TS.match(b["closed_by"]["ts"])
             assert b["expires_s"] is None or isinstance(b["expires_s"], float)
+            assert b["processes_total"] >= len(b["processes"])
+        assert ev["blockers_total"] >= len(ev["blockers"])
     elif t == "repeats":
         assert ev["count"] > 0 and ISO_TS.match(ev["since"]) and ev["errno"]
     elif t in ("bind", "listen"):  # successes: recovery made visible

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import contract
 import pytest
 from conftest import TracerProcess, bpf_unavailable, need_root
 from test_cli import assert_one_line_error, run
@@ -219,6 +220,8 @@ def test_under_a_flood_a_real_conflict_is_reported_and_sigterm_is_honoured(engin
     flooded = [e for e in tracer.events if e["type"] in ("bind_error", "repeats")
                and e["port"] == noisy]
     assert flooded, "the flood itself was not reported at all"
+    for e in tracer.events:
+        contract.check(e)
 
 
 def test_sigterm_is_honoured_when_nobody_reads_stdout(engine: str):
@@ -280,6 +283,8 @@ def test_a_full_disk_on_the_output_file_is_reported_not_fatal(engine: str):
         code, err = tracer.stop()
     assert code == 0 and "Traceback" not in err, err
     assert "cannot write to /dev/full" in err
+    for e in tracer.events:
+        contract.check(e)
 
 
 def test_a_port_with_10k_connections_gives_a_bounded_event(engine: str):
