@@ -70,9 +70,10 @@ def _trace(tracer: Tracer, started: str | None = None,
 
     During start-up (bcc compiles for seconds, in C, where no Python handler
     runs) both signals keep their default action: portrace dies at once. At
-    the end, the kernel detaches the probes with the process's fds, so
-    portrace does not wait for a detach, for a diagnosis still under way or
-    for a write stdout's reader no longer takes. A closed stdout ends it too."""
+    the end the probes are detached side by side (else the kernel detaches
+    them one grace period at a time as the process exits), and portrace does
+    not wait for a diagnosis still under way or for a write stdout's reader
+    no longer takes. A closed stdout ends it too."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
     tracer.start()
@@ -80,6 +81,7 @@ def _trace(tracer: Tracer, started: str | None = None,
     if started:
         click.echo(started, err=True)
     tracer.run(stop)
+    tracer.close()  # detaches side by side; skipped while a diagnosis still runs
     if finish is not None:
         finish()
     if tracer.broken_pipe:

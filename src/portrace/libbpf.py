@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from portrace import btf
+from portrace import btf, engine
 
 LIBBPF_NAMES = tuple(filter(None, (os.environ.get("PORTRACE_LIBBPF"),))) or (
     "libbpf.so.1", "libbpf.so")
@@ -286,9 +286,8 @@ class BpfObject:
             if rb:
                 self.lib.ring_buffer__free(rb)
         self._rings.clear()
-        for link in reversed(self._links):
-            self.lib.bpf_link__destroy(link)
-        self._links.clear()
+        links, self._links = self._links, []
+        engine.side_by_side(lambda link=link: self.lib.bpf_link__destroy(link) for link in links)
         if self._obj:
             self.lib.bpf_object__close(self._obj)
             self._obj = 0

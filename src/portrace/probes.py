@@ -207,5 +207,8 @@ class Probes:
 
     def close(self) -> None:
         if self._bpf is not None:
-            self._bpf.cleanup()
+            bpf = self._bpf
+            engine.side_by_side(lambda tp=tp: bpf.detach_tracepoint(tp)
+                                for tp in list(bpf.tracepoint_fds))
+            bpf.cleanup()
             self._bpf = None
