@@ -244,6 +244,11 @@ class CoreEngine:
                 sockets.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
         return sockets.Snapshot(sockets=entries, holders=found, sysctls=values)
 
+    def detach(self) -> None:
+        """Stop the probes; the maps stay readable until close()."""
+        if self._obj is not None:
+            self._obj.detach()
+
     def close(self) -> None:
         if self._obj is not None:
             self._obj.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -186,6 +187,7 @@ class BpfObject:
         self._obj = _nonnull(f"open {path}", self.lib.bpf_object__open_file(path.encode(), None))
         self._links: list[int] = []
         self._rings: list[tuple[int, Any]] = []
+        self._iter_links: list[int] = []
         self.btf = btf.Btf(self.lib, _nonnull("read the object's BTF",
                                               self.lib.bpf_object__btf(self._obj)))
 
@@ -226,7 +228,7 @@ class BpfObject:
                         self.lib.bpf_object__find_program_by_name(self._obj, program.encode()))
         link = _nonnull(f"attach iterator {program}",
                         self.lib.bpf_program__attach_iter(prog, None))
-        self._links.append(link)
+        self._iter_links.append(link)
         return link
 
     def iterate(self, link: int, chunk: int = 1 << 16) -> bytes:
@@ -281,13 +283,21 @@ class BpfObject:
         if ret != STOP:
             _check("consume ring buffer", ret)
 
+    def detach(self) -> None:
+        """Detach the attached programs, side by side (engine.side_by_side);
+        maps, rings and iterators stay usable until close()."""
+        links, self._links = self._links, []
+        engine.side_by_side(functools.partial(self.lib.bpf_link__destroy, link) for link in links)
+
     def close(self) -> None:
+        self.detach()
         for rb, _fn in self._rings:
             if rb:
                 self.lib.ring_buffer__free(rb)
         self._rings.clear()
-        links, self._links = self._links, []
-        engine.side_by_side(lambda link=link: self.lib.bpf_link__destroy(link) for link in links)
+        for link in self._iter_links:
+            self.lib.bpf_link__destroy(link)
+        self._iter_links.clear()
         if self._obj:
             self.lib.bpf_object__close(self._obj)
             self._obj = 0

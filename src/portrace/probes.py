@@ -13,6 +13,7 @@ never keeps a second copy of ``bpf/portrace.h``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -205,10 +206,16 @@ class Probes:
         """None: this engine streams transitions; the tracer keeps them."""
         return None
 
-    def close(self) -> None:
+    def detach(self) -> None:
+        """Stop the probes, side by side (engine.side_by_side); the tables
+        stay readable until close()."""
         if self._bpf is not None:
             bpf = self._bpf
-            engine.side_by_side(lambda tp=tp: bpf.detach_tracepoint(tp)
+            engine.side_by_side(functools.partial(bpf.detach_tracepoint, tp)
                                 for tp in list(bpf.tracepoint_fds))
-            bpf.cleanup()
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self.detach()
+            self._bpf.cleanup()
             self._bpf = None

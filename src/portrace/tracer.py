@@ -154,11 +154,13 @@ class Tracer:
         self._report_lost(wait=not worker.is_alive())
 
     def close(self) -> None:
-        """Detach and free the engine, unless a diagnosis still reads its maps
-        after ``run`` gave up waiting for it: then the process's exit does."""
-        if self.busy:
+        """Detach the probes, and free the engine unless a diagnosis still
+        reads its maps after ``run`` gave up waiting for it (then the
+        process's exit does)."""
+        if self.probes is None:
             return
-        if self.probes is not None:
+        self.probes.detach()
+        if not self.busy:
             self.probes.close()
 
     def _report_lost(self, wait: bool = False) -> None:
