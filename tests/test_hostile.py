@@ -44,6 +44,17 @@ def started(ports: list[int], engine: str, *extra: str) -> TracerProcess:
     return t
 
 
+def ready_json(engine: str, port: int) -> subprocess.Popen[bytes]:
+    """`portrace --json PORT` past its ready line, its pipes left to the test."""
+    need_root()
+    proc = subprocess.Popen([sys.executable, "-m", "portrace", "--json", "--engine", engine,
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    if not proc.stdout.readline():
+        bpf_unavailable(proc.stderr.read().decode() if proc.stderr else "")
+    return proc
+
+
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A world-writable sticky directory, like /tmp, where nobody plants links."""
@@ -227,13 +238,8 @@ def test_under_a_flood_a_real_conflict_is_reported_and_sigterm_is_honoured(engin
 def test_sigterm_is_honoured_when_nobody_reads_stdout(engine: str):
     """A reader that stops reading (a stuck log shipper) fills the pipe; the
     write blocks, but the drain and the signal must not wait for it."""
-    need_root()
     port = fresh_port()
-    proc = subprocess.Popen([sys.executable, "-m", "portrace", "--json", "--engine", engine,
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    if not proc.stdout.readline():
-        bpf_unavailable(proc.stderr.read().decode() if proc.stderr else "")
+    proc = ready_json(engine, port)
     holder = Staged("listen", "0.0.0.0", port, "--hold", name="old-server")
     noise = flood(port, 30)
     try:
@@ -248,13 +254,8 @@ def test_sigterm_is_honoured_when_nobody_reads_stdout(engine: str):
 
 
 def test_a_closed_pipe_ends_portrace_cleanly(engine: str):
-    need_root()
     port = fresh_port()
-    proc = subprocess.Popen([sys.executable, "-m", "portrace", "--json", "--engine", engine,
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    if not proc.stdout.readline():
-        bpf_unavailable(proc.stderr.read().decode() if proc.stderr else "")
+    proc = ready_json(engine, port)
     proc.stdout.close()  # `| head -1`
     holder = Staged("listen", "127.0.0.1", port, "--hold", name="old-server")
     try:
