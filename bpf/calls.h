@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * What both kernel sides do the same way at a bind(), listen() or connect():
- * name the task, and read the address the caller passed. Included by
+ * name the task, read the address the caller passed, and keep a watched
+ * port's failures within its rate. Included by
  * portrace.bpf.c (bcc) and core.bpf.c (CO-RE) after their own headers, which
  * provide AF_INET/AF_INET6, struct sockaddr_in/_in6 and the helpers.
  */
@@ -41,6 +42,23 @@ static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16
 	}
 	*family = sa.sin6_family;
 	*port = bpf_ntohs(sa.sin6_port);
+	return 0;
+}
+
+/* A watched port's rate (PT_RATE_MAX failures per PT_RATE_NS), given its
+ * entry ``r`` in the caller's port_rate map: 1 when this failure is over it.
+ * The count is not atomic (bcc's LLVM has no fetch-and-add with a result):
+ * CPUs racing may let a flood send a few records more, never fewer. */
+static __always_inline int rate_spent(struct pt_rate *r, __u64 now)
+{
+	if (now - r->window_ns > PT_RATE_NS) {
+		r->window_ns = now;
+		r->n = 1;
+		return 0;
+	}
+	if (r->n >= PT_RATE_MAX)
+		return 1;
+	r->n++;
 	return 0;
 }
 

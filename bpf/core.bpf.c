@@ -216,9 +216,7 @@ static __always_inline void read_local(const struct sock_common *skc, __u16 fami
 		bpf_probe_read_kernel(addr, 4, &skc->skc_rcv_saddr);
 }
 
-/* Whether this failure is over its port's PT_RATE_MAX per PT_RATE_NS. The
- * count is not atomic (bcc's LLVM has no fetch-and-add with a result): CPUs
- * racing may let a flood send a few records more, never fewer. */
+/* Whether this failure is over its port's rate (calls.h: rate_spent). */
 static __always_inline bool over_rate(__u16 port)
 {
 	__u64 now = bpf_ktime_get_ns();
@@ -228,15 +226,7 @@ static __always_inline bool over_rate(__u16 port)
 		bpf_map_update_elem(&port_rate, &port, &fresh, BPF_NOEXIST);
 		return false;
 	}
-	if (now - r->window_ns > PT_RATE_NS) {
-		r->window_ns = now;
-		r->n = 1;
-		return false;
-	}
-	if (r->n >= PT_RATE_MAX)
-		return 1;
-	r->n++;
-	return 0;
+	return rate_spent(r, now);
 }
 
 /* Emit a bind(), listen() or connect() result with what the socket says. */

@@ -144,9 +144,7 @@ static __always_inline int forget_closing(void)
 
 
 /* Emit a failed (or, for bind, successful) call on the socket at fd. */
-/* Whether this failure is over its port's PT_RATE_MAX per PT_RATE_NS. The
- * count is not atomic (bcc's LLVM has no fetch-and-add with a result): CPUs
- * racing may let a flood send a few records more, never fewer. */
+/* Whether this failure is over its port's rate (calls.h: rate_spent). */
 static __always_inline int over_rate(__u16 port)
 {
 	__u64 now = bpf_ktime_get_ns();
@@ -156,15 +154,7 @@ static __always_inline int over_rate(__u16 port)
 		port_rate.insert(&port, &fresh);
 		return 0;
 	}
-	if (now - r->window_ns > PT_RATE_NS) {
-		r->window_ns = now;
-		r->n = 1;
-		return 0;
-	}
-	if (r->n >= PT_RATE_MAX)
-		return 1;
-	r->n++;
-	return 0;
+	return rate_spent(r, now);
 }
 
 static __always_inline void emit_call(__u8 kind, struct pt_pending *p, long ret,
