@@ -78,8 +78,7 @@ class CoreEngine:
         self._obj: libbpf.BpfObject | None = None
         self._rb = 0
         self._iters: dict[str, int] = {}
-        self._failures_budget = engine.PollBudget()
-        self._events_budget = engine.PollBudget()
+        self._budget = engine.PollBudget()
 
     def open(self) -> None:
         engine.preflight(TRACEPOINTS)
@@ -114,33 +113,26 @@ class CoreEngine:
             self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
             # Failures of the watched ports come first and have their own
             # ring: no flood of transitions or host-wide noise can crowd them out.
-            self._rb = obj.ring_buffer([("failures", self._ring_callback(self._failures_budget)),
-                                        ("events", self._ring_callback(self._events_budget))])
+            self._rb = obj.ring_buffer([("failures", self._on_record),
+                                        ("events", self._on_record)])
         except libbpf.LibbpfError as exc:
             self.close()
             raise errors.CoreLoadFailed(
                 f"the kernel refused the CO-RE object ({exc}); the verifier's last lines "
                 f"are in {_save_log(exc.log)}; `--engine bcc` does without it") from None
 
-    def _ring_callback(self, budget: engine.PollBudget) -> Callable[[int, int], int]:
-        def on_record(data: int, _size: int) -> int:
-            ev = decode_event(self.event_t.from_address(data), self.clock)
-            if ev is not None:
-                self.on_event(ev)
-            return libbpf.STOP if budget.spent() else 0
-        return on_record
+    def _on_record(self, data: int, _size: int) -> int:
+        ev = decode_event(self.event_t.from_address(data), self.clock)
+        if ev is not None:
+            self.on_event(ev)
+        return self._budget.after_record()
 
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending records to ``on_event``: waits up to ``timeout_ms``,
-        then serves the failures ring first; each ring stops after its
-        engine.PollBudget, so a poll returns however long a flood lasts."""
-        assert self._obj is not None
-        self._failures_budget.renew()
-        self._events_budget.renew()
-        self._obj.poll(self._rb, timeout_ms)
-        self._failures_budget.renew()
-        self._events_budget.renew()
-        self._obj.consume(self._rb)
+        """Deliver pending records to ``on_event``, waiting up to
+        ``timeout_ms``; returns however long a flood lasts (engine.PollBudget)."""
+        obj = self._obj
+        assert obj is not None
+        self._budget.poll(lambda: obj.poll(self._rb, timeout_ms), lambda: obj.consume(self._rb))
 
     def lost_total(self) -> int:
         """Records dropped so far because a ring buffer was full."""

@@ -16,6 +16,7 @@ and says why in the ``ready`` event.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -57,28 +58,38 @@ class Engine(Protocol):
     def recent(self, port: int) -> list[StateChange] | None: ...
 
 
-POLL_BUDGET_S = 0.05  # one ring's share of one poll
+POLL_BUDGET_S = 0.05  # one pass of a poll over the rings
+STOP = -errno.ECANCELED  # a ring callback's "enough for this pass" (libbpf and bcc alike)
 # Slots of the probes' lost map (bpf/portrace.h: PT_LOST_*).
 LOST_FULL = (0, 1)  # the events ring, the failures ring was full
-LOST_LIMITED = 2  # a watched port's failure over PT_RATE_MAX per PT_RATE_NS
+LOST_LIMITED = 2  # a watched port's failure over its rate
+RATE_MAX, RATE_WINDOW_MS = 256, 100  # bpf/portrace.h: PT_RATE_MAX, PT_RATE_NS
 
 
 class PollBudget:
-    """How long one ring's callback may go on within one poll: under a
-    sustained flood libbpf would otherwise keep delivering records and never
-    return (tools/lib/bpf/ringbuf.c: ringbuf_process_ring loops while new
-    data arrives), so signals and lost counts would wait for the flood's end.
-    ``renew()`` at each poll; ``spent()`` after each record."""
+    """How long the ring callbacks may go on within one pass of a poll:
+    under a sustained flood libbpf would otherwise keep delivering records
+    and never return (tools/lib/bpf/ringbuf.c: ringbuf_process_ring loops
+    while new data arrives), so signals and lost counts would wait for the
+    flood's end. A callback returns :meth:`after_record`; STOP ends the pass,
+    the record consumed all the same."""
 
     def __init__(self, seconds: float = POLL_BUDGET_S) -> None:
         self.seconds = seconds
         self._deadline = 0.0
 
-    def renew(self) -> None:
+    def poll(self, wait: Callable[[], object], consume: Callable[[], object]) -> None:
+        """Two passes, each with a fresh budget: ``wait`` (epoll: rings in
+        any order), then ``consume`` (rings in their order, the failures ring
+        first), so the failures ring is served every poll however long a
+        flood on the other lasts."""
         self._deadline = time.monotonic() + self.seconds
+        wait()
+        self._deadline = time.monotonic() + self.seconds
+        consume()
 
-    def spent(self) -> bool:
-        return time.monotonic() > self._deadline
+    def after_record(self) -> int:
+        return STOP if time.monotonic() > self._deadline else 0
 
 
 def side_by_side(calls: Iterable[Callable[[], object]]) -> None:

@@ -28,7 +28,6 @@ LOG_LINES = 40  # libbpf/verifier lines kept for an error report
 
 _p = ctypes.c_void_p
 PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-STOP = -errno.ECANCELED  # a ring callback's "enough for this poll"
 SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
@@ -186,7 +185,8 @@ class BpfObject:
         self.path = path
         self._obj = _nonnull(f"open {path}", self.lib.bpf_object__open_file(path.encode(), None))
         self._links: list[int] = []
-        self._rings: list[tuple[int, Any]] = []
+        self._rings: list[int] = []  # ring_buffer managers
+        self._samples: list[Any] = []  # their callbacks, kept alive
         self._iter_links: list[int] = []
         self.btf = btf.Btf(self.lib, _nonnull("read the object's BTF",
                                               self.lib.bpf_object__btf(self._obj)))
@@ -252,35 +252,36 @@ class BpfObject:
     def ring_buffer(self, rings: list[tuple[str, Callable[[int, int], int]]]) -> int:
         """One libbpf ring_buffer over the maps named in ``rings``, in that
         order (ring_buffer__consume serves them so). Each callback gets
-        (address, size) and returns 0 to go on, or STOP to end this poll:
-        the record is consumed all the same (tools/lib/bpf/ringbuf.c:
+        (address, size) and returns 0 to go on, or engine.STOP to end this
+        pass: the record is consumed all the same (tools/lib/bpf/ringbuf.c:
         ringbuf_process_ring)."""
         rb = 0
-        for i, (name, callback) in enumerate(rings):
+        for name, callback in rings:
             def sample(_ctx: int, data: int, size: int,
                        callback: Callable[[int, int], int] = callback) -> int:
                 return callback(data, size)
-            fn = SAMPLE_FN(sample)  # kept alive with the ring
+            fn = SAMPLE_FN(sample)
+            self._samples.append(fn)  # libbpf calls it until the ring is freed
             fd = self.map(name).fd
             if not rb:
                 rb = _nonnull(f"ring buffer {name}", self.lib.ring_buffer__new(fd, fn, None, None))
+                self._rings.append(rb)
             else:
                 _check(f"ring buffer {name}", self.lib.ring_buffer__add(rb, fd, fn, None))
-            self._rings.append((rb if i == 0 else 0, fn))
         return rb
 
     def poll(self, rb: int, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for records and deliver them; a
-        callback's STOP ends the pass early."""
+        callback's engine.STOP ends the pass early."""
         ret = self.lib.ring_buffer__poll(rb, timeout_ms)
-        if ret not in (-errno.EINTR, STOP):
+        if ret not in (-errno.EINTR, engine.STOP):
             _check("poll ring buffer", ret)
 
     def consume(self, rb: int) -> None:
         """Deliver what every ring holds, ring by ring in their order, without
-        waiting; a callback's STOP ends the pass early."""
+        waiting; a callback's engine.STOP ends the pass early."""
         ret = self.lib.ring_buffer__consume(rb)
-        if ret != STOP:
+        if ret != engine.STOP:
             _check("consume ring buffer", ret)
 
     def detach(self) -> None:
@@ -291,10 +292,10 @@ class BpfObject:
 
     def close(self) -> None:
         self.detach()
-        for rb, _fn in self._rings:
-            if rb:
-                self.lib.ring_buffer__free(rb)
+        for rb in self._rings:
+            self.lib.ring_buffer__free(rb)
         self._rings.clear()
+        self._samples.clear()
         for link in self._iter_links:
             self.lib.bpf_link__destroy(link)
         self._iter_links.clear()

@@ -21,7 +21,6 @@ from typing import Any
 
 from portrace import engine, errors, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
-from portrace.libbpf import STOP
 from portrace.records import (
     MonotonicClock,
     decode_event,
@@ -92,8 +91,7 @@ class Probes:
         self.clock = MonotonicClock()
         self._bpf: Any = None
         self._layout: Any = None
-        self._failures_budget = engine.PollBudget()
-        self._events_budget = engine.PollBudget()
+        self._budget = engine.PollBudget()
 
     def open(self) -> None:
         """Compile, load and attach. Raises the errors of :func:`preflight`,
@@ -127,28 +125,20 @@ class Probes:
             watched[watched.Key(port)] = watched.Leaf(1)
         cfg[cfg.Key(0)] = value  # last: the filter is complete before it applies
         # The failures ring first: ring_buffer_consume serves rings in order.
-        self._bpf[b"failures"].open_ring_buffer(self._ring_callback(self._failures_budget))
-        self._bpf[b"events"].open_ring_buffer(self._ring_callback(self._events_budget))
+        self._bpf[b"failures"].open_ring_buffer(self._on_record)
+        self._bpf[b"events"].open_ring_buffer(self._on_record)
 
-    def _ring_callback(self, budget: engine.PollBudget) -> Callable[[Any, Any, int], int]:
-        def on_record(_ctx: Any, data: Any, _size: int) -> int:
-            ev = decode_event(ctypes.cast(data, ctypes.POINTER(self._layout)).contents,
-                              self.clock)
-            if ev is not None:
-                self.on_event(ev)
-            return STOP if budget.spent() else 0
-        return on_record
+    def _on_record(self, _ctx: Any, data: Any, _size: int) -> int:
+        ev = decode_event(ctypes.cast(data, ctypes.POINTER(self._layout)).contents, self.clock)
+        if ev is not None:
+            self.on_event(ev)
+        return self._budget.after_record()
 
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending records to ``on_event``: waits up to ``timeout_ms``,
-        then serves the failures ring first; each ring stops after its
-        engine.PollBudget, so a poll returns however long a flood lasts."""
-        self._failures_budget.renew()
-        self._events_budget.renew()
-        self._bpf.ring_buffer_poll(timeout_ms)
-        self._failures_budget.renew()
-        self._events_budget.renew()
-        self._bpf.ring_buffer_consume()
+        """Deliver pending records to ``on_event``, waiting up to
+        ``timeout_ms``; returns however long a flood lasts (engine.PollBudget)."""
+        self._budget.poll(lambda: self._bpf.ring_buffer_poll(timeout_ms),
+                          self._bpf.ring_buffer_consume)
 
     def lost_total(self) -> int:
         """Records dropped so far because a ring buffer was full."""
