@@ -221,7 +221,7 @@ class CoreEngine:
                 seen.add(r.skaddr)
         # (inode, pid) -> (ppid, comm, fds): one holder per process and socket
         held: dict[tuple[int, int], tuple[int, str, list[int]]] = {}
-        for r in libbpf.records(walked[0] if walked else b"", self.sock_t):
+        for r in libbpf.records(walked[0], self.sock_t):
             if PROTOCOLS.get(r.protocol) not in protos:
                 continue
             if r.skaddr not in seen:  # bound-only: only the bind hash and fds know it

@@ -106,15 +106,13 @@ class Inbox:
                     del self._ports[port]
             return stream, failure
 
-    def abandon(self) -> int:
-        """Drop everything waiting (portrace is stopping); returns how many
-        records that was."""
+    def abandon(self) -> None:
+        """Drop everything waiting (portrace is stopping), counted in ``dropped``."""
         with self._cond:
-            n = len(self._stream) + sum(1 + w.repeats for line in self._ports.values()
-                                        for w in line.values())
+            self.dropped += len(self._stream) + sum(1 + w.repeats for line in self._ports.values()
+                                                    for w in line.values())
             self._stream.clear()
             self._ports.clear()
-            return n
 
     def wake(self) -> None:
         with self._cond:

@@ -84,15 +84,13 @@ class Tracer:
         self.probes: engine.Engine | None = None
         self.history: dict[int, deque[StateChange]] = {}
         self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
-        self.lost_total = 0
         self.coalesce_s = coalesce_s
         # failure key -> the last report of it, and its repeats counted since
         self._reported: OrderedDict[FailureKey, _Coalesced] = OrderedDict()
         self.options = options
         self.host = context.host_facts()
         self.inbox = Inbox()
-        self._queue_lost = 0
-        self._limited = 0
+        self._lost_seen = {"kernel": 0, "limit": 0, "queue": 0}  # by Lost.source, reported
         self._sink_lock = threading.Lock()
         self._errors: dict[str, int] = {}
         self._stop = threading.Event()
@@ -150,7 +148,7 @@ class Tracer:
         self.inbox.wake()
         worker.join(STOP_GRACE_S)
         if worker.is_alive():  # a long diagnosis: what still waits is lost, and counted
-            self.inbox.dropped += self.inbox.abandon()
+            self.inbox.abandon()
         self._report_lost(wait=not worker.is_alive())
 
     def close(self) -> None:
@@ -172,20 +170,20 @@ class Tracer:
             return
         try:
             now = datetime.now(timezone.utc)
-            lost = self.engine.lost_total() - self.lost_total
-            if lost:
-                self.lost_total += lost
-                self._emit_locked(Lost(ts=now, count=lost, source="kernel"))
-            limited = self.engine.limited_total() - self._limited
-            if limited:
-                self._limited += limited
-                self._emit_locked(Lost(ts=now, count=limited, source="limit"))
-            dropped = self.inbox.dropped - self._queue_lost
-            if dropped:
-                self._queue_lost += dropped
-                self._emit_locked(Lost(ts=now, count=dropped, source="queue"))
+            totals = {"kernel": self.engine.lost_total(), "limit": self.engine.limited_total(),
+                      "queue": self.inbox.dropped}
+            for source, total in totals.items():
+                if total > self._lost_seen[source]:
+                    self._emit_locked(Lost(ts=now, count=total - self._lost_seen[source],
+                                           source=source))
+                    self._lost_seen[source] = total
         finally:
             self._sink_lock.release()
+
+    @property
+    def lost_total(self) -> int:
+        """Records a full ring buffer dropped, as reported so far."""
+        return self._lost_seen["kernel"]
 
     @property
     def busy(self) -> bool:
@@ -258,8 +256,7 @@ class Tracer:
             seen.last = waiting.last
             return
         self._flush_repeats(float("inf"), key=key)
-        coalesced = _Coalesced(since=ev.ts, last=waiting.last, count=waiting.repeats)
-        self._reported[key] = coalesced
+        self._reported[key] = _Coalesced(since=ev.ts, last=waiting.last, count=waiting.repeats)
         self._reported.move_to_end(key)
         while len(self._reported) > MAX_BINDERS:
             self._reported.popitem(last=False)
