@@ -235,6 +235,9 @@ def test_a_file_that_is_not_evidence_is_a_clear_error(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("hello\nworld\n")
     _report_fails(other, "is not portrace evidence")
+    json_lines = tmp_path / "other.jsonl"
+    json_lines.write_text('{"a": 1}\n{"type": "something else", "ts": 0}\n')
+    _report_fails(json_lines, "is not portrace evidence")
     fake = tmp_path / "x.jsonl.gz"
     fake.write_text("plain text, not gzip")
     _report_fails(fake, "not gzip data")

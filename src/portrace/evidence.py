@@ -212,6 +212,9 @@ _HOLDER = {"pid": (int,), "comm": (str,)}
 _CLOSER = {"pid": (int,), "comm": (str,), "ts": (_TS,)}
 
 
+_MISSING = object()
+
+
 def _mistyped(obj: dict[str, Any], shape: dict[str, tuple[Any, ...]], where: str) -> str | None:
     for name, kinds in shape.items():
         value = obj.get(name, _MISSING)
@@ -223,9 +226,6 @@ def _mistyped(obj: dict[str, Any], shape: dict[str, tuple[Any, ...]], where: str
         elif isinstance(value, bool) or not isinstance(value, kinds):
             return f"{where}{name} has the wrong type ({type(value).__name__})"
     return None
-
-
-_MISSING = object()
 
 
 def _aware(text: str) -> bool:
@@ -338,7 +338,7 @@ def _lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str, bool]]:
 def read(paths: Iterable[Path], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
     """Every well-formed event in the evidence at ``paths``. Raises
     EvidenceError for a file that is not portrace evidence (no line of it is
-    JSON at all)."""
+    a portrace event, well-formed or not)."""
     report = report if report is not None else ReadReport()
     for path in segments(paths):
         report.files.append(path)
@@ -349,6 +349,8 @@ def read(paths: Iterable[Path], report: ReadReport | None = None) -> Iterator[di
                 continue
             try:
                 ev = json.loads(text)
+                if not (isinstance(ev, dict) and ev.get("type") in SHAPES):
+                    raise ValueError("JSON, but not a portrace event")
             except ValueError:
                 (report.corrupt if complete else report.torn).append(f"{path}:{n}")
                 first_bad = first_bad or text.strip()[:60]
