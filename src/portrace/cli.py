@@ -81,7 +81,7 @@ def _trace(tracer: Tracer, started: str | None = None,
     if started:
         click.echo(started, err=True)
     tracer.run(stop)
-    tracer.close()  # detaches side by side; skipped while a diagnosis still runs
+    tracer.close()  # detaches side by side; frees the engine unless a diagnosis runs
     if finish is not None:
         finish()
     if tracer.broken_pipe:
@@ -214,11 +214,7 @@ class ByteSize(click.ParamType):
 def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: int, keep: int,
            states: bool) -> None:
     """Record evidence of failures on PORTs (default: every port) until SIGTERM."""
-    try:
-        writer = EvidenceDir(directory, max_bytes=max_bytes, keep=keep)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot write evidence there: {exc.strerror or exc}",
-                                 param_hint="'--dir'") from None
+    writer = _evidence_dir(directory, "'--dir'", max_bytes=max_bytes, keep=keep)
     options = {"command": "record", "dir": str(directory), "max_bytes": max_bytes,
                "keep": keep, "states": states, "ports": sorted(set(ports)),
                "engine": engine_name}
@@ -230,6 +226,16 @@ def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: i
     tracer = Tracer(ports, Fanout([(str(directory), evidence)]), options=options,
                     engine_name=engine_name, states=states)
     _trace(tracer, started=f"portrace: recording into {directory}", finish=writer.close)
+
+
+def _evidence_dir(directory: Path, option: str, **limits: int) -> EvidenceDir:
+    """EvidenceDir, its OSError as a bad ``option`` (its own errors carry
+    their exit codes)."""
+    try:
+        return EvidenceDir(directory, **limits)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write evidence there: {exc.strerror or exc}",
+                                 param_hint=option) from None
 
 
 class Timestamp(click.ParamType):
@@ -338,11 +344,7 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
     runs = lab_mod.variants(fixed, cmp)
     verdicts: dict[str, str] = {}
     results = []
-    try:
-        writer = EvidenceDir(evidence) if evidence is not None else None
-    except OSError as exc:
-        raise click.BadParameter(f"cannot write evidence there: {exc.strerror or exc}",
-                                 param_hint="'--evidence'") from None
+    writer = _evidence_dir(evidence, "'--evidence'") if evidence is not None else None
     laboratory = lab_mod.Lab(host=host, within=within, evidence=writer, engine_name=engine_name)
     with laboratory.attached():
         for name, reuse in parsed:

@@ -103,9 +103,9 @@ class Ready:
 class Lost:
     """Records lost since the previous ``Lost`` of the same ``source``:
     ``kernel`` (a ring buffer had no room; counted by the probes), ``limit``
-    (a watched port's failures beyond 256 per 100 ms, counted in the kernel
-    and not sent, so one port's flood leaves room for the others':
-    bpf/portrace.h PT_RATE_MAX) or ``queue`` (portrace's own bounded backlog
+    (a watched port's failures beyond its rate, engine.RATE_MAX per
+    RATE_WINDOW_MS, counted in the kernel and not sent, so one port's flood
+    leaves room for the others') or ``queue`` (portrace's own bounded backlog
     behind the diagnosis was full)."""
 
     ts: datetime

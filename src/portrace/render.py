@@ -11,6 +11,7 @@ from datetime import datetime
 import click
 
 from portrace.diagnose import describe
+from portrace.engine import RATE_MAX, RATE_WINDOW_MS
 from portrace.events import (
     CallError,
     ErrorRecord,
@@ -31,7 +32,7 @@ def _styled(text: str, **style: object) -> str:
 
 MAX_BLOCKERS_SHOWN = 5
 LOST_WHERE = {"kernel": "a ring buffer was full",
-              "limit": "over the port's rate of 256 failures per 100 ms",
+              "limit": f"over the port's rate of {RATE_MAX} failures per {RATE_WINDOW_MS} ms",
               "queue": "portrace's backlog of failures to diagnose was full"}
 
 
