@@ -54,9 +54,12 @@ def test_timewait_of_a_server_older_than_portrace(engine, scratch, old_reuseaddr
     t = start_tracer(engine, [port])
     try:
         assert old.go() and old.proc.wait(10) == 0  # closed first, exited: TIME_WAIT left
-        new = Staged("bind", "127.0.0.1", port, name="new-server", netns=scratch)
+        # Held, so the bcc engine reads its netns from /proc: the race of a process that
+        # exits at once is test_netns_process_exiting_at_once_never_blames_the_host's.
+        new = Staged("bind", "127.0.0.1", port, "--hold", name="new-server", netns=scratch)
         assert new.info == "EADDRINUSE"
         ev = await_error(t, new.pid)
+        new.release()
     finally:
         t.stop()
     [tw] = ev["blockers"]
