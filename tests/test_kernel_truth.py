@@ -124,8 +124,9 @@ def test_listener_held_by_ten_processes_after_forks(engine, tracer, scratch):
                    netns=scratch)
     master, *workers = (int(p) for p in group.info.split())
     try:
-        new = Staged("bind", "0.0.0.0", port, name="new-server", netns=scratch)
+        new = Staged("bind", "0.0.0.0", port, "--hold", name="new-server", netns=scratch)
         ev = await_error(tracer, new.pid, mark)
+        new.release()
     finally:
         group.release()
     [b] = ev["blockers"]
@@ -143,8 +144,9 @@ def test_workers_of_a_killed_master_are_marked_inherited(engine, tracer, scratch
                    "--child-seconds", "60", name="master", netns=scratch)
     workers = [int(p) for p in group.info.split()]
     try:
-        new = Staged("bind", "0.0.0.0", port, name="new-server", netns=scratch)
+        new = Staged("bind", "0.0.0.0", port, "--hold", name="new-server", netns=scratch)
         ev = await_error(tracer, new.pid, mark)
+        new.release()
     finally:
         for w in workers:
             os.kill(w, signal.SIGTERM)
