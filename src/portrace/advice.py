@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from portrace.diagnose import (
     EADDRINUSE,
     EADDRNOTAVAIL,
+    HOLDERS_UNREADABLE,
     RULES,
     TCP_TIMEWAIT_LEN_S,
     Request,
@@ -36,6 +38,8 @@ def _holders_phrase(b: Blocker) -> str:
 
 
 def _kill_advice(b: Blocker) -> str:
+    if not b.processes and not b.holders_known:
+        return f"Now: run as root to name what holds it ({HOLDERS_UNREADABLE})."
     if not b.processes:
         return "Now: no process holds it any more."
     pids = " ".join(str(p.pid) for p in b.processes)
@@ -46,10 +50,41 @@ def _kill_advice(b: Blocker) -> str:
     return text
 
 
-def _ss_kill(b: Blocker) -> str:
-    dst = f" dst {b.remote}" if b.remote else ""
-    state = b.state.lower().replace("_", "-")
-    return f"`ss -K state {state} src {b.local}{dst}`"
+@dataclass(frozen=True)
+class Destroying:
+    """Whether the kernel destroys sockets on request (sockets.can_destroy:
+    True/False, None when not known) and the prefix that runs a command in the
+    blockers' namespace (``ip netns exec NAME ``; empty for portrace's own)."""
+
+    supported: bool | None = None
+    run_in: str = ""
+
+
+def _ss_kill(b: Blocker | Sequence[Blocker], how: Destroying) -> str:
+    """The ``ss -K`` command for one socket (its 4-tuple), or for every
+    minisock of a port (their states, the port)."""
+    if isinstance(b, Blocker):
+        dst = f" dst {b.remote}" if b.remote else ""
+        states = "state " + b.state.lower().replace("_", "-")
+        match = f"src {b.local}{dst}"
+    else:
+        states = " ".join(f"state {s.lower().replace('_', '-')}"
+                          for s in sorted({x.state for x in b}, reverse=True))
+        match = f"sport = :{b[0].local.port}"
+    return f"`{how.run_in}ss -K {states} {match}`"
+
+
+def _destroy(b: Blocker | Sequence[Blocker], how: Destroying, verb: str) -> str | None:
+    """``<verb>: <ss -K ...>`` where the kernel may destroy sockets on request
+    (RULES destroy), None where it cannot."""
+    if how.supported is False:
+        return None
+    maybe = "" if how.supported else " (if the kernel has CONFIG_INET_DIAG_DESTROY)"
+    return f"{verb}{maybe}: {_ss_kill(b, how)} {cite('destroy')}"
+
+
+CANNOT_DESTROY = ("this kernel cannot destroy sockets on request (built without "
+                  "CONFIG_INET_DIAG_DESTROY: SOCK_DESTROY answers EOPNOTSUPP)")
 
 
 def _onoff(v: bool | None) -> str:
@@ -77,8 +112,8 @@ def _reuseaddr_why(req: Request, b: Blocker) -> str:
     if old is False:
         return (f"The new socket set SO_REUSEADDR, but {old_name} did not{keeps}: the new "
                 "socket's flag alone does not pass it.")
-    return ("SO_REUSEADDR on both would pass it; the probes did not see which socket lacked "
-            f"it (new: {_onoff(new)}, old: {_onoff(old)}).")
+    return ("SO_REUSEADDR on both would pass it; which socket lacks it is not known "
+            f"(new: {_onoff(new)}, old: {_onoff(old)}).")
 
 
 def _reuseport_note(req: Request, b: Blocker) -> str | None:
@@ -121,7 +156,8 @@ NOT_TW_REUSE = ("Does not apply: net.ipv4.tcp_tw_reuse is read only on the conne
 
 def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
             sysctls: Mapping[str, str], last_seen: StateChange | None,
-            netns_source: str, usage: PortUsage | None = None) -> Verdict:
+            netns_source: str, usage: PortUsage | None = None,
+            destroying: Destroying = Destroying()) -> Verdict:
     """The verdict for one failure (causes: portrace.diagnose.CAUSES)."""
     if attempt.call == "connect":
         return _connect_exhausted(attempt, usage, sysctls)
@@ -143,7 +179,7 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         summary = describe(b) + more
         if attempt.call == "listen":
             summary = f"listen() found {b.local} already listening: {summary}"
-        advice.append(_kill_advice(b) if b.processes else
+        advice.append(_kill_advice(b) if b.processes or not b.holders_known else
                       "Now: the listener has no process left; it goes away when its last "
                       "accepted connection closes.")
         for extra in (note, rp):
@@ -164,8 +200,10 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         what = "TIME_WAIT" if cause == "time_wait" else "orphaned FIN_WAIT2"
         summary = (describe(b) + more if len(minis) == 1 else
                    f"{len(minis)} {what} sockets on {b.local.port}; the last ends in {left:.1f} s")
-        advice.append(f"Now: wait {left:.0f} s, or destroy it: {_ss_kill(b)} "
-                      f"{cite('destroy')}.")
+        target: Blocker | Sequence[Blocker] = b if len(minis) == 1 else minis
+        clause = _destroy(target, destroying, "destroy it" if len(minis) == 1 else "destroy them")
+        advice.append(f"Now: wait {left:.0f} s" + (f", or {clause}." if clause else
+                                                   f"; {CANNOT_DESTROY}."))
         advice.append(_reuseaddr_why(req, b))
         if rp:
             advice.append(rp)
@@ -188,7 +226,8 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         summary = ("bound, not listening: " if cause == "bound_socket" else "") + describe(b) + more
         now = _kill_advice(b)
         if cause == "connected_socket":
-            now += f" Or abort the connection: {_ss_kill(b)}."
+            clause = _destroy(b, destroying, "abort the connection")
+            now += f" Or {clause}." if clause else ""
         advice.append(now)
         for extra in (note, _reuseaddr_why(req, b), rp):
             if extra:

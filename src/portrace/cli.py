@@ -7,12 +7,14 @@ Every error a user can cause is one line on stderr and a distinct exit code
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import math
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,12 +23,13 @@ from typing import IO, Any
 import click
 import psutil
 
+from portrace import check as check_mod
 from portrace import errors
 from portrace.engine import ENGINES
-from portrace.events import Event, SocketCall, StateChange
+from portrace.events import Check, Event, SocketCall, SockOpts, StateChange, to_json
 from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
 from portrace.outputs import Fanout, Sink, open_private
-from portrace.render import terminal_sink
+from portrace.render import format_check, terminal_sink
 from portrace.tracer import Tracer
 
 EXIT_HELP = "\b\nExit codes:\n" + "\n".join(
@@ -366,6 +369,87 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
                 f"expected {expect}, measured " + ", ".join(f"{s}: {v}" for s, v in wrong.items()))
 
 
+class Address(click.ParamType):
+    """An IPv4 or IPv6 address (no port, no brackets)."""
+
+    name = "address"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            return str(ipaddress.ip_address(str(value)))
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
+
+
+@cli.command(epilog="\b\nExit status: 0 every PORT would bind now, 1 some would not "
+                    "(its blockers are named), others as for every command (portrace --help).")
+@click.argument("ports", nargs=-1, required=True, type=click.IntRange(1, 65535))
+@click.option("--addr", type=Address(), default="0.0.0.0", show_default=True,
+              help="The address the socket would bind (:: for IPv6).")
+@click.option("--udp", is_flag=True, help="A UDP socket (default TCP).")
+@click.option("--reuseaddr", is_flag=True, help="The socket would set SO_REUSEADDR.")
+@click.option("--reuseport", is_flag=True, help="The socket would set SO_REUSEPORT.")
+@click.option("--v6only", is_flag=True, help="The socket would set IPV6_V6ONLY.")
+@click.option("--uid", type=click.IntRange(0), metavar="UID",
+              help="The uid the socket would belong to (SO_REUSEPORT needs the same owner); "
+                   "default: not known.")
+@click.option("--netns", "netns_name", metavar="NAME",
+              help="Look in this `ip netns` namespace.")
+@click.option("--pid", type=click.IntRange(1), help="Look in this process's network namespace.")
+@click.option("--wait", is_flag=True,
+              help="Wait until every PORT would bind (TIME_WAIT expiry, holder exit); "
+                   "print what was waited for.")
+@click.option("--timeout", type=Finite(0), metavar="SECONDS",
+              help="With --wait: give up after this long (exit 1).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per PORT "
+              "(docs/events.md, type check).")
+@click.option("--engine", "engine_name", type=click.Choice(check_mod.ENGINES), default="auto",
+              show_default=True,
+              help="core: BPF iterators, every socket's own options (root); sock_diag: no BPF, "
+                   "no root needed (options of live sockets unknown); auto: core where it runs.")
+def check(ports: Sequence[int], addr: str, udp: bool, reuseaddr: bool, reuseport: bool,
+          v6only: bool, uid: int | None, netns_name: str | None, pid: int | None, wait: bool,
+          timeout: float | None, as_json: bool, engine_name: str) -> None:
+    """Would bind() to ADDR:PORT succeed now? If not, what blocks it, and what to do.
+    Nothing is changed: no socket is bound, none destroyed. For a deploy script:
+    `portrace check --wait --timeout 90 9090` instead of `sleep 60`."""
+    if netns_name is not None and pid is not None:
+        raise click.UsageError("--netns and --pid both name a namespace; give one")
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout limits --wait")
+    if v6only and ipaddress.ip_address(addr).version != 6:
+        raise click.BadParameter("IPV6_V6ONLY is for an IPv6 --addr", param_hint="'--v6only'")
+    opts = SockOpts(reuseaddr=reuseaddr, reuseport=reuseport,
+                    v6only=v6only if ipaddress.ip_address(addr).version == 6 else None,
+                    bound_to_device=False)
+    wanted = [check_mod.Wanted("udp" if udp else "tcp", addr, port, opts, uid)
+              for port in sorted(set(ports))]
+    show = (lambda ev: click.echo(json.dumps(to_json(ev)))) if as_json else terminal_sink(False)
+
+    def blocked(ev: Check) -> None:
+        if not as_json:
+            for line in format_check(ev):
+                click.echo(line)
+            limit = f" up to {timeout:g} s" if timeout is not None else ""
+            click.echo(f"portrace: waiting{limit} for it to clear", err=True)
+
+    with check_mod.namespace(netns_name, pid) as (netns_fd, netns):
+        looker = check_mod.Looker(engine_name, netns_fd, netns).open()
+        try:
+            if wait:
+                answers = check_mod.wait_free(wanted, looker, pid, timeout, blocked)
+            else:
+                answers = check_mod.check_once(wanted, looker, pid)
+        finally:
+            looker.close()
+    for ev in answers:
+        show(ev)
+    sys.stdout.flush()
+    if not all(a.free for a in answers):
+        sys.exit(errors.EXIT_BLOCKED)
+
+
 @cli.command()
 @engine_option
 @click.option("--port", type=click.IntRange(1, 65534), default=9090, show_default=True,
@@ -394,4 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("portrace: interrupted", err=True)
         sys.exit(130)
+    except Exception:  # a bug: keep the traceback for the report, and a code of its own
+        traceback.print_exc()
+        click.echo(f"portrace: internal error (exit {errors.EXIT_INTERNAL}); please report "
+                   "the traceback above", err=True)
+        sys.exit(errors.EXIT_INTERNAL)
     sys.exit(0)

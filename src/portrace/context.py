@@ -8,6 +8,7 @@ simply absent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -20,7 +21,10 @@ from elftools.common.exceptions import ELFError
 from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
+from portrace.events import Blocker
+
 MAX_PARENTS = 16
+MAX_PROCESSES_LISTED = 16  # holders of one socket listed with their facts
 CONTAINER_ID = re.compile(r"([0-9a-f]{64})")  # docker/containerd/cri-o scope names
 
 
@@ -104,3 +108,23 @@ def _safe(getter: Any) -> Any:
 
 def host_facts() -> dict[str, str]:
     return {"hostname": socket.gethostname(), "kernel": os.uname().release}
+
+
+def with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
+    """Blockers whose holders carry their process facts (exe, build-id...),
+    read once per process however many sockets it holds, for at most
+    MAX_PROCESSES_LISTED holders of one socket."""
+    facts: dict[int, dict[str, Any] | None] = {}
+
+    def of(pid: int) -> dict[str, Any] | None:
+        if pid not in facts:
+            facts[pid] = process_facts(pid)
+        return facts[pid]
+
+    return tuple(
+        dataclasses.replace(
+            b, processes=tuple(dataclasses.replace(p, facts=of(p.pid))
+                               for p in b.processes[:MAX_PROCESSES_LISTED]),
+            processes_total=len(b.processes) if len(b.processes) > MAX_PROCESSES_LISTED
+            else None)
+        for b in blockers)

@@ -69,8 +69,9 @@ class CoreEngine:
     name = "core"
 
     def __init__(self, ports: Iterable[int], on_event: Callable[[Any], None],
-                 ringbuf_pages: int = 64, states: bool = True) -> None:
+                 ringbuf_pages: int = 64, states: bool = True, probes: bool = True) -> None:
         self.ports = sorted(set(ports))
+        self.probes = probes  # False: only the iterators (portrace check), nothing attached
         self.on_event = on_event
         self.ringbuf_pages = ringbuf_pages
         self.states = states
@@ -81,7 +82,10 @@ class CoreEngine:
         self._budget = engine.PollBudget()
 
     def open(self) -> None:
-        engine.preflight(TRACEPOINTS)
+        if self.probes:
+            engine.preflight(TRACEPOINTS)
+        else:
+            engine.require_bpf()
         path = str(engine.core_object())
         try:
             obj = libbpf.BpfObject(path)
@@ -108,9 +112,11 @@ class CoreEngine:
             watched = obj.map("watched_ports")
             for port in self.ports:
                 watched.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
+            self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
+            if not self.probes:
+                return
             for prog in PROGRAMS:
                 obj.attach(prog)
-            self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
             # Failures of the watched ports come first and have their own
             # ring: no flood of transitions or host-wide noise can crowd them out.
             self._rb = obj.ring_buffer([("failures", self._on_record),

@@ -13,6 +13,7 @@ left out only when the rules say it certainly does not conflict.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -113,6 +114,11 @@ CAUSES = (
 )
 
 TCP_TIMEWAIT_LEN_S = 60
+HOLDERS_UNREADABLE = "other users' fds are readable by root only"
+# A busy port (thousands of connections) is summarised: the blockers listed
+# are the first of these, the rest only counted by state (blockers_total,
+# blockers_by_state).
+MAX_BLOCKERS_LISTED = 32
 EADDRINUSE, EADDRNOTAVAIL = 98, 99
 
 IPv4 = ipaddress.IPv4Address
@@ -310,6 +316,7 @@ def find_blockers(
     fd_opts: Mapping[int, SockOpts] | None = None,
     exclude_inodes: Iterable[int] = (),
     owners: Mapping[int, int] | None = None,
+    holders_complete: bool = True,
 ) -> list[Blocker]:
     """The sockets on the requested port that overlap the request and may
     conflict with it, ordered LISTEN, live, bound-only, minisocks.
@@ -318,7 +325,8 @@ def find_blockers(
     recent successful bind()s seen per (family, addr, port). ``fd_opts``: options
     the probes hold for a socket inode via a holder's fd. ``exclude_inodes``:
     the failing socket itself (bound, when listen() fails). ``owners``: struct
-    sock address -> the pid the kernel saw bind or listen on it."""
+    sock address -> the pid the kernel saw bind or listen on it.
+    ``holders_complete``: False when some processes' fds were unreadable."""
     skip = set(exclude_inodes) - {0}
     owners = owners or {}
     fd_opts = fd_opts or {}
@@ -353,6 +361,7 @@ def find_blockers(
             opts=opts,
             opts_source=source,
             conflict=verdict,
+            holders_known=holders_complete or bool(s.inode and holders.get(s.inode)),
         )
         for s, closer, opts, source, verdict in found
     ]
@@ -392,7 +401,18 @@ def describe(b: Blocker) -> str:
         )
         parts.append(f"held by {held}")
     elif not b.minisock:
-        parts.append("held by no process (orphaned)")
+        parts.append("held by no process (orphaned)" if b.holders_known else
+                     f"holders not named ({HOLDERS_UNREADABLE})")
     return ", ".join(parts)
 
 
+def summarised(blockers: list[Blocker]
+                ) -> tuple[list[Blocker], int | None, dict[str, int] | None]:
+    """At most MAX_BLOCKERS_LISTED blockers, those the kernel's rule says
+    conflict and listeners first; with the total and a count by state when
+    some are left out (None, None when all are listed)."""
+    if len(blockers) <= MAX_BLOCKERS_LISTED:
+        return blockers, None, None
+    ranked = sorted(blockers, key=lambda b: (b.conflict is not True, b.state != "LISTEN"))
+    return (ranked[:MAX_BLOCKERS_LISTED], len(blockers),
+            dict(Counter(b.state for b in blockers)))

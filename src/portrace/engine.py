@@ -156,18 +156,24 @@ def require_root() -> None:
         )
 
 
-def preflight(tracepoints: Iterable[str]) -> Path:
-    """What every engine needs, cheapest first: root, the capabilities, tracefs
-    and these tracepoints (``group/name``). Returns the tracefs root.
-
-    Raises NeedsRoot, BpfUnavailable, NoTracefs, MissingTracepoint.
-    """
+def require_bpf() -> None:
+    """Root with the capabilities to load tracing BPF programs.
+    Raises NeedsRoot, BpfUnavailable."""
     require_root()
     if not can_load_tracing_bpf(effective_caps()):
         raise errors.BpfUnavailable(
             "root, but without CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN: the kernel will refuse "
             "the BPF programs (a container or capability bounding set dropped them)"
         )
+
+
+def preflight(tracepoints: Iterable[str]) -> Path:
+    """What every engine needs, cheapest first: root, the capabilities, tracefs
+    and these tracepoints (``group/name``). Returns the tracefs root.
+
+    Raises NeedsRoot, BpfUnavailable, NoTracefs, MissingTracepoint.
+    """
+    require_bpf()
     tracefs = find_tracefs()
     for tp in tracepoints:
         if not (tracefs / "events" / tp).is_dir():

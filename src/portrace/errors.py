@@ -7,10 +7,18 @@ nothing here is a bug, so nothing here gets a traceback.
 from __future__ import annotations
 
 EXIT_USAGE = 2  # click's own code for bad arguments (e.g. port 70000)
+EXIT_BLOCKED = 1  # portrace check: the port would not bind now
+EXIT_INTERNAL = 70  # a bug (sysexits.h EX_SOFTWARE): the traceback is printed
 
 
 class PortraceError(Exception):
     exit_code = 1
+
+
+class BadNamespace(PortraceError):
+    """``check --netns``/``--pid`` names no namespace portrace can open."""
+
+    exit_code = EXIT_USAGE
 
 
 class NeedsRoot(PortraceError):
@@ -83,7 +91,7 @@ class OutputFailed(PortraceError):
 
 EXIT_CODES: dict[int, str] = {
     0: "success (also after Ctrl-C / SIGTERM)",
-    1: "unexpected runtime failure",
+    EXIT_BLOCKED: "portrace check: the port would not bind now (its blockers are named)",
     EXIT_USAGE: "bad arguments (e.g. a port outside 1-65535)",
     NeedsRoot.exit_code: "not running as root",
     NoTracefs.exit_code: "tracefs is not mounted (sudo make setup mounts it)",
@@ -101,4 +109,5 @@ EXIT_CODES: dict[int, str] = {
                           "another user can write",
     EvidenceBusy.exit_code: "another portrace records into that evidence directory",
     OutputFailed.exit_code: "the main output cannot be written (stdout closed, disk full)",
+    EXIT_INTERNAL: "internal error: a bug in portrace (the traceback is printed; please report it)",
 }

@@ -266,6 +266,7 @@ class Blocker:
     opts_source: str | None = None
     conflict: bool | None = None  # the kernel's rule, given what is known
     processes_total: int | None = None  # more holders than listed: how many in all
+    holders_known: bool = True  # False: some processes' fds were unreadable (not root)
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,40 @@ class CallError:
 
 
 @dataclass(frozen=True)
+class Check:
+    """``portrace check``: would a bind() of this socket succeed now, and if
+    not, what blocks it. The socket is described, not created: ``opts`` and
+    ``uid`` (its owner for SO_REUSEPORT; None: not given) are the caller's.
+    ``engine``: ``core`` (BPF iterators: every socket's own options) or
+    ``sock_diag`` (options of live sockets not known). ``can_destroy``: the
+    kernel destroys sockets on request (``ss -K``). ``waited_s``/``waited_for``
+    (``--wait``): how long, and the blockers first seen."""
+
+    ts: datetime
+    protocol: str
+    family: str
+    addr: str
+    port: int
+    opts: SockOpts
+    uid: int | None
+    netns: Netns
+    engine: str
+    blockers: tuple[Blocker, ...]
+    verdict: Verdict | None  # None: free
+    sysctls: dict[str, str] = field(default_factory=dict)
+    can_destroy: bool | None = None
+    blockers_total: int | None = None
+    blockers_by_state: dict[str, int] | None = None
+    waited_s: float | None = None
+    waited_for: tuple[str, ...] = ()
+    type: str = field(default="check", init=False)
+
+    @property
+    def free(self) -> bool:
+        return not self.blockers
+
+
+@dataclass(frozen=True)
 class Repeats:
     """Failures identical to a reported one (same process, call, address,
     errno) that came within the tracer's coalescing window: counted, not
@@ -371,7 +406,7 @@ def failure_summary(a: SocketCall) -> dict[str, Any]:
             "errno": errno_name(a.errno)}
 
 
-Event = Union[Ready, Lost, ErrorRecord, StateChange, SocketCall, CallError, Repeats]
+Event = Union[Ready, Lost, ErrorRecord, StateChange, SocketCall, CallError, Repeats, Check]
 
 
 def _endpoint(ep: Endpoint | None) -> dict[str, Any] | None:
@@ -397,6 +432,7 @@ def _blocker(b: Blocker) -> dict[str, Any]:
             for p in b.processes
         ],
         "processes_total": b.processes_total or len(b.processes),
+        "holders_known": b.holders_known,
         "inode": b.inode,
         "uid": b.uid,
         "expires_s": b.expires_s,
@@ -409,6 +445,15 @@ def _blocker(b: Blocker) -> dict[str, Any]:
         "options": {**b.opts.to_json(), "source": b.opts_source or UNKNOWN_SOURCE},
         "conflicts": b.conflict,
     }
+
+
+def _netns(ns: Netns) -> dict[str, Any]:
+    return {"inode": ns.inode, "source": ns.source, "name": ns.name}
+
+
+def _verdict(v: Verdict | None) -> dict[str, Any] | None:
+    return None if v is None else {"cause": v.cause, "summary": v.summary,
+                                   "advice": list(v.advice)}
 
 
 def _usage(u: PortUsage | None) -> dict[str, Any] | None:
@@ -474,6 +519,28 @@ def to_json(ev: Event) -> dict[str, Any]:
             "port": ev.port,
             "options": {**ev.opts.to_json(), "source": ev.opts_source or UNKNOWN_SOURCE},
         }
+    if isinstance(ev, Check):
+        return {
+            "type": "check",
+            "ts": iso(ev.ts),
+            "free": ev.free,
+            "protocol": ev.protocol,
+            "family": ev.family,
+            "addr": ev.addr,
+            "port": ev.port,
+            "options": {**ev.opts.to_json(), "source": "given"},
+            "uid": ev.uid,
+            "netns": _netns(ev.netns),
+            "engine": ev.engine,
+            "blockers": [_blocker(b) for b in ev.blockers],
+            "blockers_total": ev.blockers_total or len(ev.blockers),
+            "blockers_by_state": ev.blockers_by_state,
+            "verdict": _verdict(ev.verdict),
+            "can_destroy": ev.can_destroy,
+            "sysctls": dict(ev.sysctls),
+            "waited_s": None if ev.waited_s is None else round(ev.waited_s, 3),
+            "waited_for": list(ev.waited_for),
+        }
     if isinstance(ev, CallError):
         a = ev.attempt
         out = {
@@ -493,12 +560,11 @@ def to_json(ev: Event) -> dict[str, Any]:
             "options": {**a.opts.to_json(), "source": a.opts_source or UNKNOWN_SOURCE},
             "sk_uid": a.sk_uid,
             "port_range": list(a.port_range) if a.port_range else None,
-            "netns": {"inode": ev.netns.inode, "source": ev.netns.source, "name": ev.netns.name},
+            "netns": _netns(ev.netns),
             "blockers": [_blocker(b) for b in ev.blockers],
             "blockers_total": ev.blockers_total or len(ev.blockers),
             "blockers_by_state": ev.blockers_by_state,
-            "verdict": {"cause": ev.verdict.cause, "summary": ev.verdict.summary,
-                        "advice": list(ev.verdict.advice)},
+            "verdict": _verdict(ev.verdict),
             "lookup_ms": round(ev.lookup_ms, 3),
             "verdict_ms": None if ev.verdict_ms is None else round(ev.verdict_ms, 3),
             "last_seen": None if ev.last_seen is None else _state(ev.last_seen),

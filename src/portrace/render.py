@@ -14,6 +14,7 @@ from portrace.diagnose import describe
 from portrace.engine import RATE_MAX, RATE_WINDOW_MS
 from portrace.events import (
     CallError,
+    Check,
     ErrorRecord,
     Event,
     Lost,
@@ -54,6 +55,38 @@ NETNS_NOTES = {
 }
 
 
+def _blocker_lines(ev: CallError | Check) -> list[str]:
+    """The first blockers, then how many more there are, by state."""
+    lines = ["  " + _styled(describe(b), fg="yellow") for b in ev.blockers[:MAX_BLOCKERS_SHOWN]]
+    total = ev.blockers_total or len(ev.blockers)
+    if total > MAX_BLOCKERS_SHOWN:
+        by_state = ", ".join(f"{n} {state}" for state, n in
+                             sorted((ev.blockers_by_state or {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"  ... and {total - MAX_BLOCKERS_SHOWN} more"
+                     + (f" ({total} in all: {by_state})" if by_state else " (see --json)"))
+    return lines
+
+
+def format_check(ev: Check) -> list[str]:
+    """``portrace check``'s answer for one socket."""
+    target = f"{ev.protocol} {format_endpoint(ev.addr, ev.port)}"
+    where = f"netns {ev.netns.name or ev.netns.inode}, engine {ev.engine}"
+    if ev.free:
+        waited = ""
+        if ev.waited_for:
+            waited = f" after {ev.waited_s:.1f} s; waited for: " + "; ".join(ev.waited_for)
+        return [_styled(f"{target}: free{waited}", fg="green", bold=True)
+                + _styled(f"  ({where})", dim=True)]
+    waited = f" after waiting {ev.waited_s:.1f} s" if ev.waited_s is not None else ""
+    lines = [_styled(f"{target}: blocked{waited}", fg="red", bold=True)
+             + _styled(f"  ({where})", dim=True)]
+    lines += _blocker_lines(ev)
+    if ev.verdict is not None:
+        lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}")
+        lines.extend(f"  - {printable(line)}" for line in ev.verdict.advice)
+    return lines
+
+
 def format_failure(ev: CallError) -> list[str]:
     a = ev.attempt
     target = format_endpoint(a.addr, a.port)
@@ -64,14 +97,7 @@ def format_failure(ev: CallError) -> list[str]:
     head = f"{_clock(ev)} {a.comm}[{a.pid}] {a.call} {target} {errno_name(a.errno)}"
     ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")
     lines = [_styled(head, bold=True) + _styled(f"  {a.protocol}, {ns}", dim=True)]
-    for b in ev.blockers[:MAX_BLOCKERS_SHOWN]:
-        lines.append("  " + _styled(describe(b), fg="yellow"))
-    total = ev.blockers_total or len(ev.blockers)
-    if total > MAX_BLOCKERS_SHOWN:
-        by_state = ", ".join(f"{n} {state}" for state, n in
-                             sorted((ev.blockers_by_state or {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"  ... and {total - MAX_BLOCKERS_SHOWN} more"
-                     + (f" ({total} in all: {by_state})" if by_state else " (see --json)"))
+    lines += _blocker_lines(ev)
     if not ev.blockers:  # exhaustion, gone, or another errno: the summary says it
         lines.append("  " + _styled(ev.verdict.summary, fg="yellow"))
     lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}"
@@ -84,6 +110,8 @@ def format_event(ev: Event, states: bool) -> list[str]:
     """Lines for one event; transitions and successful binds only with ``states``."""
     if isinstance(ev, CallError):
         return format_failure(ev)
+    if isinstance(ev, Check):
+        return format_check(ev)
     if isinstance(ev, Ready):
         where = ", ".join(map(str, ev.ports)) if ev.ports else "every port (failures only)"
         return [_styled(f"portrace: watching bind() on {where} "

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import functools
 import os
+import shlex
 import socket
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -58,6 +62,19 @@ class SocketEntry:
     def minisock(self) -> bool:
         return is_minisock(self.protocol, self.inode, self.state)
 
+# What the verdicts quote, read in the failing process's namespace.
+VERDICT_SYSCTLS = (
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_max_tw_buckets",
+    "net.ipv6.bindv6only",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.ip_autobind_reuse",
+    "net.ipv4.tcp_tw_reuse",
+    "net.ipv4.tcp_tw_reuse_delay",
+    "net.ipv4.tcp_timestamps",
+)
+
 
 def is_minisock(protocol: str, inode: int, state: str) -> bool:
     """A TIME_WAIT/FIN_WAIT2 timewait socket: no inode, so no owner process."""
@@ -77,6 +94,9 @@ class Snapshot:
     sockets: list[SocketEntry]
     holders: dict[int, list[Holder]] = field(default_factory=dict)  # inode -> holders
     sysctls: dict[str, str] = field(default_factory=dict)  # as the namespace sees them
+    # False when some process's fds could not be read (not root): then a
+    # socket listed with no holder may still have one.
+    holders_complete: bool = True
 
 
 NETNS_NAMES = "/run/netns"  # where `ip netns add` pins named namespaces
@@ -282,9 +302,11 @@ def port_usage(socks: Iterable[SocketEntry], port_range: str, reserved: str,
                      socket_range=socket_range)
 
 
-def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
+def holders_of(inodes: Iterable[int], denied: set[int] | None = None
+               ) -> dict[int, list[Holder]]:
     """inode -> every process with an fd on it (an inherited fd counts: it is the
-    same open file). One pass over /proc/*/fd, as ``ss -p`` does."""
+    same open file). One pass over /proc/*/fd, as ``ss -p`` does. The pids
+    whose fds may not be read (another user's, without root) go to ``denied``."""
     wanted = {f"socket:[{i}]": i for i in inodes if i}
     found: dict[int, list[Holder]] = {}
     if not wanted:
@@ -302,6 +324,10 @@ def holders_of(inodes: Iterable[int]) -> dict[int, list[Holder]]:
                     inode = wanted.get(target)
                     if inode is not None:
                         fds.setdefault(inode, []).append(int(entry.name))
+        except PermissionError:
+            if denied is not None:
+                denied.add(pid)
+            continue
         except OSError:
             continue  # exited, or a kernel thread
         for inode, nums in fds.items():
@@ -353,5 +379,50 @@ def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
         socks = _dump(ds, port, protocols)
     finally:
         ds.close()
-    held = holders_of(s.inode for s in socks) if holders else {}
-    return Snapshot(sockets=socks, holders=held, sysctls=values)
+    denied: set[int] = set()
+    held = holders_of((s.inode for s in socks), denied) if holders else {}
+    return Snapshot(sockets=socks, holders=held, sysctls=values, holders_complete=not denied)
+
+
+NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h
+NLMSG_ERROR, NLM_F_REQUEST, NLM_F_ACK = 2, 0x1, 0x4
+SOCK_DESTROY = 21  # include/uapi/linux/sock_diag.h
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+
+
+@functools.cache
+def can_destroy(protocol: str = "tcp") -> bool | None:
+    """Whether this kernel destroys sockets on request (``ss -K``;
+    CONFIG_INET_DIAG_DESTROY), asked without touching any socket: a
+    SOCK_DESTROY for the 4-tuple of all zeros, which no socket has.
+    net/ipv4/inet_diag.c: inet_diag_cmd_exact answers EOPNOTSUPP when the
+    protocol's handler has no ``destroy``, else the handler's lookup answers
+    ENOENT. True/False, None when the kernel's answer says neither."""
+    req = struct.pack("=BBBxI", socket.AF_INET,
+                      socket.IPPROTO_TCP if protocol == "tcp" else socket.IPPROTO_UDP, 0,
+                      ALL_STATES)
+    # struct inet_diag_sockid: ports (be16), src[4], dst[4] (be32), if, cookie[2]
+    req += bytes(4 + 32) + struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    header = struct.pack("=IHHII", 16 + len(req), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(2.0)
+            nl.sendto(header + req, (0, 0))
+            reply = nl.recv(4096)
+    except OSError:
+        return None
+    if len(reply) < 20 or struct.unpack_from("=H", reply, 4)[0] != NLMSG_ERROR:
+        return None
+    err = -struct.unpack_from("=i", reply, 16)[0]
+    return {errno.ENOENT: True, errno.EOPNOTSUPP: False}.get(err)
+
+
+def run_in(netns: Netns, pid: int | None) -> str:
+    """The command prefix that runs a command in ``netns``: nothing for
+    portrace's own namespace, ``ip netns exec NAME`` for a named one, else
+    ``nsenter`` through a process in it."""
+    if netns.inode == os.stat("/proc/self/ns/net").st_ino:
+        return ""
+    if netns.name:
+        return f"ip netns exec {shlex.quote(netns.name)} "
+    return f"nsenter --net=/proc/{pid}/ns/net " if pid else ""

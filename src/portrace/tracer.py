@@ -15,14 +15,13 @@ import os
 import sys
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
 from portrace import advice, context, diagnose, engine, errors, sockets
 from portrace.events import (
-    Blocker,
     CallError,
     Closer,
     Endpoint,
@@ -42,26 +41,9 @@ Sink = Callable[[Event], None]
 HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
 MAX_BINDERS = 4096  # bound addresses remembered, most recent kept
 BINDERS_PER_ADDRESS = 8  # recent successful binds kept per address
-# What the verdicts quote, read in the failing process's namespace.
 RECENT_S = 60  # transitions on the port kept in a failure's evidence
-# A busy port (thousands of connections) is summarised: the blockers listed
-# are the first of these, the rest only counted by state (blockers_total,
-# blockers_by_state), and each lists at most so many holding processes.
-MAX_BLOCKERS_LISTED = 32
-MAX_PROCESSES_LISTED = 16
 STOP_GRACE_S = 0.2  # after stop, how long a diagnosis under way may finish
 LOST_EVERY_S = 1.0  # lost records are summed and reported at most this often
-SYSCTLS = (
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_max_tw_buckets",
-    "net.ipv6.bindv6only",
-    "net.ipv4.ip_local_port_range",
-    "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.ip_autobind_reuse",
-    "net.ipv4.tcp_tw_reuse",
-    "net.ipv4.tcp_tw_reuse_delay",
-    "net.ipv4.tcp_timestamps",
-)
 
 
 class Tracer:
@@ -325,7 +307,7 @@ class Tracer:
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
                 whole_range = attempt.call == "connect" or attempt.port == 0
                 snap = self.engine.snapshot(0 if whole_range else attempt.port, protos,
-                                            netns_fd, netns.inode, SYSCTLS,
+                                            netns_fd, netns.inode, sockets.VERDICT_SYSCTLS,
                                             holders=not whole_range)
                 attempt, snap = self._locate_listen(attempt, snap, own)
             lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
@@ -355,10 +337,14 @@ class Tracer:
         if not blockers and usage is None:
             on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
             last_seen = on_port[-1] if on_port else None
-        verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage)
-        listed, total, by_state = _summarised(blockers)
+        destroying = advice.Destroying(sockets.can_destroy(req.protocol if req.protocol == "udp"
+                                                           else "tcp"),
+                                       sockets.run_in(netns, attempt.pid))
+        verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage,
+                                 destroying)
+        listed, total, by_state = diagnose.summarised(blockers)
         return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
-                         netns=netns, blockers=_with_facts(listed), verdict=verdict,
+                         netns=netns, blockers=context.with_facts(listed), verdict=verdict,
                          blockers_total=total, blockers_by_state=by_state,
                          lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
@@ -406,35 +392,3 @@ class _Coalesced:
     since: datetime  # the reported (diagnosed) failure's time
     last: SocketCall  # the latest failure counted as its repeat
     count: int = 0
-
-
-def _summarised(blockers: list[Blocker]
-                ) -> tuple[list[Blocker], int | None, dict[str, int] | None]:
-    """At most MAX_BLOCKERS_LISTED blockers, those the kernel's rule says
-    conflict and listeners first; with the total and a count by state when
-    some are left out (None, None when all are listed)."""
-    if len(blockers) <= MAX_BLOCKERS_LISTED:
-        return blockers, None, None
-    ranked = sorted(blockers, key=lambda b: (b.conflict is not True, b.state != "LISTEN"))
-    return (ranked[:MAX_BLOCKERS_LISTED], len(blockers),
-            dict(Counter(b.state for b in blockers)))
-
-
-def _with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
-    """Blockers whose holders carry their process facts (exe, build-id...),
-    read once per process however many sockets it holds, for at most
-    MAX_PROCESSES_LISTED holders of one socket."""
-    facts: dict[int, dict[str, Any] | None] = {}
-
-    def of(pid: int) -> dict[str, Any] | None:
-        if pid not in facts:
-            facts[pid] = context.process_facts(pid)
-        return facts[pid]
-
-    return tuple(
-        dataclasses.replace(
-            b, processes=tuple(dataclasses.replace(p, facts=of(p.pid))
-                               for p in b.processes[:MAX_PROCESSES_LISTED]),
-            processes_total=len(b.processes) if len(b.processes) > MAX_PROCESSES_LISTED
-            else None)
-        for b in blockers)

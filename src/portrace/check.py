@@ -1,0 +1,188 @@
+"""``portrace check``: would bind() of a described socket succeed now, and if
+not, what blocks it; with ``--wait``, block until it would.
+
+No probe runs: the socket is described (address, protocol, options, owner
+uid), the port's sockets are read now, and the same rules (portrace.diagnose)
+and verdicts (portrace.advice) as for a traced failure judge them. The
+sockets come from the CO-RE engine's iterators where it loads (each socket's
+own options, minisocks' included), else from sock_diag, which needs no BPF
+and no root (then options of live sockets are unknown, and other users'
+holders are not named).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from portrace import advice, context, diagnose, engine, errors, sockets
+from portrace.events import Check, Netns, SocketCall, SockOpts
+
+POLL_S = 0.25  # --wait: how often the port is looked at again
+ENGINES = ("auto", "core", "sock_diag")
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """The socket a deploy is about to bind: ``protocol`` tcp|udp, ``addr``
+    (IPv4 or IPv6 text), ``port``, its options as it will set them before
+    bind(), and ``uid`` its owner's (SO_REUSEPORT compares it; None: not given)."""
+
+    protocol: str
+    addr: str
+    port: int
+    opts: SockOpts
+    uid: int | None = None
+
+    @property
+    def family(self) -> str:
+        return "inet6" if ipaddress.ip_address(self.addr).version == 6 else "inet"
+
+    def attempt(self, ts: datetime) -> SocketCall:
+        """The bind() as the probes would report it failing: what the verdicts judge."""
+        return SocketCall(
+            ts=ts, call="bind", pid=0, tid=0, comm="portrace-check", uid=self.uid or 0, fd=-1,
+            errno=diagnose.EADDRINUSE, protocol=self.protocol, family=self.family,
+            addr=self.addr, port=self.port, cgroup_id=0, opts=self.opts, opts_source="kernel",
+            sk_uid=self.uid)
+
+
+class Looker:
+    """Reads a port's sockets in one namespace: the CO-RE engine's iterators
+    or sock_diag (``engine`` after open: ``core`` | ``sock_diag``).
+
+    ``netns_fd``: the namespace (None: portrace's own); the caller keeps it open.
+    Raises, from open(), what engine.require_bpf and the CO-RE engine raise
+    when ``core`` was asked for; ``auto`` falls back to sock_diag instead.
+    """
+
+    def __init__(self, requested: str, netns_fd: int | None, netns: Netns) -> None:
+        self.requested = requested
+        self.netns_fd = netns_fd
+        self.netns = netns
+        self.engine = "sock_diag"
+        self._core: Any = None
+
+    def open(self) -> Looker:
+        if self.requested == "sock_diag":
+            return self
+        why_not = engine.core_unavailable()
+        if self.requested == "core":
+            engine.require_bpf()
+            if why_not is not None:
+                raise (errors.NoKernelBtf if "BTF" in why_not else errors.NoLibbpf)(
+                    f"--engine core: {why_not}")
+        elif why_not is not None or os.geteuid() != 0 or not engine.can_load_tracing_bpf(
+                engine.effective_caps()):
+            return self
+        from portrace.core import CoreEngine
+
+        core = CoreEngine([], lambda _ev: None, ringbuf_pages=1, states=False, probes=False)
+        try:
+            core.open()
+        except errors.PortraceError:
+            if self.requested == "core":
+                raise
+            return self
+        self._core, self.engine = core, "core"
+        return self
+
+    def close(self) -> None:
+        if self._core is not None:
+            self._core.close()
+            self._core = None
+
+    def snapshot(self, port: int, protocol: str) -> sockets.Snapshot:
+        if self._core is not None:
+            return self._core.snapshot(port, (protocol,), self.netns_fd, self.netns.inode,
+                                       sockets.VERDICT_SYSCTLS, holders=True)
+        return sockets.snapshot(port, (protocol,), self.netns_fd, sockets.VERDICT_SYSCTLS)
+
+
+def judge(wanted: Wanted, snap: sockets.Snapshot, netns: Netns, engine_name: str,
+          can_destroy: bool | None, run_in: str, ts: datetime) -> Check:
+    """The check's answer from one snapshot: pure but for the holders'
+    process facts (context.with_facts), read only when something blocks."""
+    attempt = wanted.attempt(ts)
+    v6default = snap.sysctls.get("net.ipv6.bindv6only")
+    req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
+    blockers = diagnose.find_blockers(req, snap.sockets, snap.holders, {}, {},
+                                      holders_complete=snap.holders_complete)
+    verdict = None
+    if blockers:
+        verdict = advice.verdict(req, attempt, blockers, snap.sysctls, None, netns.source,
+                                 destroying=advice.Destroying(can_destroy, run_in))
+    listed, total, by_state = diagnose.summarised(blockers)
+    return Check(ts=ts, protocol=wanted.protocol, family=wanted.family, addr=wanted.addr,
+                 port=wanted.port, opts=wanted.opts, uid=wanted.uid, netns=netns,
+                 engine=engine_name, blockers=context.with_facts(listed), verdict=verdict,
+                 sysctls=dict(snap.sysctls), can_destroy=can_destroy, blockers_total=total,
+                 blockers_by_state=by_state)
+
+
+def check_once(wanted: Sequence[Wanted], looker: Looker, pid: int | None) -> list[Check]:
+    """One answer per wanted socket, from a snapshot taken now."""
+    now = datetime.now(timezone.utc)
+    out = []
+    for w in wanted:
+        snap = looker.snapshot(w.port, w.protocol)
+        out.append(judge(w, snap, looker.netns, looker.engine, sockets.can_destroy(w.protocol),
+                         sockets.run_in(looker.netns, pid), now))
+    return out
+
+
+def wait_free(wanted: Sequence[Wanted], looker: Looker, pid: int | None,
+              timeout_s: float | None, on_blocked: Callable[[Check], None],
+              poll_s: float = POLL_S) -> list[Check]:
+    """Check until every wanted socket would bind, or ``timeout_s`` (None:
+    no limit) has passed. ``on_blocked`` hears each first blocked answer.
+    Returns the last answers, with how long was waited and for what."""
+    start = time.monotonic()
+    first: dict[int, Check] = {}
+    while True:
+        answers = check_once(wanted, looker, pid)
+        for i, a in enumerate(answers):
+            if not a.free and i not in first:
+                first[i] = a
+                on_blocked(a)
+        waited = time.monotonic() - start
+        if all(a.free for a in answers) or (timeout_s is not None and waited >= timeout_s):
+            return [_waited(a, first.get(i), waited) for i, a in enumerate(answers)]
+        time.sleep(poll_s if timeout_s is None else max(0.0, min(poll_s, timeout_s - waited)))
+
+
+def _waited(a: Check, first: Check | None, waited: float) -> Check:
+    what = tuple(diagnose.describe(b) for b in first.blockers) if first else ()
+    return dataclasses.replace(a, waited_s=waited, waited_for=what)
+
+
+@contextlib.contextmanager
+def namespace(name: str | None, pid: int | None) -> Iterator[tuple[int | None, Netns]]:
+    """The namespace to look in: ``ip netns`` NAME, a process's, or portrace's
+    own; an fd on it (None for our own) and its Netns. Raises BadNamespace."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    if name is None and pid is None:
+        yield None, Netns(inode=own, source="own", name=sockets.netns_name(own))
+        return
+    path = f"{sockets.NETNS_NAMES}/{name}" if name is not None else f"/proc/{pid}/ns/net"
+    if name is not None and ("/" in name or name in (".", "..")):
+        raise errors.BadNamespace(f"--netns {name!r}: not a namespace name")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        what = f"--netns {name}" if name is not None else f"--pid {pid}"
+        raise errors.BadNamespace(f"{what}: cannot open {path}: {exc.strerror}") from None
+    try:
+        inode = os.fstat(fd).st_ino
+        source = "pinned" if name is not None else "process"
+        yield (None if inode == own else fd), Netns(inode=inode, source=source,
+                                                    name=sockets.netns_name(inode))
+    finally:
+        os.close(fd)
