@@ -35,13 +35,15 @@ def scratch() -> Iterator[ScratchNetns]:
         yield ns
 
 
-def check(*args: str, uid: int | None = None, timeout: float = 60
-          ) -> tuple[int, list[dict[str, Any]], str]:
-    """Run `portrace check --json ARGS`: exit code, one answer per port, stderr."""
+def check(*args: str, uid: int | None = None, timeout: float = 60,
+          env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]], str]:
+    """Run `portrace check --json ARGS` (as ``uid``, with ``env`` added):
+    exit code, one answer per port, stderr."""
     argv = [sys.executable, "-m", "portrace", "check", "--json", *args]
     if uid is not None:
         argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if "--engine" in args and "core" in args and done.returncode in (6, 12, 13, 14) and IN_CI:
         pytest.fail(f"the CO-RE engine did not load in CI: {done.stderr}")
     assert "Traceback" not in done.stderr, done.stderr

@@ -17,16 +17,19 @@ from portrace.diagnose import (
     Request,
     cause_of,
     describe,
+    process_name,
 )
 from portrace.events import (
     Blocker,
     Endpoint,
+    Owner,
     PortUsage,
     SocketCall,
     StateChange,
     Verdict,
     errno_name,
 )
+from portrace.sockets import parse_port_set
 
 
 def cite(rule: str) -> str:
@@ -34,7 +37,30 @@ def cite(rule: str) -> str:
 
 
 def _holders_phrase(b: Blocker) -> str:
-    return ", ".join(f"{p.comm}[{p.pid}]" for p in b.processes)
+    return ", ".join(process_name(p) for p in b.processes)
+
+
+RUNTIME_CLI = {"docker": "docker", "podman": "podman"}
+
+
+def _stop_owner(o: Owner) -> str | None:
+    """How to stop what a holder belongs to, so that nothing restarts it."""
+    if o.activates is not None and o.activates.endswith(".socket"):
+        return (f"`systemctl stop {o.activates}`: systemd itself listens for it (socket "
+                "activation); stopping the service alone leaves the port held")
+    if o.forwards_to_container is not None:
+        return (f"`docker stop {o.forwards_to_container}`, or publish another host port: "
+                f"docker-proxy holds it for that container's {o.forwards_to}")
+    if o.pod is not None:
+        who = f"pod {o.pod.namespace}/{o.pod.name}" if o.pod.name else f"pod uid {o.pod.uid}"
+        return (f"scale down or move the workload of {who}: the kubelet restarts a killed "
+                "container")
+    if o.container is not None and o.runtime in RUNTIME_CLI:
+        return f"`{RUNTIME_CLI[o.runtime]} stop {o.container}`"
+    if o.unit is not None and o.unit.endswith(".service"):
+        user = "--user " if o.user_unit else ""
+        return f"`systemctl {user}stop {o.unit}`: a `kill` may be undone by its Restart="
+    return None
 
 
 def _kill_advice(b: Blocker) -> str:
@@ -42,6 +68,9 @@ def _kill_advice(b: Blocker) -> str:
         return f"Now: run as root to name what holds it ({HOLDERS_UNREADABLE})."
     if not b.processes:
         return "Now: no process holds it any more."
+    stops = {_stop_owner(p.owner) if p.owner else None for p in b.processes}
+    if len(stops) == 1 and None not in stops:
+        return f"Now: stop what holds it ({_holders_phrase(b)}): {stops.pop()}."
     pids = " ".join(str(p.pid) for p in b.processes)
     text = f"Now: stop what holds it: `kill {pids}` ({_holders_phrase(b)})."
     if any(p.inherited for p in b.processes):
@@ -150,6 +179,22 @@ def _overlap_note(req: Request, b: Blocker) -> str | None:
     return None
 
 
+def _source_port_note(port: int, sysctls: Mapping[str, str]) -> str | None:
+    """A connected socket on a port of the ephemeral range may be an outgoing
+    connection's source port: the fix is reserving the port."""
+    try:
+        low, high = map(int, sysctls["net.ipv4.ip_local_port_range"].split())
+        reserved = parse_port_set(sysctls.get("net.ipv4.ip_local_reserved_ports", ""))
+    except (KeyError, ValueError):
+        return None
+    if not low <= port <= high or port in reserved:
+        return None
+    return (f"{port} lies inside net.ipv4.ip_local_port_range {low}-{high}, where connect() "
+            f"picks source ports {cite('connect_port')}: an outgoing connection may hold it. "
+            f"In config: reserve it for the server, add {port} to "
+            f"net.ipv4.ip_local_reserved_ports: connect() skips those {cite('connect_port')}.")
+
+
 NOT_TW_REUSE = ("Does not apply: net.ipv4.tcp_tw_reuse is read only on the connect() path "
                 f"{cite('tw_reuse')}, never by bind() or listen()")
 
@@ -232,6 +277,9 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         for extra in (note, _reuseaddr_why(req, b), rp):
             if extra:
                 advice.append(extra)
+        source = _source_port_note(req.port, sysctls) if cause == "connected_socket" else None
+        if source:
+            advice.append(source)
         if cause == "connected_socket":
             advice.append("A connection accepted by the old server keeps the port after its "
                           "listener closed. In code: set SO_REUSEADDR on the listening socket "

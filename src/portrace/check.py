@@ -17,13 +17,13 @@ import dataclasses
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, context, diagnose, engine, errors, sockets
-from portrace.events import Check, Netns, SocketCall, SockOpts
+from portrace import advice, context, diagnose, engine, errors, owners, sockets
+from portrace.events import Check, Netns, Owner, SocketCall, SockOpts
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
 ENGINES = ("auto", "core", "sock_diag")
@@ -107,14 +107,16 @@ class Looker:
 
 
 def judge(wanted: Wanted, snap: sockets.Snapshot, netns: Netns, engine_name: str,
-          can_destroy: bool | None, run_in: str, ts: datetime) -> Check:
-    """The check's answer from one snapshot: pure but for the holders'
-    process facts (context.with_facts), read only when something blocks."""
+          can_destroy: bool | None, run_in: str, ts: datetime,
+          belongs: Mapping[tuple[int, int], Owner]) -> Check:
+    """The check's answer from one snapshot and its holders' owners: pure but
+    for the holders' process facts (context.with_facts), read only when
+    something blocks."""
     attempt = wanted.attempt(ts)
     v6default = snap.sysctls.get("net.ipv6.bindv6only")
     req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
     blockers = diagnose.find_blockers(req, snap.sockets, snap.holders, {}, {},
-                                      holders_complete=snap.holders_complete)
+                                      holders_complete=snap.holders_complete, belongs=belongs)
     verdict = None
     if blockers:
         verdict = advice.verdict(req, attempt, blockers, snap.sysctls, None, netns.source,
@@ -134,7 +136,8 @@ def check_once(wanted: Sequence[Wanted], looker: Looker, pid: int | None) -> lis
     for w in wanted:
         snap = looker.snapshot(w.port, w.protocol)
         out.append(judge(w, snap, looker.netns, looker.engine, sockets.can_destroy(w.protocol),
-                         sockets.run_in(looker.netns, pid), now))
+                         sockets.run_in(looker.netns, pid), now,
+                         owners.of_holders(snap.sockets, snap.holders)))
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 import socket
 from datetime import datetime, timezone
 from typing import Any
@@ -21,11 +20,11 @@ from elftools.common.exceptions import ELFError
 from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
+from portrace import owners
 from portrace.events import Blocker
 
 MAX_PARENTS = 16
 MAX_PROCESSES_LISTED = 16  # holders of one socket listed with their facts
-CONTAINER_ID = re.compile(r"([0-9a-f]{64})")  # docker/containerd/cri-o scope names
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,21 +57,6 @@ def build_id(pid: int) -> str | None:
     return _build_id(st.st_dev, st.st_ino, st.st_mtime_ns, path)
 
 
-def cgroup_of(pid: int) -> tuple[str | None, str | None]:
-    """(cgroup path, container id if the path names one)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None, None
-    # The unified (v2) line is "0::/path"; on hybrid hosts prefer it, else systemd's.
-    path = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
-    if path is None:
-        path = next((ln.split(":", 2)[2] for ln in lines if ":name=systemd:" in ln), None)
-    match = CONTAINER_ID.search(path or "")
-    return path, match.group(1) if match else None
-
-
 def process_facts(pid: int) -> dict[str, Any] | None:
     """pid, comm, ppid chain, exe, cmdline, start time (ISO 8601 UTC), uid,
     cgroup, container id and build-id; None when the process is gone."""
@@ -94,7 +78,11 @@ def process_facts(pid: int) -> dict[str, Any] | None:
     except psutil.Error:
         return None
     facts["ppids"] = parents
-    facts["cgroup"], facts["container_id"] = cgroup_of(pid)
+    facts["cgroup"] = owners.cgroup_of(pid)
+    owner = owners.owner_of(pid, facts["comm"], facts["cgroup"], facts["cmdline"])
+    # container_id stays for the contract's sake; owner names it and more
+    facts["container_id"] = owner.container_id if owner else None
+    facts["owner"] = owner.to_json() if owner else None
     facts["build_id"] = build_id(pid)
     return facts
 

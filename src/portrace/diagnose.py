@@ -22,6 +22,7 @@ from portrace.events import (
     Blocker,
     Closer,
     Endpoint,
+    Owner,
     ProcessRef,
     SocketCall,
     SockOpts,
@@ -94,8 +95,9 @@ RULES: dict[str, Rule] = {
         "socket, each end only where it falls inside the namespace's range"),
     "connect_port": Rule(
         "net/ipv4/inet_hashtables.c: __inet_hash_connect",
-        "connect() on an unbound socket picks a local port whose 4-tuple is unused "
-        "(or a reusable TIME_WAIT's); none left: EADDRNOTAVAIL"),
+        "connect() on an unbound socket picks a local port of ip_local_port_range, "
+        "skipping ip_local_reserved_ports, whose 4-tuple is unused (or a reusable "
+        "TIME_WAIT's); none left: EADDRNOTAVAIL"),
     "destroy": Rule(
         "net/ipv4/tcp.c: tcp_abort (CONFIG_INET_DIAG_DESTROY)",
         "sock_diag can destroy a socket, TIME_WAIT included: ss -K"),
@@ -257,7 +259,8 @@ def _rank(sock: SocketEntry) -> tuple[int, float]:
 
 
 def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
-               binders: Binders, owners: Mapping[int, int]) -> tuple[ProcessRef, ...]:
+               binders: Binders, owners: Mapping[int, int],
+               belongs: Mapping[tuple[int, int], Owner]) -> tuple[ProcessRef, ...]:
     """Holders of the socket, and whether each inherited it: it is not the
     process the kernel saw bind or listen on this very socket (``owners``, by
     struct sock), or not among the processes seen binding this address (one of
@@ -280,7 +283,8 @@ def _processes(s: SocketEntry, holders: Mapping[int, Sequence[Holder]],
             inherited = True  # shares the socket with its parent: fork inheritance
         else:
             inherited = None
-        refs.append(ProcessRef(pid=h.pid, comm=h.comm, fds=h.fds, inherited=inherited))
+        refs.append(ProcessRef(pid=h.pid, comm=h.comm, fds=h.fds, inherited=inherited,
+                               owner=belongs.get((s.inode, h.pid))))
     return tuple(refs)
 
 
@@ -317,6 +321,7 @@ def find_blockers(
     exclude_inodes: Iterable[int] = (),
     owners: Mapping[int, int] | None = None,
     holders_complete: bool = True,
+    belongs: Mapping[tuple[int, int], Owner] | None = None,
 ) -> list[Blocker]:
     """The sockets on the requested port that overlap the request and may
     conflict with it, ordered LISTEN, live, bound-only, minisocks.
@@ -326,7 +331,8 @@ def find_blockers(
     the probes hold for a socket inode via a holder's fd. ``exclude_inodes``:
     the failing socket itself (bound, when listen() fails). ``owners``: struct
     sock address -> the pid the kernel saw bind or listen on it.
-    ``holders_complete``: False when some processes' fds were unreadable."""
+    ``holders_complete``: False when some processes' fds were unreadable.
+    ``belongs``: (socket inode, pid) -> the holder's unit, container, pod."""
     skip = set(exclude_inodes) - {0}
     owners = owners or {}
     fd_opts = fd_opts or {}
@@ -350,7 +356,7 @@ def find_blockers(
             family=s.family,
             local=s.local,
             remote=s.remote,
-            processes=_processes(s, holders, binders, owners) if s.inode else (),
+            processes=_processes(s, holders, binders, owners, belongs or {}) if s.inode else (),
             inode=s.inode,
             uid=s.uid,
             expires_s=None if s.expires_ms is None else s.expires_ms / 1000.0,
@@ -379,6 +385,13 @@ def cause_of(b: Blocker) -> str:
     return "connected_socket"
 
 
+def process_name(p: ProcessRef) -> str:
+    """``node[4242] (checkout.service)``, ``nginx[77] (inherited fd; container web-1)``."""
+    notes = [n for n in ("inherited fd" if p.inherited else "",
+                         p.owner.label() if p.owner else "") if n]
+    return f"{p.comm}[{p.pid}]" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def describe(b: Blocker) -> str:
     """One line: state, 4-tuple, timer, holders. Used by verdicts and render."""
     if b.remote is None:
@@ -396,9 +409,7 @@ def describe(b: Blocker) -> str:
         parts.append(f"SO_REUSEADDR {'on' if b.opts.reuseaddr else 'off'}"
                      + (", SO_REUSEPORT on" if b.opts.reuseport else ""))
     if b.processes:
-        held = ", ".join(
-            f"{p.comm}[{p.pid}]" + (" (inherited fd)" if p.inherited else "") for p in b.processes
-        )
+        held = ", ".join(process_name(p) for p in b.processes)
         parts.append(f"held by {held}")
     elif not b.minisock:
         parts.append("held by no process (orphaned)" if b.holders_known else

@@ -218,6 +218,80 @@ class SocketCall:
 
 
 @dataclass(frozen=True)
+class Pod:
+    """A Kubernetes pod: namespace and name from the runtime's labels when its
+    API answers, uid from the cgroup; ``container``: the container's name in it."""
+
+    namespace: str | None = None
+    name: str | None = None
+    uid: str | None = None
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a process belongs to (portrace.owners): its systemd ``unit``
+    (``user_unit``: in a user's manager), its container (id and runtime from
+    the cgroup, ``container`` its name from the runtime's API), its pod; and
+    for the special holders, what they stand for: ``activates`` (systemd's
+    ``.socket`` unit, or the command systemd-socket-activate starts) and
+    ``forwards_to`` (docker-proxy's container end, with its container)."""
+
+    unit: str | None = None
+    user_unit: bool = False
+    container_id: str | None = None
+    runtime: str | None = None
+    container: str | None = None
+    pod: Pod | None = None
+    activates: str | None = None
+    forwards_to: Endpoint | None = None
+    forwards_to_container: str | None = None
+
+    def label(self) -> str:
+        """``checkout.service``, ``container web-1, pod shop/checkout-7d9``..."""
+        parts = []
+        if self.forwards_to is not None:
+            into = f" in container {self.forwards_to_container}" \
+                if self.forwards_to_container else ""
+            parts.append(f"docker-proxy to {self.forwards_to}{into}")
+        if self.activates is not None:
+            parts.append(f"socket activation: {self.activates}")
+        if self.container_id is not None:
+            parts.append(f"container {self.container or self.container_id[:12]}")
+        if self.pod is not None:
+            parts.append(f"pod {self.pod.namespace}/{self.pod.name}" if self.pod.name
+                         else f"pod uid {self.pod.uid}")
+        if self.unit is not None:
+            parts.append(f"user unit {self.unit}" if self.user_unit else self.unit)
+        return ", ".join(parts)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Owner:
+        """The inverse of to_json."""
+        c, pod, fwd = d.get("container") or {}, d.get("pod"), d.get("forwards_to")
+        return cls(unit=d.get("unit"), user_unit=bool(d.get("user_unit")),
+                   container_id=c.get("id"), runtime=c.get("runtime"), container=c.get("name"),
+                   pod=None if pod is None else Pod(pod.get("namespace"), pod.get("name"),
+                                                    pod.get("uid"), pod.get("container")),
+                   activates=d.get("activates"),
+                   forwards_to=None if fwd is None else Endpoint(fwd["addr"], fwd["port"]),
+                   forwards_to_container=None if fwd is None else fwd.get("container"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit, "user_unit": self.user_unit,
+            "container": None if self.container_id is None else {
+                "id": self.container_id, "runtime": self.runtime, "name": self.container},
+            "pod": None if self.pod is None else {
+                "namespace": self.pod.namespace, "name": self.pod.name, "uid": self.pod.uid,
+                "container": self.pod.container},
+            "activates": self.activates,
+            "forwards_to": None if self.forwards_to is None else {
+                **_endpoint_json(self.forwards_to), "container": self.forwards_to_container},
+        }
+
+
+@dataclass(frozen=True)
 class ProcessRef:
     """A process holding a socket's inode through one or more fds.
 
@@ -231,6 +305,7 @@ class ProcessRef:
     fds: tuple[int, ...] = ()
     inherited: bool | None = None
     facts: dict[str, Any] | None = None  # portrace.context.process_facts at lookup
+    owner: Owner | None = None  # its unit, container, pod (portrace.owners)
 
 
 @dataclass(frozen=True)
@@ -409,8 +484,12 @@ def failure_summary(a: SocketCall) -> dict[str, Any]:
 Event = Union[Ready, Lost, ErrorRecord, StateChange, SocketCall, CallError, Repeats, Check]
 
 
+def _endpoint_json(ep: Endpoint) -> dict[str, Any]:
+    return {"addr": ep.addr, "port": ep.port}
+
+
 def _endpoint(ep: Endpoint | None) -> dict[str, Any] | None:
-    return None if ep is None else {"addr": ep.addr, "port": ep.port}
+    return None if ep is None else _endpoint_json(ep)
 
 
 def _task(task: Task | None) -> dict[str, Any] | None:
@@ -428,7 +507,7 @@ def _blocker(b: Blocker) -> dict[str, Any]:
         "remote": _endpoint(b.remote),
         "processes": [
             {**(p.facts or {}), "pid": p.pid, "comm": p.comm, "fds": list(p.fds),
-             "inherited": p.inherited}
+             "inherited": p.inherited, "owner": p.owner.to_json() if p.owner else None}
             for p in b.processes
         ],
         "processes_total": b.processes_total or len(b.processes),

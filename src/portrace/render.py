@@ -18,6 +18,7 @@ from portrace.events import (
     ErrorRecord,
     Event,
     Lost,
+    Owner,
     Ready,
     Repeats,
     SocketCall,
@@ -94,7 +95,9 @@ def format_failure(ev: CallError) -> list[str]:
         target = "-> " + target
     elif a.port == 0:
         target = "(ephemeral port)" if a.call == "listen" else target
-    head = f"{_clock(ev)} {a.comm}[{a.pid}] {a.call} {target} {errno_name(a.errno)}"
+    owner = (ev.process or {}).get("owner")
+    label = f" ({Owner.from_json(owner).label()})" if owner else ""
+    head = f"{_clock(ev)} {a.comm}[{a.pid}]{label} {a.call} {target} {errno_name(a.errno)}"
     ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")
     lines = [_styled(head, bold=True) + _styled(f"  {a.protocol}, {ns}", dim=True)]
     lines += _blocker_lines(ev)

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from portrace import advice, context, diagnose, engine, errors, sockets
+from portrace import owners as owners_mod
 from portrace.events import (
     CallError,
     Closer,
@@ -331,7 +332,7 @@ class Tracer:
             blockers = diagnose.find_blockers(
                 req, snap.sockets, snap.holders, self._closers(snap.sockets), self.binders,
                 self.engine.fd_opts(snap.holders), exclude_inodes=[own] if own else [],
-                owners=owners)
+                owners=owners, belongs=owners_mod.of_holders(snap.sockets, snap.holders))
         recent = self._recent(attempt)
         last_seen = None
         if not blockers and usage is None:
