@@ -3,7 +3,8 @@
 #  1. OS packages: python3-bpfcc (bcc's Python bindings), python3-venv, iproute2,
 #     libbpf1 (the CO-RE engine's loader);
 #     with --test, also what the tests use: chromium (the HTML report is opened
-#     in it), systemd (systemd-analyze), vagrant (vagrant validate), shellcheck,
+#     in it), systemd (systemd-analyze, systemd-socket-activate), vagrant (vagrant
+#     validate), pipx (the README's install line), shellcheck,
 #     debootstrap + qemu-system-x86 + e2fsprogs (the VM test); with --bench,
 #     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor) and bpftool;
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
@@ -52,7 +53,7 @@ missing() {
 packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
 # tcpstates (the anchor) and bpftool (programs' run time)
 [ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools bpftool"
-[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs"
+[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx"
 # shellcheck disable=SC2086
 need=$(missing $packages)
 if [ -n "$need" ]; then

@@ -3,6 +3,8 @@ itself (setup.py's build_py hook) when the tree has none."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,3 +30,26 @@ def test_wheel_builds_and_carries_the_core_object(tmp_path: Path):
     assert "portrace/bpf/core.bpf.o" in names
     assert {"portrace/bpf/portrace.bpf.c", "portrace/bpf/portrace.h",
             "portrace/bpf/calls.h"} <= set(names)  # the bcc engine compiles these
+
+
+def test_pipx_install_gives_a_working_portrace(tmp_path: Path):
+    """The README's `pipx install --system-site-packages .`: the OS's bcc and
+    libbpf, the wheel's CO-RE object; --version, check and completion work."""
+    from importlib.metadata import version
+
+    env = {**os.environ, "PIPX_HOME": str(tmp_path / "pipx"),
+           "PIPX_BIN_DIR": str(tmp_path / "bin")}
+    r = subprocess.run(["pipx", "install", "--system-site-packages", str(ROOT)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    exe = str(tmp_path / "bin" / "portrace")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == f"portrace {version('portrace')}"
+    if os.geteuid() == 0:
+        free = subprocess.run([exe, "check", "--json", "--engine", "core", "19299"],
+                              capture_output=True, text=True, timeout=60)
+        assert free.returncode == 0 and json.loads(free.stdout)["engine"] == "core", free.stderr
+    words = subprocess.run([exe], env={**env, "COMP_WORDS": "portrace ch", "COMP_CWORD": "1",
+                                       "_PORTRACE_COMPLETE": "bash_complete"},
+                           capture_output=True, text=True, timeout=60)
+    assert words.stdout.split() == ["plain,check"]

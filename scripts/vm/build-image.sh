@@ -23,15 +23,21 @@ if [ ! -e "$rootfs/.portrace-built" ]; then
     echo "build-image: debootstrap took $(( $(date +%s) - start )) s"
     touch "$rootfs/.portrace-built"
 fi
-# The wheelhouse: what `make setup` pip-installs, as wheels for the image's Python.
-if [ ! -e "$rootfs/wheelhouse/.complete" ]; then
+# The wheelhouse: what `make setup` pip-installs (pyproject's dependencies and
+# test extras), as wheels for the image's Python; rebuilt when that list changes.
+mapfile -t wanted < <(.venv/bin/python -c '
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))
+print("\n".join(["wheel", *p["build-system"]["requires"],
+                 *p["project"]["dependencies"], *p["project"]["optional-dependencies"]["test"]]))')
+if [ "$(cat "$rootfs/wheelhouse/.complete" 2>/dev/null)" != "${wanted[*]}" ]; then
+    rm -rf "$rootfs/wheelhouse"
     mkdir -p "$rootfs/wheelhouse"
     pyver=$(chroot "$rootfs" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     .venv/bin/python -m pip download -q --disable-pip-version-check -d "$rootfs/wheelhouse" \
-        --python-version "$pyver" --only-binary=:all: \
-        "setuptools>=64" wheel click "pyroute2>=0.7.2" "psutil>=5.9" "pyelftools>=0.29" \
-        "pytest>=7" "ruff>=0.5" 2>&1 | grep -v '^WARNING: Location' || true
-    touch "$rootfs/wheelhouse/.complete"
+        --python-version "$pyver" --only-binary=:all: "${wanted[@]}" 2>&1 \
+        | grep -v '^WARNING: Location' || true
+    echo "${wanted[*]}" > "$rootfs/wheelhouse/.complete"
 fi
 cp -L "$rootfs"/boot/vmlinuz-* "$out/vmlinuz"
 cp -L "$rootfs"/boot/initrd.img-* "$out/initrd.img"

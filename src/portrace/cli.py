@@ -41,13 +41,18 @@ class WatchByDefault(click.Group):
     """``portrace 9090`` means ``portrace watch 9090``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+        # Completing the first word (resilient parsing, nothing typed yet) lists commands.
+        if (not args and not ctx.resilient_parsing) or (
+                args and args[0] not in self.commands
+                and args[0] not in ("--help", "-h", "--version")):
             args = ["watch", *args]
         return super().parse_args(ctx, args)
 
 
 @click.group(cls=WatchByDefault, epilog=EXIT_HELP,
              context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="portrace", prog_name="portrace",
+                      message="%(prog)s %(version)s")
 def cli() -> None:
     """Name what blocks a port the moment bind() fails with EADDRINUSE.
 
@@ -201,6 +206,27 @@ class ByteSize(click.ParamType):
         return size
 
 
+class HostPort(click.ParamType):
+    """HOST:PORT to listen on: 127.0.0.1:9464, [::1]:9464, 0.0.0.0:9464."""
+
+    name = "host:port"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value  # type: ignore[return-value]
+        host, sep, port = str(value).rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            if not sep or not 1 <= int(port) <= 65535:
+                raise ValueError
+            ipaddress.ip_address(host)
+        except ValueError:
+            self.fail(f"{value!r} is not HOST:PORT with an IP address (e.g. 127.0.0.1:9464)",
+                      param, ctx)
+        return host, int(port)
+
+
 @cli.command()
 @click.argument("ports", nargs=-1, type=click.IntRange(1, 65535))
 @engine_option
@@ -214,8 +240,11 @@ class ByteSize(click.ParamType):
 @click.option("--states", is_flag=True,
               help="Also record every transition on the ports (failures always carry the "
                    "last 60 s of them).")
+@click.option("--metrics", "metrics_at", type=HostPort(), metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. "
+                   "127.0.0.1:9464, [::]:9464).")
 def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: int, keep: int,
-           states: bool) -> None:
+           states: bool, metrics_at: tuple[str, int] | None) -> None:
     """Record evidence of failures on PORTs (default: every port) until SIGTERM."""
     writer = _evidence_dir(directory, "'--dir'", max_bytes=max_bytes, keep=keep)
     options = {"command": "record", "dir": str(directory), "max_bytes": max_bytes,
@@ -226,8 +255,21 @@ def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: i
         if states or not isinstance(ev, StateChange):
             writer(ev)
 
-    tracer = Tracer(ports, Fanout([(str(directory), evidence)]), options=options,
-                    engine_name=engine_name, states=states)
+    outputs: list[tuple[str, Sink]] = [(str(directory), evidence)]
+    if metrics_at is not None:
+        from portrace.metrics import Metrics
+
+        metrics = Metrics(ports)
+        host, port = metrics_at
+        try:
+            metrics.serve(host, port)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot serve metrics on {host}:{port}: "
+                                     f"{exc.strerror or exc}", param_hint="'--metrics'") from None
+        outputs.append(("metrics", metrics))
+        options["metrics"] = f"{host}:{port}"
+    tracer = Tracer(ports, Fanout(outputs), options=options, engine_name=engine_name,
+                    states=states)
     _trace(tracer, started=f"portrace: recording into {directory}", finish=writer.close)
 
 
