@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -167,3 +168,39 @@ def test_bad_input_is_one_line_and_exit_2(args, word):
     need_root()
     code, _, err = check(*args)
     assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_wait_returns_within_a_second_of_the_time_wait_expiry(scratch):
+    """Both lookers wait on one real TIME_WAIT (60 s: TCP_TIMEWAIT_LEN) while
+    ss watches the kernel's table; each must return within 1 s of its removal."""
+    port = CHECK_PORTS[6]
+    Staged("timewait", "127.0.0.1", port, name="old-server", netns=scratch).release()
+    waiting = {name: subprocess.Popen(
+        [sys.executable, "-m", "portrace", "check", "--json", "--engine", name, "--netns",
+         scratch.name, "--wait", "--timeout", "90", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in LOOKERS}
+    ended: dict[str, float] = {}
+
+    def reap(name: str) -> None:
+        waiting[name].wait()
+        ended[name] = time.monotonic()
+
+    reapers = [threading.Thread(target=reap, args=(n,)) for n in LOOKERS]
+    for r in reapers:
+        r.start()
+    ss = ["ip", "netns", "exec", scratch.name, "ss", "-tanH", "state", "time-wait",
+          f"sport = :{port}"]
+    deadline = time.monotonic() + 90
+    time.sleep(50)  # nothing to watch before the timer is near
+    while subprocess.run(ss, capture_output=True, text=True, check=True).stdout.strip():
+        assert time.monotonic() < deadline, "the TIME_WAIT outlived 90 s"
+        time.sleep(0.02)
+    gone = time.monotonic()
+    for r in reapers:
+        r.join(10)
+    for name, proc in waiting.items():
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        [ans] = [json.loads(line) for line in out.splitlines()]
+        assert ans["free"] and ans["waited_for"][0].startswith(f"TIME_WAIT 127.0.0.1:{port}")
+        assert abs(ended[name] - gone) < 1.0, (name, ended[name] - gone)
