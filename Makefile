@@ -37,6 +37,7 @@ bench: setup
 	$(VENV)/bin/python bench/engines.py
 	$(VENV)/bin/python bench/flood.py
 	$(VENV)/bin/python bench/hostile.py
+	$(VENV)/bin/python bench/check.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache $(CORE_OBJ)
