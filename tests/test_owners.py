@@ -192,7 +192,7 @@ def test_container_and_pod_named_from_cgroup_and_runtime_api(cgroups, docker_api
                             "container": "web"}
     assert (f"web[{holder.pid}] (container web-1, pod shop/checkout-7d9)"
             in ans["verdict"]["summary"])
-    assert "pod shop/checkout-7d9: the kubelet restarts" in ans["verdict"]["advice"][0]
+    assert "pod shop/checkout-7d9; the kubelet restarts" in ans["verdict"]["advice"][0]
 
 
 def test_container_without_a_reachable_runtime_is_named_by_id(cgroups):

@@ -17,7 +17,6 @@ from portrace.diagnose import (
     Request,
     cause_of,
     describe,
-    process_name,
 )
 from portrace.events import (
     Blocker,
@@ -37,29 +36,30 @@ def cite(rule: str) -> str:
 
 
 def _holders_phrase(b: Blocker) -> str:
-    return ", ".join(process_name(p) for p in b.processes)
+    return ", ".join(f"{p.comm}[{p.pid}]" for p in b.processes)
 
 
 RUNTIME_CLI = {"docker": "docker", "podman": "podman"}
 
 
 def _stop_owner(o: Owner) -> str | None:
-    """How to stop what a holder belongs to, so that nothing restarts it."""
+    """How to stop what a holder belongs to, so that nothing restarts it:
+    the advice after "Now: ", ending where the holders are named."""
     if o.activates is not None and o.activates.endswith(".socket"):
-        return (f"`systemctl stop {o.activates}`: systemd itself listens for it (socket "
-                "activation); stopping the service alone leaves the port held")
+        return (f"`systemctl stop {o.activates}`; systemd itself listens for it (socket "
+                "activation), so stopping the service alone leaves the port held")
     if o.forwards_to_container is not None:
-        return (f"`docker stop {o.forwards_to_container}`, or publish another host port: "
+        return (f"`docker stop {o.forwards_to_container}`, or publish another host port; "
                 f"docker-proxy holds it for that container's {o.forwards_to}")
     if o.pod is not None:
         who = f"pod {o.pod.namespace}/{o.pod.name}" if o.pod.name else f"pod uid {o.pod.uid}"
-        return (f"scale down or move the workload of {who}: the kubelet restarts a killed "
+        return (f"scale down or move the workload of {who}; the kubelet restarts a killed "
                 "container")
     if o.container is not None and o.runtime in RUNTIME_CLI:
         return f"`{RUNTIME_CLI[o.runtime]} stop {o.container}`"
     if o.unit is not None and o.unit.endswith(".service"):
         user = "--user " if o.user_unit else ""
-        return f"`systemctl {user}stop {o.unit}`: a `kill` may be undone by its Restart="
+        return f"`systemctl {user}stop {o.unit}`; a `kill` may be undone by its Restart="
     return None
 
 
@@ -70,7 +70,7 @@ def _kill_advice(b: Blocker) -> str:
         return "Now: no process holds it any more."
     stops = {_stop_owner(p.owner) if p.owner else None for p in b.processes}
     if len(stops) == 1 and None not in stops:
-        return f"Now: stop what holds it ({_holders_phrase(b)}): {stops.pop()}."
+        return f"Now: {stops.pop()} (held by {_holders_phrase(b)})."
     pids = " ".join(str(p.pid) for p in b.processes)
     text = f"Now: stop what holds it: `kill {pids}` ({_holders_phrase(b)})."
     if any(p.inherited for p in b.processes):
@@ -281,8 +281,11 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         if source:
             advice.append(source)
         if cause == "connected_socket":
-            advice.append("A connection accepted by the old server keeps the port after its "
-                          "listener closed. In code: set SO_REUSEADDR on the listening socket "
+            accepted = ("Or, if the old server accepted it: a connection keeps the port after "
+                        "its listener closed." if source else
+                        "A connection accepted by the old server keeps the port after its "
+                        "listener closed.")
+            advice.append(accepted + " In code: set SO_REUSEADDR on the listening socket "
                           "before bind() in both old and new server; accepted sockets inherit it "
                           f"{cite('accept_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
                           f"only when the old one is LISTEN {cite('reuseaddr')}.")
