@@ -12,6 +12,8 @@ from conftest import need_root
 
 from portrace import errors
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
         ) -> subprocess.CompletedProcess[str]:
@@ -33,12 +35,12 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], code: int, *words
 
 @pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
 def test_bad_port(port):
-    assert_one_line_error(run("--", port) if port == "-1" else run(port), errors.EXIT_USAGE,
+    assert_one_line_error(run("--", port) if port == "-1" else run(port), errors.ExitStatus.USAGE,
                           "error:")
 
 
 def test_bad_pid():
-    assert_one_line_error(run("-p", "999999999", "9090"), errors.EXIT_USAGE, "no process")
+    assert_one_line_error(run("-p", "999999999", "9090"), errors.ExitStatus.USAGE, "no process")
 
 
 def test_not_root():
@@ -80,11 +82,16 @@ def test_missing_kernel_headers():
     assert_one_line_error(r, errors.NoKernelHeaders.exit_code, "kernel headers")
 
 
-def test_help_lists_exit_codes():
+def test_one_exit_status_table_in_help_and_readme():
+    """ExitStatus is the one table: each status is explained once, listed by
+    --help and named in the README's exit-status paragraph."""
+    assert set(errors.EXIT_TEXT) == set(errors.ExitStatus)
     r = run("--help")
     assert r.returncode == 0
-    for code in errors.EXIT_CODES:
-        assert f"  {code}  " in r.stdout
+    readme = (ROOT / "README.md").read_text()
+    for status in errors.ExitStatus:
+        assert f"{int(status):>3}  {errors.EXIT_TEXT[status]}" in r.stdout
+        assert f"`{int(status)}`" in readme, status
 
 
 def _ready_of(*args: str, env: dict[str, str]) -> dict:

@@ -389,7 +389,7 @@ def test_report_to_a_full_disk_is_one_line(tmp_path: Path):
     (["--sysctl", "kernel.hostname=x"], "net.KEY=VALUE"),
 ])
 def test_lab_refuses_bad_input_before_running(args: list[str], words: str):
-    assert_one_line_error(run("lab", "restart-finwait2", *args), errors.EXIT_USAGE, words)
+    assert_one_line_error(run("lab", "restart-finwait2", *args), errors.ExitStatus.USAGE, words)
 
 
 def test_lab_evidence_in_an_impossible_place_is_one_line():
@@ -400,9 +400,9 @@ def test_lab_evidence_in_an_impossible_place_is_one_line():
 def test_lab_checks_sysctl_values_before_the_first_run():
     need_root()
     r = run("lab", "restart-finwait2", "--compare", "net.ipv4.tcp_fin_timeout=30,banana")
-    assert_one_line_error(r, errors.EXIT_USAGE, "banana", "refused")
+    assert_one_line_error(r, errors.ExitStatus.USAGE, "banana", "refused")
     r = run("lab", "restart-finwait2", "--sysctl", "net.ipv4.no_such_thing=1")
-    assert_one_line_error(r, errors.EXIT_USAGE, "no such")
+    assert_one_line_error(r, errors.ExitStatus.USAGE, "no such")
 
 
 def _lab_netns(pid: int) -> list[str]:

@@ -1,7 +1,7 @@
 """``portrace [OPTIONS] [PORT]...`` watches; ``portrace demo`` shows it working.
 
 Every error a user can cause is one line on stderr and a distinct exit code
-(see portrace.errors.EXIT_CODES); never a traceback.
+(portrace.errors.ExitStatus); never a traceback.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import psutil
 from portrace import check as check_mod
 from portrace import errors
 from portrace.engine import ENGINES
+from portrace.errors import ExitStatus
 from portrace.events import Check, Event, SocketCall, SockOpts, StateChange, to_json
 from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
 from portrace.outputs import Fanout, Sink, open_private
 from portrace.render import format_check, terminal_sink
 from portrace.tracer import Tracer
 
-EXIT_HELP = "\b\nExit codes:\n" + "\n".join(
-    f"  {code}  {text}" for code, text in sorted(errors.EXIT_CODES.items())
-)
+EXIT_HELP = "\b\nExit status:\n" + "\n".join(
+    f"  {int(status):>3}  {text}" for status, text in sorted(errors.EXIT_TEXT.items()))
 
 
 class WatchByDefault(click.Group):
@@ -489,7 +489,7 @@ def check(ports: Sequence[int], addr: str, udp: bool, reuseaddr: bool, reuseport
         show(ev)
     sys.stdout.flush()
     if not all(a.free for a in answers):
-        sys.exit(errors.EXIT_BLOCKED)
+        sys.exit(ExitStatus.BLOCKED)
 
 
 @cli.command()
@@ -500,7 +500,7 @@ def demo(engine_name: str, port: int) -> None:
     """Stage two real conflicts in a throwaway netns and diagnose them."""
     from portrace.demo import run_demo
 
-    sys.exit(run_demo(port, engine_name))
+    sys.exit(ExitStatus.OK if run_demo(port, engine_name) else ExitStatus.DEMO_MISSED)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -513,16 +513,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo(f"portrace: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
-        sys.exit(130)
+        sys.exit(ExitStatus.INTERRUPTED)
     except errors.PortraceError as exc:
         click.echo(f"portrace: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("portrace: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(ExitStatus.INTERRUPTED)
     except Exception:  # a bug: keep the traceback for the report, and a code of its own
         traceback.print_exc()
-        click.echo(f"portrace: internal error (exit {errors.EXIT_INTERNAL}); please report "
-                   "the traceback above", err=True)
-        sys.exit(errors.EXIT_INTERNAL)
-    sys.exit(0)
+        click.echo(f"portrace: internal error (exit {int(ExitStatus.INTERNAL)}); please "
+                   "report the traceback above", err=True)
+        sys.exit(ExitStatus.INTERNAL)
+    sys.exit(ExitStatus.OK)

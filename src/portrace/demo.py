@@ -45,7 +45,7 @@ def _check(title: str, ev: CallError | None, ok: Callable[[CallError], bool]) ->
     return good
 
 
-def run_demo(port: int, engine_name: str = "auto") -> int:
+def run_demo(port: int, engine_name: str = "auto") -> bool:
     tw_port, listen_port = port, port + 1
     caught: queue.Queue[CallError] = queue.Queue()
 
@@ -95,4 +95,4 @@ def run_demo(port: int, engine_name: str = "auto") -> int:
             tracer.close()
     click.secho(f"\nportrace demo: {sum(results)} of 2 staged conflicts diagnosed",
                 fg="green" if all(results) else "red", bold=True)
-    return 0 if all(results) else 1
+    return all(results)

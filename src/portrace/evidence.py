@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from portrace.errors import EvidenceBusy, PortraceError, UnsafePath
+from portrace.errors import EvidenceBusy, ExitStatus, PortraceError, UnsafePath
 from portrace.events import Event, to_json
 
 SEGMENT_PREFIX = "portrace-"
@@ -48,7 +48,7 @@ NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 class EvidenceError(PortraceError):
     """Evidence that cannot be read: nothing there, or not portrace's."""
 
-    exit_code = 10
+    exit_code = ExitStatus.NO_EVIDENCE
 
 
 def dumps(ev: Event) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from portrace.errors import PortraceError, StagingFailed
+from portrace.errors import ExitStatus, PortraceError, StagingFailed
 from portrace.events import CallError, Event, Repeats, StateChange
 from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
@@ -37,11 +37,11 @@ ABSENT = "absent"
 
 
 class LabError(PortraceError):
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
 
 
 class ExpectationFailed(PortraceError):
-    exit_code = 11
+    exit_code = ExitStatus.EXPECTATION_FAILED
 
 
 @dataclass
