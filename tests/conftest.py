@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import contract
 import pytest
 
 from portrace.stage import ScratchNetns
@@ -42,7 +43,9 @@ def bpf_unavailable(why: str) -> None:
 
 
 class TracerProcess:
-    """A running `portrace --json --states PORTS...`; collects its JSON lines."""
+    """A running `portrace --json --states PORTS...`; collects its JSON lines,
+    each validated against the shipped schema (contract.check): stop() fails
+    the test that saw an event break the contract."""
 
     def __init__(self, ports: list[int], extra: list[str] | None = None,
                  engine: str = "core") -> None:
@@ -53,6 +56,7 @@ class TracerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.events: list[dict[str, Any]] = []
+        self.invalid: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -61,6 +65,10 @@ class TracerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             ev = json.loads(line)
+            try:
+                contract.check(ev)
+            except AssertionError as exc:
+                self.invalid.append(str(exc))
             with self._cond:
                 self.events.append(ev)
                 self._cond.notify_all()
@@ -92,6 +100,8 @@ class TracerProcess:
             self.proc.kill()
             self.proc.wait()
         err = self.proc.stderr.read() if self.proc.stderr else ""
+        self._reader.join(5)
+        assert not self.invalid, f"events outside the schema: {self.invalid[:3]}"
         return self.proc.returncode, err
 
 

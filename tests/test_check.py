@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import contract
 import pytest
 from conftest import IN_CI, PORTS, need_root
 
@@ -49,6 +50,8 @@ def check(*args: str, uid: int | None = None, timeout: float = 60,
         pytest.fail(f"the CO-RE engine did not load in CI: {done.stderr}")
     assert "Traceback" not in done.stderr, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    for ans in answers:
+        contract.check(ans)
     return done.returncode, answers, done.stderr
 
 

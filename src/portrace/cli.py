@@ -150,7 +150,8 @@ def engine_option(f: Any) -> Any:
 @click.argument("ports", nargs=-1, type=click.IntRange(1, 65535))
 @engine_option
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON Lines (shared/DESIGN.md's contract) instead of text.")
+              help="Print JSON Lines instead of text (docs/events.md; the schema ships in "
+                   "the package).")
 @click.option("-o", "--output", type=PrivateFile(append=True),
               help="Also append every event as JSON Lines to this file (made 0600; "
                    "never written through a symlink).")

@@ -1,4 +1,4 @@
-"""Typed events, and their JSON Lines form (the contract in shared/DESIGN.md).
+"""Typed events, and their JSON Lines form (docs/events.md; the schema in schema/).
 
 Kernel records (see ``bpf/portrace.h``) become ``SocketCall`` and ``StateChange``;
 the pipeline adds ``Ready``, ``Lost`` and the diagnosed ``CallError``. Every
@@ -8,12 +8,18 @@ object serialised by :func:`to_json` has ``type`` and ``ts`` (ISO 8601 UTC, µs)
 from __future__ import annotations
 
 import errno as errno_mod
+import json
 import re
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from typing import Any, Union
 
+# The contract's version, on every ``ready``; it changes only if a field is ever
+# renamed or dropped (fields are only added). docs/events.md; the schema:
+SCHEMA_VERSION = 1
+SCHEMA = "schema/events.schema.json"  # package data, read by schema()
 FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 0: "unknown"}
 
@@ -34,6 +40,11 @@ TCP_STATES = {
     12: "NEW_SYN_RECV",
     13: "BOUND_INACTIVE",
 }
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of every event, shipped with the package."""
+    return json.loads((resources.files("portrace") / SCHEMA).read_text())
 
 
 def tcp_state_name(num: int) -> str:
@@ -562,9 +573,10 @@ def _state(ev: StateChange) -> dict[str, Any]:
 
 
 def to_json(ev: Event) -> dict[str, Any]:
-    """The JSON object for one event, per shared/DESIGN.md's contract."""
+    """The JSON object for one event (docs/events.md)."""
     if isinstance(ev, Ready):
-        out: dict[str, Any] = {"type": "ready", "ts": iso(ev.ts), "engine": ev.engine,
+        out: dict[str, Any] = {"type": "ready", "ts": iso(ev.ts),
+                               "schema_version": SCHEMA_VERSION, "engine": ev.engine,
                                "engine_reason": ev.engine_reason,
                                "ports": list(ev.ports), "kernel": ev.kernel, "host": ev.host}
         if ev.options is not None:

@@ -1,4 +1,4 @@
-"""JSON Lines evidence (shared/DESIGN.md's contract): writers and the reader.
+"""JSON Lines evidence (docs/events.md): writers and the reader.
 
 A recorder writes into a directory of segments named by their start time,
 ``portrace-20261124T091203.123456Z.jsonl``. Each event is written and flushed on
