@@ -215,7 +215,7 @@ class HostPort(click.ParamType):
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> tuple[str, int]:
         if isinstance(value, tuple):
-            return value  # type: ignore[return-value]
+            return value
         host, sep, port = str(value).rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:

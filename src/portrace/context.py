@@ -19,6 +19,7 @@ import psutil
 from elftools.common.exceptions import ELFError
 from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
 
 from portrace import owners
 from portrace.events import Blocker
@@ -34,7 +35,7 @@ def _build_id(dev: int, ino: int, mtime_ns: int, path: str) -> str | None:
         with open(path, "rb") as f:
             elf = ELFFile(f)
             for section in elf.iter_sections():
-                if section.header.sh_type != "SHT_NOTE":
+                if not isinstance(section, NoteSection):
                     continue
                 for note in section.iter_notes():
                     if note["n_type"] == "NT_GNU_BUILD_ID":

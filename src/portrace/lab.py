@@ -332,9 +332,13 @@ def table(outcomes: list[Outcome], compare_key: str | None) -> str:
     def verdicts(o: Outcome) -> str:
         return ", ".join(f"{c} x{n}" for c, n in sorted(o.verdicts.items())) or "-"
 
-    rows = [("attempts", lambda o: str(o.attempts)), ("failures", fails),
-            ("outcome", restart), ("portrace verdicts", verdicts)]
-    rows += [(k, lambda o, k=k: o.sysctls.get(k, "?")) for k in SHOWN_SYSCTLS]
+    def sysctl(key: str) -> Callable[[Outcome], str]:
+        return lambda o: o.sysctls.get(key, "?")
+
+    rows: list[tuple[str, Callable[[Outcome], str]]] = [
+        ("attempts", lambda o: str(o.attempts)), ("failures", fails),
+        ("outcome", restart), ("portrace verdicts", verdicts)]
+    rows += [(k, sysctl(k)) for k in SHOWN_SYSCTLS]
     header = ["", *map(col, outcomes)]
     body = [[name, *(fn(o) for o in outcomes)] for name, fn in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]

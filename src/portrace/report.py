@@ -180,8 +180,8 @@ def to_text(pm: Postmortem, markdown: bool = False) -> str:
     for h in pm.hosts[:1]:
         out.append(f"{li}host {h.get('hostname', '?')}, kernel {h.get('kernel', '?')}")
     out.append(f"{li}evidence: {len(pm.files)} file(s)")
-    for w in pm.warnings:
-        out.append(f"{li}warning: {w}")
+    for warning in pm.warnings:
+        out.append(f"{li}warning: {warning}")
     last = pm.last or datetime.min
     if not pm.windows and not pm.connect_errors:
         out.append("\nNo failed bind()/listen()/connect() in this evidence.")
@@ -325,15 +325,15 @@ def to_html(pm: Postmortem, successes: list[Ev]) -> str:
     for h in pm.hosts[:1]:
         body.append(f"<p>host <b>{e(str(h.get('hostname')))}</b>, kernel "
                     f"<code>{e(str(h.get('kernel')))}</code></p>")
-    for w in pm.warnings:
-        body.append(f"<p>warning: {e(w)}</p>")
+    for warning in pm.warnings:
+        body.append(f"<p>warning: {e(warning)}</p>")
     legend = ("<p class='lbl'>red band: blocked window; red dot: failed attempt; orange: a "
               "TIME_WAIT/FIN_WAIT2 blocker, until its timer ends or the port is taken; green: "
               "successful bind/listen</p>")
     for port, windows in sorted(pm.windows.items()):
         port_ok = [s for s in successes if s["port"] == port]
         times = [w.start for w in windows] + [parse_ts(s["ts"]) for s in port_ok]
-        times += [w.end or pm.last for w in windows if pm.last]  # type: ignore[misc]
+        times += [w.end or pm.last for w in windows if pm.last]
         t0, t1 = min(times), max(times)
         t0 -= timedelta(seconds=max(0.5, (t1 - t0).total_seconds() * 0.05))
         t1 += timedelta(seconds=max(0.5, (t1 - t0).total_seconds() * 0.05))

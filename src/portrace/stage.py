@@ -71,7 +71,7 @@ def _hold() -> None:
     """Keep everything open until stdin closes (the stager's signal to go)."""
     while True:
         r, _, _ = select.select([sys.stdin], [], [], 3600)
-        if r and not sys.stdin.buffer.read1(4096):
+        if r and not os.read(sys.stdin.fileno(), 4096):
             return
 
 
@@ -313,7 +313,8 @@ def role_restart(a: argparse.Namespace) -> None:
     --within seconds, then listens: ``ready {json}`` with attempts, failures by
     errno and seconds until it got the port (null: not within the limit)."""
     t0 = time.monotonic()
-    attempts, errnos, got = 0, {}, None
+    attempts, got = 0, None
+    errnos: dict[str, int] = {}
     while time.monotonic() - t0 <= a.within:
         s = _socket(a.addr, **_opts(a))
         attempts += 1
@@ -335,7 +336,8 @@ def role_connect_loop(a: argparse.Namespace) -> None:
     seconds (the client closes first); after a failed connect() wait 10 ms, as
     a retrying client would: ``ready {json}`` with the counts."""
     t0 = time.monotonic()
-    attempts, ok, errnos = 0, 0, {}
+    attempts, ok = 0, 0
+    errnos: dict[str, int] = {}
     while time.monotonic() - t0 < a.within:
         s = _socket(a.addr)
         attempts += 1
