@@ -1,6 +1,8 @@
 # sudo make demo   set up, then diagnose two real, staged conflicts
 # sudo make test   set up (with the test tools), then the whole suite (lint + tests)
-.PHONY: setup setup-test demo test lint bench clean core-object
+# make check       no root, no apt: ruff, mypy and the tests that need no root,
+#                  in their own venv (.venv-check) from any python3 >= 3.9
+.PHONY: setup setup-test demo test lint check bench clean core-object
 
 VENV := .venv
 # The CO-RE engine's object: built once (clang + libbpf-dev), relocated by
@@ -27,10 +29,22 @@ demo: setup
 
 lint: setup-test
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/python -m mypy
 	shellcheck scripts/*.sh scripts/vm/*.sh vagrant/*.sh .ci/run
 
 test: lint
 	$(VENV)/bin/python -m pytest
+
+CHECK_VENV := .venv-check
+$(CHECK_VENV)/.installed: pyproject.toml
+	test -x $(CHECK_VENV)/bin/python || python3 -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+check: $(CHECK_VENV)/.installed
+	$(CHECK_VENV)/bin/ruff check src tests bench
+	$(CHECK_VENV)/bin/python -m mypy
+	$(CHECK_VENV)/bin/python -m pytest -m "not root and not vm"
 
 bench: setup
 	bash scripts/setup.sh --bench
@@ -40,4 +54,5 @@ bench: setup
 	$(VENV)/bin/python bench/check.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache $(CORE_OBJ)
+	rm -rf $(VENV) $(CHECK_VENV) build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache \
+		$(CORE_OBJ)

@@ -36,6 +36,30 @@ def need_root() -> None:
     pytest.skip("needs root (BPF, sock_diag of other processes); runs in CI")
 
 
+def _needs_root(fn: Any, module: Any, depth: int = 2) -> bool:
+    """Whether ``fn`` calls need_root(), itself or through its module's
+    helpers (``depth`` calls deep)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    if "need_root" in code.co_names:
+        return True
+    return depth > 0 and any(_needs_root(getattr(module, name, None), module, depth - 1)
+                             for name in code.co_names)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``root`` every test that needs it: it, a helper it calls or a
+    fixture it uses calls need_root(); ``make check`` deselects them."""
+    for item in items:
+        module = getattr(item, "module", None)
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        funcs = [getattr(item, "function", None)] + [d[-1].func for d in fixtures.values()]
+        if any(_needs_root(fn, module) or _needs_root(fn, sys.modules.get(fn.__module__))
+               for fn in funcs if fn is not None):
+            item.add_marker(pytest.mark.root)
+
+
 def bpf_unavailable(why: str) -> None:
     if IN_CI:
         pytest.fail(f"BPF could not be loaded in CI: {why}")

@@ -11,11 +11,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 IGNORED = shutil.ignore_patterns(".venv", ".git", "vagrant", "*.o", "__pycache__",
                                  "*.egg-info", "build")
 
 
+@pytest.mark.root  # clang and libbpf-dev build the object: what `sudo make setup` installs
 def test_wheel_builds_and_carries_the_core_object(tmp_path: Path):
     tree = tmp_path / "portrace"
     shutil.copytree(ROOT, tree, ignore=IGNORED, symlinks=True)
@@ -32,6 +35,7 @@ def test_wheel_builds_and_carries_the_core_object(tmp_path: Path):
             "portrace/bpf/calls.h"} <= set(names)  # the bcc engine compiles these
 
 
+@pytest.mark.root  # pipx and the OS's bcc/libbpf: what `sudo make setup-test` installs
 def test_pipx_install_gives_a_working_portrace(tmp_path: Path):
     """The README's `pipx install --system-site-packages .`: the OS's bcc and
     libbpf, the wheel's CO-RE object; --version, check and completion work."""

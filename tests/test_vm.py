@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI, need_root
 
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "vagrant" / ".cache"
 SUITES = {"bookworm": "6.1.", "trixie": "6.12."}  # Debian release -> its kernel series
