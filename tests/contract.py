@@ -1,6 +1,7 @@
 """The JSON event contract as tests hold it: every event validates against the
-schema the package ships (docs/events.md explains it), and carries no field
-the schema does not document (fields are added to the schema first)."""
+schema the package ships (docs/events.md explains it), carries no field the
+schema does not document (fields are added to the schema first), and reads
+back into the typed model as written."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from portrace.events import schema
+from portrace.events import from_json, schema, to_json
 
 
 @cache
@@ -39,3 +40,5 @@ def check(ev: dict[str, Any]) -> None:
             _documented(p, holder_props, "blocker process")
     if ev.get("process"):
         _documented(ev["process"], defs["process_facts"]["properties"], "process")
+    # The typed model reads back exactly what was written (events.from_json).
+    assert to_json(from_json(ev)) == ev, f"{ev['type']} event does not read back as written"

@@ -670,3 +670,250 @@ def to_json(ev: Event) -> dict[str, Any]:
             out["local_port"] = a.local_port or None
         return out
     raise TypeError(f"not an event: {ev!r}")
+
+
+# -- reading events back (evidence, recorded observations) ----------------------
+# The inverse of to_json: strict where a reader needs the field (a missing or
+# mistyped one raises Malformed), lenient where a field was added later or is
+# only context (absent: its "not known" value).
+
+class Malformed(ValueError):
+    """A JSON object that is not a well-formed portrace event; the message
+    names the field (``blockers[0].local.port is missing``)."""
+
+
+_ABSENT = object()
+
+
+def _get(d: Any, key: str, kinds: tuple[type, ...], where: str = "",
+         default: Any = _ABSENT) -> Any:
+    if not isinstance(d, dict):
+        raise Malformed(f"{where.rstrip('.') or 'event'} is not an object")
+    value = d.get(key, _ABSENT)
+    if value is _ABSENT or (value is None and type(None) not in kinds):
+        if default is not _ABSENT:
+            return default
+        raise Malformed(f"{where}{key} is missing")
+    if isinstance(value, bool) and bool not in kinds:
+        raise Malformed(f"{where}{key} has the wrong type (bool)")
+    if not isinstance(value, kinds):
+        raise Malformed(f"{where}{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+_INT, _STR, _NUM = (int,), (str,), (int, float)
+_OPT_INT, _OPT_STR, _OPT_BOOL = (int, type(None)), (str, type(None)), (bool, type(None))
+
+
+def _ts(d: Any, key: str, where: str = "") -> datetime:
+    text = _get(d, key, _STR, where)
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Malformed(f"{where}{key} is not an ISO 8601 time") from None
+    if ts.tzinfo is None:
+        raise Malformed(f"{where}{key} is not an ISO 8601 time with a zone")
+    return ts
+
+
+def _endpoint_from(d: Any, where: str) -> Endpoint:
+    return Endpoint(_get(d, "addr", _STR, where), _get(d, "port", _INT, where))
+
+
+def _errno_from(name: str | None) -> int:
+    if name is None:
+        return 0
+    num = getattr(errno_mod, name, None)
+    return num if isinstance(num, int) else 0
+
+
+def _opts_from(d: Any, where: str) -> tuple[SockOpts, str | None]:
+    if not isinstance(d, dict):
+        return UNKNOWN_OPTS, None
+    opts = SockOpts(reuseaddr=_get(d, "so_reuseaddr", _OPT_BOOL, where, None),
+                    reuseport=_get(d, "so_reuseport", _OPT_BOOL, where, None),
+                    v6only=_get(d, "ipv6_v6only", _OPT_BOOL, where, None),
+                    bound_to_device=_get(d, "so_bindtodevice", _OPT_BOOL, where, None))
+    source = _get(d, "source", _OPT_STR, where, None)
+    return opts, None if source == UNKNOWN_SOURCE else source
+
+
+def _netns_from(d: Any) -> Netns:
+    if not isinstance(d, dict):
+        return Netns(inode=0, source="tracer")
+    return Netns(inode=_get(d, "inode", _INT, "netns.", 0),
+                 source=_get(d, "source", _STR, "netns.", "tracer"),
+                 name=_get(d, "name", _OPT_STR, "netns.", None))
+
+
+def _verdict_from(d: Any) -> Verdict:
+    advice = _get(d, "advice", (list,), "verdict.")
+    return Verdict(cause=_get(d, "cause", _STR, "verdict."),
+                   summary=_get(d, "summary", _STR, "verdict."),
+                   advice=tuple(str(a) for a in advice))
+
+
+def _blocker_from(d: Any, where: str) -> Blocker:
+    remote = _get(d, "remote", (dict, type(None)), where)
+    closed = _get(d, "closed_by", (dict, type(None)), where)
+    procs = []
+    for j, p in enumerate(_get(d, "processes", (list,), where)):
+        at = f"{where}processes[{j}]."
+        owner = _get(p, "owner", (dict, type(None)), at, None)
+        facts = {k: v for k, v in p.items()
+                 if k not in ("pid", "comm", "fds", "inherited", "owner")}
+        procs.append(ProcessRef(
+            pid=_get(p, "pid", _INT, at), comm=_get(p, "comm", _STR, at),
+            fds=tuple(_get(p, "fds", (list,), at, [])),
+            inherited=_get(p, "inherited", _OPT_BOOL, at, None),
+            facts=facts or None, owner=Owner.from_json(owner) if owner else None))
+    opts, source = _opts_from(d.get("options"), f"{where}options.")
+    expires = _get(d, "expires_s", (int, float, type(None)), where)
+    return Blocker(
+        state=_get(d, "state", _STR, where),
+        protocol=_get(d, "protocol", _STR, where, "tcp"),
+        family=_get(d, "family", _STR, where, "inet"),
+        local=_endpoint_from(_get(d, "local", (dict,), where), f"{where}local."),
+        remote=None if remote is None else _endpoint_from(remote, f"{where}remote."),
+        processes=tuple(procs),
+        inode=_get(d, "inode", _INT, where, 0),
+        uid=_get(d, "uid", _INT, where, 0),
+        expires_s=None if expires is None else float(expires),
+        closed_by=None if closed is None else Closer(
+            pid=_get(closed, "pid", _INT, f"{where}closed_by."),
+            comm=_get(closed, "comm", _STR, f"{where}closed_by."),
+            ts=_ts(closed, "ts", f"{where}closed_by.")),
+        minisock=_get(d, "minisock", (bool,), where, False),
+        v6only=_get(d, "v6only", _OPT_BOOL, where, None),
+        bound_dev_if=_get(d, "bound_dev_if", _INT, where, 0),
+        opts=opts, opts_source=source,
+        conflict=_get(d, "conflicts", _OPT_BOOL, where, None),
+        processes_total=_get(d, "processes_total", _OPT_INT, where, None),
+        holders_known=_get(d, "holders_known", (bool,), where, True))
+
+
+def _blockers_from(d: dict[str, Any]) -> tuple[Blocker, ...]:
+    return tuple(_blocker_from(b, f"blockers[{i}].")
+                 for i, b in enumerate(_get(d, "blockers", (list,))))
+
+
+def _call_from(d: dict[str, Any], call: str) -> SocketCall:
+    opts, source = _opts_from(d.get("options"), "options.")
+    port_range = d.get("port_range")
+    return SocketCall(
+        ts=_ts(d, "ts"), call=call, pid=_get(d, "pid", _INT), tid=_get(d, "tid", _INT, "", 0),
+        comm=_get(d, "comm", _STR), uid=_get(d, "uid", _INT, "", 0),
+        fd=_get(d, "fd", _INT, "", -1), errno=_errno_from(_get(d, "errno", _OPT_STR, "", None)),
+        protocol=_get(d, "protocol", _STR, "", "unknown"),
+        family=_get(d, "family", _STR, "", "inet"), addr=_get(d, "addr", _STR),
+        port=_get(d, "port", _INT), cgroup_id=0, opts=opts, opts_source=source,
+        sk_uid=_get(d, "sk_uid", _OPT_INT, "", None),
+        port_range=tuple(port_range) if isinstance(port_range, list) and len(port_range) == 2
+        else None,
+        local_port=_get(d, "local_port", _OPT_INT, "", None) or 0)
+
+
+def _state_from(d: dict[str, Any]) -> StateChange:
+    pid = _get(d, "pid", _OPT_INT, "", None)
+    ts = _ts(d, "ts")
+    skaddr = _get(d, "skaddr", _STR, "", "0x0")
+    return StateChange(
+        ts=ts, skaddr=int(skaddr, 16) if re.fullmatch("0x[0-9a-f]+", skaddr) else 0,
+        protocol=_get(d, "protocol", _STR, "", "tcp"), family=_get(d, "family", _STR, "", "inet"),
+        local=_endpoint_from(_get(d, "local", (dict,)), "local."),
+        remote=_endpoint_from(_get(d, "remote", (dict,)), "remote."),
+        old=_get(d, "old", _STR), new=_get(d, "new", _STR),
+        owner=None if pid is None else Task(pid=pid, tid=pid,
+                                            comm=_get(d, "comm", _OPT_STR, "", None) or "?",
+                                            ts=ts))
+
+
+def _usage_from(d: Any) -> PortUsage | None:
+    if not isinstance(d, dict):
+        return None
+    lo, hi = _get(d, "range", (list,), "ephemeral.")
+    return PortUsage(low=lo, high=hi, reserved=_get(d, "reserved", _INT, "ephemeral.", 0),
+                     in_use=_get(d, "in_use", _INT, "ephemeral.", 0),
+                     by_state=dict(_get(d, "by_state", (dict,), "ephemeral.", {})),
+                     time_wait_to_destination=d.get("time_wait_to_destination"),
+                     fin_wait2_to_destination=d.get("fin_wait2_to_destination"))
+
+
+def _failure_from(d: dict[str, Any], call: str) -> CallError:
+    last_seen = d.get("last_seen")
+    return CallError(
+        attempt=_call_from(d, call), cmdline=d.get("cmdline"), netns=_netns_from(d.get("netns")),
+        blockers=_blockers_from(d), verdict=_verdict_from(_get(d, "verdict", (dict,))),
+        lookup_ms=float(_get(d, "lookup_ms", _NUM, "", 0.0)),
+        last_seen=_state_from(last_seen) if isinstance(last_seen, dict) else None,
+        usage=_usage_from(d.get("ephemeral")),
+        sysctls=dict(_get(d, "sysctls", (dict, type(None)), "", None) or {}),
+        process=_get(d, "process", (dict, type(None)), "", None),
+        host=dict(_get(d, "host", (dict, type(None)), "", None) or {}),
+        recent=tuple(_state_from(s) for s in d.get("recent") or () if isinstance(s, dict)),
+        verdict_ms=_get(d, "verdict_ms", (int, float, type(None)), "", None),
+        blockers_total=_get(d, "blockers_total", _OPT_INT, "", None),
+        blockers_by_state=_get(d, "blockers_by_state", (dict, type(None)), "", None))
+
+
+def _ready_from(d: dict[str, Any]) -> Ready:
+    return Ready(ts=_ts(d, "ts"), engine=_get(d, "engine", _STR, "", "bcc"),
+                 engine_reason=_get(d, "engine_reason", _STR, "", ""),
+                 ports=list(_get(d, "ports", (list,))), kernel=_get(d, "kernel", _STR),
+                 host=dict(_get(d, "host", (dict, type(None)), "", None) or {}),
+                 options=_get(d, "options", (dict, type(None)), "", None))
+
+
+def _repeats_from(d: dict[str, Any]) -> Repeats:
+    return Repeats(ts=_ts(d, "ts"), since=_ts(d, "since"), call=_get(d, "call", _STR),
+                   pid=_get(d, "pid", _INT), comm=_get(d, "comm", _STR),
+                   family=_get(d, "family", _STR, "", "inet"), addr=_get(d, "addr", _STR),
+                   port=_get(d, "port", _INT),
+                   errno=_errno_from(_get(d, "errno", _STR)), count=_get(d, "count", _INT))
+
+
+def _check_from(d: dict[str, Any]) -> Check:
+    opts, _source = _opts_from(d.get("options"), "options.")
+    verdict = d.get("verdict")
+    return Check(ts=_ts(d, "ts"), protocol=_get(d, "protocol", _STR),
+                 family=_get(d, "family", _STR), addr=_get(d, "addr", _STR),
+                 port=_get(d, "port", _INT), opts=opts, uid=_get(d, "uid", _OPT_INT, "", None),
+                 netns=_netns_from(d.get("netns")), engine=_get(d, "engine", _STR),
+                 blockers=_blockers_from(d),
+                 verdict=_verdict_from(verdict) if isinstance(verdict, dict) else None,
+                 sysctls=dict(d.get("sysctls") or {}),
+                 can_destroy=_get(d, "can_destroy", _OPT_BOOL, "", None),
+                 blockers_total=_get(d, "blockers_total", _OPT_INT, "", None),
+                 blockers_by_state=d.get("blockers_by_state"),
+                 waited_s=_get(d, "waited_s", (int, float, type(None)), "", None),
+                 waited_for=tuple(d.get("waited_for") or ()))
+
+
+_READERS: dict[str, Any] = {
+    "ready": _ready_from,
+    "lost": lambda d: Lost(ts=_ts(d, "ts"), count=_get(d, "count", _INT),
+                           source=_get(d, "source", _STR, "", "kernel")),
+    "error": lambda d: ErrorRecord(ts=_ts(d, "ts"), where=_get(d, "where", _STR),
+                                   message=_get(d, "message", _STR),
+                                   count=_get(d, "count", _INT, "", 1),
+                                   failure=_get(d, "failure", (dict, type(None)), "", None)),
+    "repeats": _repeats_from,
+    "state": _state_from,
+    "check": _check_from,
+    **{call: (lambda d, call=call: _call_from(d, call)) for call in ("bind", "listen",
+                                                                     "connect")},
+    **{f"{call}_error": (lambda d, call=call: _failure_from(d, call))
+       for call in ("bind", "listen", "connect")},
+}
+EVENT_TYPES = tuple(_READERS)
+
+
+def from_json(d: Any) -> Event:
+    """The typed event of one JSON object (to_json's inverse, for what the
+    readers use). Raises Malformed, naming the first missing or mistyped field."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    reader = _READERS.get(kind) if isinstance(kind, str) else None
+    if reader is None:
+        raise Malformed("not a portrace event")
+    event: Event = reader(d)
+    return event
