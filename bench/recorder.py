@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from portrace.events import to_json
 from portrace.evidence import read
 from portrace.stage import Staged
 
@@ -54,7 +55,7 @@ def main(duration: float, interval: float) -> None:
         holder.release()
         rec.terminate()
         rec.wait(30)
-    events = list(read([d]))
+    events = [to_json(e) for e in read([d])]
     errors = [e for e in events if e["type"] == "bind_error" and e["port"] == PORT]
     # bind(0) failures anywhere on the host are recorded too (ephemeral exhaustion).
     others = sum(1 for e in events if e["type"].endswith("_error")) - len(errors)

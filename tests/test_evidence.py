@@ -20,12 +20,17 @@ from typing import Any
 import pytest
 from conftest import IN_CI, need_root
 
-from portrace.events import Lost
+from portrace.events import Lost, to_json
 from portrace.evidence import EvidenceDir, ReadReport, read
 from portrace.stage import ScratchNetns, Staged
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 19178
+
+
+def evidence(d: Path, seen: ReadReport | None = None) -> list[dict[str, Any]]:
+    """The events read back from an evidence directory, as JSON objects."""
+    return [to_json(e) for e in read([d], seen)]
 
 
 def portrace(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -85,10 +90,10 @@ def test_evidence_is_root_only_and_starts_with_ready(restart):
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     files = list(d.iterdir())
     assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
-    first = next(read([d]))
+    first = evidence(d)[0]
     assert first["type"] == "ready" and first["options"]["command"] == "record"
     assert first["options"]["ports"] == [PORT] and first["host"]["hostname"]
-    errors = [e for e in read([d]) if e["type"] == "bind_error"]
+    errors = [e for e in evidence(d) if e["type"] == "bind_error"]
     assert all(e["sysctls"]["net.ipv4.tcp_tw_reuse"] for e in errors)
     assert all(e["host"]["kernel"] == os.uname().release for e in errors)
 
@@ -153,7 +158,7 @@ def _flood(d: Path, keep: int, events: int = 5000, max_bytes: int = 4096) -> Non
 def test_rotation_under_a_flood_keeps_every_event_and_the_bound(tmp_path):
     d = tmp_path / "ev"
     _flood(d, keep=1000)
-    got = [e["count"] for e in read([d])]
+    got = [e["count"] for e in evidence(d)]
     assert got == list(range(1, 5001))
     segs = sorted(d.glob("portrace-*"))
     assert len(segs) > 10 and all(s.name.endswith(".jsonl.gz") for s in segs[:-1])
@@ -165,7 +170,7 @@ def test_rotation_keeps_only_the_newest_segments(tmp_path):
     d = tmp_path / "ev"
     _flood(d, keep=3)
     assert len(list(d.glob("*.jsonl.gz"))) == 3 and len(list(d.glob("*.jsonl"))) == 1
-    got = [e["count"] for e in read([d])]
+    got = [e["count"] for e in evidence(d)]
     assert got == list(range(got[0], 5001))  # a contiguous tail, ending at the last
 
 
@@ -194,11 +199,11 @@ def test_killed_writer_loses_no_finished_event(tmp_path):
         last = int(p.stdout.readline())
     p.kill()  # SIGKILL: no cleanup at all
     p.wait()
-    got = [e["count"] for e in read([d])]
+    got = [e["count"] for e in evidence(d)]
     assert len(got) >= last and got[:last] == list(range(1, last + 1))
     # A restart compresses what the dead run left and carries on.
     EvidenceDir(d, max_bytes=65536, keep=1000).close()
-    assert len([e for e in read([d])]) == len(got)
+    assert len(evidence(d)) == len(got)
 
 
 def test_torn_and_corrupt_lines_are_skipped_with_a_warning(tmp_path):
@@ -211,7 +216,7 @@ def test_torn_and_corrupt_lines_are_skipped_with_a_warning(tmp_path):
     text = seg.read_text().splitlines(keepends=True)
     seg.write_text(text[0] + "{not json\n" + "".join(text[1:]) + '{"type":"lost","ts":"2026')
     seen = ReadReport()
-    assert [e["count"] for e in read([d], seen)] == [1, 2, 3]
+    assert [e["count"] for e in evidence(d, seen)] == [1, 2, 3]
     assert len(seen.torn) == 1 and len(seen.corrupt) == 1
     r = portrace("report", str(d))
     assert r.returncode == 0

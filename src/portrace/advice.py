@@ -8,15 +8,14 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from portrace import phrases
 from portrace.diagnose import (
     EADDRINUSE,
     EADDRNOTAVAIL,
-    HOLDERS_UNREADABLE,
     RULES,
     TCP_TIMEWAIT_LEN_S,
     Request,
     cause_of,
-    describe,
 )
 from portrace.events import (
     Blocker,
@@ -36,7 +35,7 @@ def cite(rule: str) -> str:
 
 
 def _holders_phrase(b: Blocker) -> str:
-    return ", ".join(f"{p.comm}[{p.pid}]" for p in b.processes)
+    return ", ".join(phrases.task(p.comm, p.pid) for p in b.processes)
 
 
 RUNTIME_CLI = {"docker": "docker", "podman": "podman"}
@@ -65,7 +64,7 @@ def _stop_owner(o: Owner) -> str | None:
 
 def _kill_advice(b: Blocker) -> str:
     if not b.processes and not b.holders_known:
-        return f"Now: run as root to name what holds it ({HOLDERS_UNREADABLE})."
+        return f"Now: run as root to name what holds it ({phrases.HOLDERS_UNREADABLE})."
     if not b.processes:
         return "Now: no process holds it any more."
     stops = {_stop_owner(p.owner) if p.owner else None for p in b.processes}
@@ -122,7 +121,7 @@ def _onoff(v: bool | None) -> str:
 
 def _old_name(b: Blocker) -> str:
     if b.closed_by is not None:
-        return f"the old socket (closed by {b.closed_by.comm}[{b.closed_by.pid}])"
+        return f"the old socket (closed by {phrases.task(b.closed_by.comm, b.closed_by.pid)})"
     if b.processes:
         return f"the old socket (held by {_holders_phrase(b)})"
     return "the old socket"
@@ -221,7 +220,7 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
     rp = _reuseport_note(req, b)
 
     if cause == "listener":
-        summary = describe(b) + more
+        summary = phrases.blocker(b) + more
         if attempt.call == "listen":
             summary = f"listen() found {b.local} already listening: {summary}"
         advice.append(_kill_advice(b) if b.processes or not b.holders_known else
@@ -243,7 +242,7 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         minis = [x for x in blockers if x.minisock]
         left = max(x.expires_s or 0.0 for x in minis)
         what = "TIME_WAIT" if cause == "time_wait" else "orphaned FIN_WAIT2"
-        summary = (describe(b) + more if len(minis) == 1 else
+        summary = (phrases.blocker(b) + more if len(minis) == 1 else
                    f"{len(minis)} {what} sockets on {b.local.port}; the last ends in {left:.1f} s")
         target: Blocker | Sequence[Blocker] = b if len(minis) == 1 else minis
         clause = _destroy(target, destroying, "destroy it" if len(minis) == 1 else "destroy them")
@@ -268,7 +267,8 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
         advice.append(NOT_TW_REUSE + ("; net.ipv4.tcp_fin_timeout bounds orphaned FIN_WAIT2 "
                                       "only, not TIME_WAIT." if cause == "time_wait" else "."))
     elif cause in ("connected_socket", "bound_socket"):
-        summary = ("bound, not listening: " if cause == "bound_socket" else "") + describe(b) + more
+        summary = (("bound, not listening: " if cause == "bound_socket" else "")
+                   + phrases.blocker(b) + more)
         now = _kill_advice(b)
         if cause == "connected_socket":
             clause = _destroy(b, destroying, "abort the connection")
@@ -295,7 +295,7 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
                           f"{cite('reuseaddr')}.")
         advice.append(NOT_TW_REUSE + ".")
     else:  # udp_socket
-        summary = describe(b) + more
+        summary = phrases.blocker(b) + more
         advice.append(_kill_advice(b))
         for extra in (note, rp):
             if extra:
@@ -446,7 +446,8 @@ def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
     summary = (f"nothing on port {req.port} blocks {ep} any more: the blocker was gone by "
                "lookup")
     if last_seen is not None:
-        who = f", by {last_seen.owner.comm}[{last_seen.owner.pid}]" if last_seen.owner else ""
+        who = (f", by {phrases.task(last_seen.owner.comm, last_seen.owner.pid)}"
+               if last_seen.owner else "")
         age = (attempt.ts - last_seen.ts).total_seconds()
         peer = f" <-> {last_seen.remote}" if last_seen.remote.port else ""
         summary += (f"; last socket seen on the port: {last_seen.local}{peer} entering "

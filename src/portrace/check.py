@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, context, diagnose, engine, errors, owners, sockets
+from portrace import advice, context, diagnose, engine, errors, owners, phrases, sockets
 from portrace.events import Check, Netns, Owner, SocketCall, SockOpts
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
@@ -162,7 +162,7 @@ def wait_free(wanted: Sequence[Wanted], looker: Looker, pid: int | None,
 
 
 def _waited(a: Check, first: Check | None, waited: float) -> Check:
-    what = tuple(diagnose.describe(b) for b in first.blockers) if first else ()
+    what = tuple(phrases.blocker(b) for b in first.blockers) if first else ()
     return dataclasses.replace(a, waited_s=waited, waited_for=what)
 
 

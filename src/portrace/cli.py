@@ -322,10 +322,9 @@ def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datet
         click.echo(f"portrace: {warning}", err=True)
     pm = pm_report.analyze(events, [str(f) for f in seen.files], seen.warnings(), since, until)
     if fmt == "json":
-        text = json.dumps(pm_report.to_json(pm), indent=2) + "\n"
+        text = pm_report.dumps(pm)
     elif fmt == "html":
-        ok = [e for e in events if e["type"] in pm_report.SUCCESSES]
-        text = pm_report.to_html(pm, ok)
+        text = pm_report.to_html(pm)
     else:
         text = pm_report.to_text(pm, markdown=fmt == "markdown")
     try:

@@ -116,7 +116,6 @@ CAUSES = (
 )
 
 TCP_TIMEWAIT_LEN_S = 60
-HOLDERS_UNREADABLE = "other users' fds are readable by root only"
 # A busy port (thousands of connections) is summarised: the blockers listed
 # are the first of these, the rest only counted by state (blockers_total,
 # blockers_by_state).
@@ -383,38 +382,6 @@ def cause_of(b: Blocker) -> str:
     if b.state in ("CLOSE", "BOUND_INACTIVE"):
         return "bound_socket"
     return "connected_socket"
-
-
-def process_name(p: ProcessRef) -> str:
-    """``node[4242] (checkout.service)``, ``nginx[77] (inherited fd; container web-1)``."""
-    notes = [n for n in ("inherited fd" if p.inherited else "",
-                         p.owner.label() if p.owner else "") if n]
-    return f"{p.comm}[{p.pid}]" + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def describe(b: Blocker) -> str:
-    """One line: state, 4-tuple, timer, holders. Used by verdicts and render."""
-    if b.remote is None:
-        where = str(b.local)
-    elif b.state in ("TIME_WAIT", "FIN_WAIT2") and b.minisock:
-        where = f"{b.local} <- {b.remote}"
-    else:
-        where = f"{b.local} <-> {b.remote}"
-    parts = [f"{b.protocol.upper() + ' ' if b.protocol == 'udp' else ''}{b.state} {where}"]
-    if b.expires_s is not None:
-        parts.append(f"{b.expires_s:.1f} s left")
-    if b.closed_by is not None:
-        parts.append(f"closed by {b.closed_by.comm}[{b.closed_by.pid}]")
-    if b.opts.reuseaddr is not None:
-        parts.append(f"SO_REUSEADDR {'on' if b.opts.reuseaddr else 'off'}"
-                     + (", SO_REUSEPORT on" if b.opts.reuseport else ""))
-    if b.processes:
-        held = ", ".join(process_name(p) for p in b.processes)
-        parts.append(f"held by {held}")
-    elif not b.minisock:
-        parts.append("held by no process (orphaned)" if b.holders_known else
-                     f"holders not named ({HOLDERS_UNREADABLE})")
-    return ", ".join(parts)
 
 
 def summarised(blockers: list[Blocker]

@@ -509,7 +509,7 @@ def _task(task: Task | None) -> dict[str, Any] | None:
     return {"pid": task.pid, "tid": task.tid, "comm": task.comm, "ts": iso(task.ts)}
 
 
-def _blocker(b: Blocker) -> dict[str, Any]:
+def blocker_json(b: Blocker) -> dict[str, Any]:
     return {
         "state": b.state,
         "protocol": b.protocol,
@@ -623,7 +623,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "uid": ev.uid,
             "netns": _netns(ev.netns),
             "engine": ev.engine,
-            "blockers": [_blocker(b) for b in ev.blockers],
+            "blockers": [blocker_json(b) for b in ev.blockers],
             "blockers_total": ev.blockers_total or len(ev.blockers),
             "blockers_by_state": ev.blockers_by_state,
             "verdict": _verdict(ev.verdict),
@@ -652,7 +652,7 @@ def to_json(ev: Event) -> dict[str, Any]:
             "sk_uid": a.sk_uid,
             "port_range": list(a.port_range) if a.port_range else None,
             "netns": _netns(ev.netns),
-            "blockers": [_blocker(b) for b in ev.blockers],
+            "blockers": [blocker_json(b) for b in ev.blockers],
             "blockers_total": ev.blockers_total or len(ev.blockers),
             "blockers_by_state": ev.blockers_by_state,
             "verdict": _verdict(ev.verdict),
@@ -808,8 +808,7 @@ def _call_from(d: dict[str, Any], call: str) -> SocketCall:
         family=_get(d, "family", _STR, "", "inet"), addr=_get(d, "addr", _STR),
         port=_get(d, "port", _INT), cgroup_id=0, opts=opts, opts_source=source,
         sk_uid=_get(d, "sk_uid", _OPT_INT, "", None),
-        port_range=tuple(port_range) if isinstance(port_range, list) and len(port_range) == 2
-        else None,
+        port_range=_pair(port_range),
         local_port=_get(d, "local_port", _OPT_INT, "", None) or 0)
 
 
@@ -836,7 +835,15 @@ def _usage_from(d: Any) -> PortUsage | None:
                      in_use=_get(d, "in_use", _INT, "ephemeral.", 0),
                      by_state=dict(_get(d, "by_state", (dict,), "ephemeral.", {})),
                      time_wait_to_destination=d.get("time_wait_to_destination"),
-                     fin_wait2_to_destination=d.get("fin_wait2_to_destination"))
+                     fin_wait2_to_destination=d.get("fin_wait2_to_destination"),
+                     netns_range=_pair(d.get("netns_range")),
+                     socket_range=_pair(d.get("socket_range")))
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value[0], value[1]
+    return None
 
 
 def _failure_from(d: dict[str, Any], call: str) -> CallError:

@@ -31,10 +31,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from portrace.errors import EvidenceBusy, ExitStatus, PortraceError, UnsafePath
-from portrace.events import Event, to_json
+from portrace.events import EVENT_TYPES, Event, Malformed, from_json, to_json
 
 SEGMENT_PREFIX = "portrace-"
 PLAIN, GZIPPED = ".jsonl", ".jsonl.gz"
@@ -185,85 +185,6 @@ class EvidenceDir:
         os.close(self._dirfd)
 
 
-# What the report and the lab read of each event type: field -> JSON types.
-# An event without one of them, or with another type, is skipped and counted.
-_TS = "timestamp"  # an ISO 8601 string with a zone
-_ENDPOINT = {"addr": (str,), "port": (int,)}
-_CALL = {"pid": (int,), "comm": (str,), "addr": (str,), "port": (int,)}
-_FAILURE = {**_CALL, "errno": (str,), "blockers": (list,), "verdict": (dict,),
-            "sysctls": (dict, type(None)), "process": (dict, type(None))}
-SHAPES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "ready": {"kernel": (str,), "ports": (list,), "host": (dict, type(None))},
-    "state": {"local": (dict,), "remote": (dict,), "old": (str,), "new": (str,)},
-    "bind": _CALL,
-    "listen": _CALL,
-    "bind_error": _FAILURE,
-    "listen_error": _FAILURE,
-    "connect_error": _FAILURE,
-    "lost": {"count": (int,)},
-    "error": {"where": (str,), "message": (str,)},
-    "repeats": {**_CALL, "since": (_TS,), "call": (str,), "count": (int,)},
-}
-_VERDICT = {"cause": (str,), "summary": (str,), "advice": (list,)}
-_BLOCKER = {"state": (str,), "local": (dict,), "remote": (dict, type(None)),
-            "processes": (list,), "expires_s": (int, float, type(None)),
-            "closed_by": (dict, type(None))}
-_HOLDER = {"pid": (int,), "comm": (str,)}
-_CLOSER = {"pid": (int,), "comm": (str,), "ts": (_TS,)}
-
-
-_MISSING = object()
-
-
-def _mistyped(obj: dict[str, Any], shape: dict[str, tuple[Any, ...]], where: str) -> str | None:
-    for name, kinds in shape.items():
-        value = obj.get(name, _MISSING)
-        if value is _MISSING:
-            return f"{where}{name} is missing"
-        if _TS in kinds:
-            if not (isinstance(value, str) and _aware(value)):
-                return f"{where}{name} is not an ISO 8601 time with a zone"
-        elif isinstance(value, bool) or not isinstance(value, kinds):
-            return f"{where}{name} has the wrong type ({type(value).__name__})"
-    return None
-
-
-def _aware(text: str) -> bool:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is not None
-    except ValueError:
-        return False
-
-
-def shape_error(ev: Any) -> str | None:
-    """Why ``ev`` is not an event portrace's readers can use, or None."""
-    if not isinstance(ev, dict) or ev.get("type") not in SHAPES:
-        return "not a portrace event"
-    problem = _mistyped(ev, {"ts": (_TS,), **SHAPES[ev["type"]]}, "")
-    if problem or ev["type"] not in ("bind_error", "listen_error", "connect_error"):
-        return problem
-    problem = _mistyped(ev["verdict"], _VERDICT, "verdict.")
-    for i, b in enumerate(ev["blockers"]):
-        problem = problem or _blocker_error(b, f"blockers[{i}].")
-    return problem
-
-
-def _blocker_error(b: Any, where: str) -> str | None:
-    if not isinstance(b, dict):
-        return f"{where} is not an object"
-    problem = _mistyped(b, _BLOCKER, where) or _mistyped(b["local"], _ENDPOINT, where + "local.")
-    if not problem and b["remote"] is not None:
-        problem = _mistyped(b["remote"], _ENDPOINT, where + "remote.")
-    if not problem and b["closed_by"] is not None:
-        problem = _mistyped(b["closed_by"], _CLOSER, where + "closed_by.")
-    for j, h in enumerate(b["processes"]):
-        if problem:
-            break
-        problem = (_mistyped(h, _HOLDER, f"{where}processes[{j}].") if isinstance(h, dict)
-                   else f"{where}processes[{j}] is not an object")
-    return problem
-
-
 @dataclass
 class ReadReport:
     """What the reader skipped or could not finish, per file."""
@@ -335,10 +256,10 @@ def _lines(path: Path, report: ReadReport) -> Iterator[tuple[int, str, bool]]:
         raise EvidenceError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def read(paths: Iterable[Path], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
-    """Every well-formed event in the evidence at ``paths``. Raises
-    EvidenceError for a file that is not portrace evidence (no line of it is
-    a portrace event, well-formed or not)."""
+def read(paths: Iterable[Path], report: ReadReport | None = None) -> Iterator[Event]:
+    """Every well-formed event in the evidence at ``paths``, typed
+    (events.from_json). Raises EvidenceError for a file that is not portrace
+    evidence (no line of it is a portrace event, well-formed or not)."""
     report = report if report is not None else ReadReport()
     for path in segments(paths):
         report.files.append(path)
@@ -348,18 +269,17 @@ def read(paths: Iterable[Path], report: ReadReport | None = None) -> Iterator[di
             if not text.strip():
                 continue
             try:
-                ev = json.loads(text)
-                if not (isinstance(ev, dict) and ev.get("type") in SHAPES):
+                obj = json.loads(text)
+                if not (isinstance(obj, dict) and obj.get("type") in EVENT_TYPES):
                     raise ValueError("JSON, but not a portrace event")
             except ValueError:
                 (report.corrupt if complete else report.torn).append(f"{path}:{n}")
                 first_bad = first_bad or text.strip()[:60]
                 continue
             good += 1
-            problem = shape_error(ev)
-            if problem:
-                report.malformed.append(f"{path}:{n}: {problem}")
-                continue
-            yield ev
+            try:
+                yield from_json(obj)
+            except Malformed as exc:
+                report.malformed.append(f"{path}:{n}: {exc}")
         if not good and first_bad is not None:
             raise EvidenceError(f"{path} is not portrace evidence (first line: {first_bad!r})")

@@ -6,11 +6,10 @@ come from the processes themselves and may carry escape sequences."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 
 import click
 
-from portrace.diagnose import describe
+from portrace import phrases
 from portrace.engine import RATE_MAX, RATE_WINDOW_MS
 from portrace.events import (
     CallError,
@@ -25,25 +24,16 @@ from portrace.events import (
     StateChange,
     errno_name,
     format_endpoint,
-    printable,
 )
 
 
 def _styled(text: str, **style: object) -> str:
-    return click.style(printable(text), **style)  # type: ignore[arg-type]
+    return click.style(phrases.for_terminal(text), **style)  # type: ignore[arg-type]
 
 MAX_BLOCKERS_SHOWN = 5
 LOST_WHERE = {"kernel": "a ring buffer was full",
               "limit": f"over the port's rate of {RATE_MAX} failures per {RATE_WINDOW_MS} ms",
               "queue": "portrace's backlog of failures to diagnose was full"}
-
-
-def _clock(ev: Event) -> str:
-    return _clock_of(ev.ts)
-
-
-def _clock_of(ts: datetime) -> str:
-    return ts.astimezone().strftime("%H:%M:%S")
 
 
 # How the namespace was reached when not through the failing thread itself
@@ -58,7 +48,8 @@ NETNS_NOTES = {
 
 def _blocker_lines(ev: CallError | Check) -> list[str]:
     """The first blockers, then how many more there are, by state."""
-    lines = ["  " + _styled(describe(b), fg="yellow") for b in ev.blockers[:MAX_BLOCKERS_SHOWN]]
+    lines = ["  " + _styled(phrases.blocker(b), fg="yellow")
+             for b in ev.blockers[:MAX_BLOCKERS_SHOWN]]
     total = ev.blockers_total or len(ev.blockers)
     if total > MAX_BLOCKERS_SHOWN:
         by_state = ", ".join(f"{n} {state}" for state, n in
@@ -84,7 +75,7 @@ def format_check(ev: Check) -> list[str]:
     lines += _blocker_lines(ev)
     if ev.verdict is not None:
         lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}")
-        lines.extend(f"  - {printable(line)}" for line in ev.verdict.advice)
+        lines.extend(f"  - {phrases.for_terminal(line)}" for line in ev.verdict.advice)
     return lines
 
 
@@ -97,7 +88,8 @@ def format_failure(ev: CallError) -> list[str]:
         target = "(ephemeral port)" if a.call == "listen" else target
     owner = (ev.process or {}).get("owner")
     label = f" ({Owner.from_json(owner).label()})" if owner else ""
-    head = f"{_clock(ev)} {a.comm}[{a.pid}]{label} {a.call} {target} {errno_name(a.errno)}"
+    head = (f"{phrases.clock(ev.ts)} {phrases.task(a.comm, a.pid)}{label} {a.call} {target} "
+            f"{errno_name(a.errno)}")
     ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")
     lines = [_styled(head, bold=True) + _styled(f"  {a.protocol}, {ns}", dim=True)]
     lines += _blocker_lines(ev)
@@ -105,7 +97,7 @@ def format_failure(ev: CallError) -> list[str]:
         lines.append("  " + _styled(ev.verdict.summary, fg="yellow"))
     lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}"
                  + _styled(f"  (looked up {ev.lookup_ms:.1f} ms after the failure)", dim=True))
-    lines.extend(f"  - {printable(line)}" for line in ev.verdict.advice)
+    lines.extend(f"  - {phrases.for_terminal(line)}" for line in ev.verdict.advice)
     return lines
 
 
@@ -131,18 +123,18 @@ def format_event(ev: Event, states: bool) -> list[str]:
         return [_styled(f"portrace: error in the {ev.where} ({ev.count} so far){about}: "
                         f"{ev.message}", fg="red")]
     if isinstance(ev, Repeats):
-        return [_styled(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
+        return [_styled(f"{phrases.clock(ev.ts)} {phrases.task(ev.comm, ev.pid)} {ev.call} "
                             f"{format_endpoint(ev.addr, ev.port)} {errno_name(ev.errno)} "
-                            f"x{ev.count} more since {_clock_of(ev.since)} (the same failure, "
+                            f"x{ev.count} more since {phrases.clock(ev.since)} (the same failure, "
                             "not diagnosed again)", dim=True)]
     if not states:
         return []
     if isinstance(ev, StateChange):
-        who = f" {ev.owner.comm}[{ev.owner.pid}]" if ev.owner else ""
-        return [_styled(f"{_clock(ev)} {ev.local} <-> {ev.remote} {ev.old} -> {ev.new}{who}",
-                        dim=True)]
+        who = f" {phrases.task(ev.owner.comm, ev.owner.pid)}" if ev.owner else ""
+        return [_styled(f"{phrases.clock(ev.ts)} {ev.local} <-> {ev.remote} {ev.old} -> "
+                        f"{ev.new}{who}", dim=True)]
     if isinstance(ev, SocketCall):
-        return [_styled(f"{_clock(ev)} {ev.comm}[{ev.pid}] {ev.call} "
+        return [_styled(f"{phrases.clock(ev.ts)} {phrases.task(ev.comm, ev.pid)} {ev.call} "
                         f"{format_endpoint(ev.addr, ev.port)} ok", dim=True)]
     return []
 

@@ -1,45 +1,64 @@
 """Postmortem from evidence: per port, each *blocked window* (from the first
 failed bind()/listen() to the next successful one on that port), with its
 attempts, causes, blockers, who closed them, the processes involved (with
-build-ids) and the settings in force. Renders terminal text, Markdown, JSON,
-or one self-contained HTML file with a timeline."""
+build-ids) and the settings in force. Works on the typed events
+(evidence.read) and phrases them through portrace.phrases; renders terminal
+text, Markdown, JSON, or one self-contained HTML file with a timeline."""
 
 from __future__ import annotations
 
-import html
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from portrace.events import printable
+from portrace import phrases
+from portrace.events import (
+    Blocker,
+    CallError,
+    Event,
+    ProcessRef,
+    Ready,
+    Repeats,
+    SocketCall,
+    blocker_json,
+    iso,
+)
+from portrace.events import to_json as event_json
 
-FAILURES = ("bind_error", "listen_error")
-SUCCESSES = ("bind", "listen")
-
-Ev = dict[str, Any]
+FAILURES = ("bind", "listen")  # calls whose failures open a window; connect's are listed
 
 
-def parse_ts(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+@dataclass(frozen=True)
+class Involved:
+    """A process in a window: the one that failed, or one holding a blocker."""
+
+    role: str  # failed | held
+    process: ProcessRef
+
+    def line(self) -> str:
+        facts = self.process.facts or {}
+        exe = facts.get("exe") or "?"
+        bid = facts.get("build_id") or "no build-id"
+        return f"{phrases.process(self.process)} ({self.role}) {exe} build-id {bid}"
 
 
 @dataclass
 class Window:
     port: int
-    failures: list[Ev] = field(default_factory=list)
-    recovered_by: Ev | None = None
-    repeats: list[Ev] = field(default_factory=list)  # coalesced failures, counted
+    failures: list[CallError] = field(default_factory=list)
+    recovered_by: SocketCall | None = None
+    repeats: list[Repeats] = field(default_factory=list)  # coalesced failures, counted
 
     @property
     def start(self) -> datetime:
-        return parse_ts(self.failures[0]["ts"])
+        return self.failures[0].ts
 
     @property
     def end(self) -> datetime | None:
-        return None if self.recovered_by is None else parse_ts(self.recovered_by["ts"])
+        return None if self.recovered_by is None else self.recovered_by.ts
 
     def seconds(self, until: datetime) -> float:
         return ((self.end or until) - self.start).total_seconds()
@@ -47,36 +66,36 @@ class Window:
     @property
     def attempts(self) -> int:
         """Failed attempts, the coalesced repeats included."""
-        return len(self.failures) + sum(r["count"] for r in self.repeats)
+        return len(self.failures) + sum(r.count for r in self.repeats)
 
     def causes(self) -> Counter[str]:
         """Causes by attempt: a repeat has the cause of the report it repeats."""
-        out = Counter(f["verdict"]["cause"] for f in self.failures)
+        out = Counter(f.verdict.cause for f in self.failures)
         for r in self.repeats:
             of = next((f for f in reversed(self.failures)
-                       if f["pid"] == r["pid"] and f["ts"] <= r["since"]), None)
-            out[of["verdict"]["cause"] if of else "unknown"] += r["count"]
+                       if f.attempt.pid == r.pid and f.ts <= r.since), None)
+            out[of.verdict.cause if of else "unknown"] += r.count
         return out
 
-    def blockers(self) -> list[tuple[Ev, Ev]]:
+    def blockers(self) -> list[tuple[Blocker, CallError]]:
         """Distinct blockers (by state and 4-tuple), each with the failure
         that first showed it."""
-        seen: dict[tuple, tuple[Ev, Ev]] = {}
+        seen: dict[tuple[Any, ...], tuple[Blocker, CallError]] = {}
         for f in self.failures:
-            for b in f["blockers"]:
-                key = (b["state"], json.dumps(b["local"]), json.dumps(b["remote"]))
-                seen.setdefault(key, (b, f))
+            for b in f.blockers:
+                seen.setdefault((b.state, b.local, b.remote), (b, f))
         return list(seen.values())
 
-    def processes(self) -> list[Ev]:
+    def processes(self) -> list[Involved]:
         """Failing and holding processes, distinct by pid and build-id."""
-        out: dict[tuple, Ev] = {}
+        out: dict[tuple[int, Any], Involved] = {}
         for f in self.failures:
-            p = f.get("process") or {"pid": f["pid"], "comm": f["comm"]}
-            out.setdefault((p["pid"], p.get("build_id")), {**p, "role": "failed"})
-            for b in f["blockers"]:
-                for h in b["processes"]:
-                    out.setdefault((h["pid"], h.get("build_id")), {**h, "role": "held"})
+            a = f.attempt
+            p = ProcessRef(pid=a.pid, comm=a.comm, facts=f.process)
+            out.setdefault((a.pid, (f.process or {}).get("build_id")), Involved("failed", p))
+            for b in f.blockers:
+                for h in b.processes:
+                    out.setdefault((h.pid, (h.facts or {}).get("build_id")), Involved("held", h))
         return list(out.values())
 
 
@@ -85,89 +104,69 @@ class Postmortem:
     files: list[str]
     first: datetime | None
     last: datetime | None
-    hosts: list[Ev]
+    hosts: list[Ready]
     windows: dict[int, list[Window]]
     settings: dict[str, str]
-    connect_errors: list[Ev]
+    connect_errors: list[CallError]
+    successes: list[SocketCall]
     warnings: list[str]
 
 
-def analyze(events: Iterable[Ev], files: list[str], warnings: list[str],
+def analyze(events: Iterable[Event], files: list[str], warnings: list[str],
             since: datetime | None = None, until: datetime | None = None) -> Postmortem:
-    evs = sorted((e for e in events if (since is None or parse_ts(e["ts"]) >= since)
-                  and (until is None or parse_ts(e["ts"]) <= until)),
-                 key=lambda e: e["ts"])
+    evs = sorted((e for e in events if (since is None or e.ts >= since)
+                  and (until is None or e.ts <= until)), key=lambda e: e.ts)
     windows: dict[int, list[Window]] = {}
     open_: dict[int, Window] = {}
     settings: dict[str, str] = {}
-    hosts: list[Ev] = []
-    connects: list[Ev] = []
+    hosts: list[Ready] = []
+    connects: list[CallError] = []
+    successes: list[SocketCall] = []
     for e in evs:
-        t = e["type"]
-        if t == "ready":
-            hosts.append({"ts": e["ts"], "kernel": e.get("kernel"), **(e.get("host") or {}),
-                          "options": e.get("options")})
-        elif t in FAILURES:
-            settings.update(e.get("sysctls") or {})
-            w = open_.get(e["port"])
+        if isinstance(e, Ready):
+            hosts.append(e)
+        elif isinstance(e, CallError) and e.attempt.call in FAILURES:
+            settings.update(e.sysctls)
+            port = e.attempt.port
+            w = open_.get(port)
             if w is None:
-                w = open_[e["port"]] = Window(e["port"])
-                windows.setdefault(e["port"], []).append(w)
+                w = open_[port] = Window(port)
+                windows.setdefault(port, []).append(w)
             w.failures.append(e)
-        elif t == "repeats" and e["call"] != "connect" and e["port"] in open_:
-            open_[e["port"]].repeats.append(e)
-        elif t in SUCCESSES and e["port"] in open_:
-            open_.pop(e["port"]).recovered_by = e
-        elif t == "connect_error":
-            settings.update(e.get("sysctls") or {})
+        elif isinstance(e, CallError):
+            settings.update(e.sysctls)
             connects.append(e)
-    return Postmortem(files=files, first=parse_ts(evs[0]["ts"]) if evs else None,
-                      last=parse_ts(evs[-1]["ts"]) if evs else None, hosts=hosts,
-                      windows=windows, settings=settings, connect_errors=connects,
+        elif isinstance(e, Repeats) and e.call != "connect" and e.port in open_:
+            open_[e.port].repeats.append(e)
+        elif isinstance(e, SocketCall) and e.ok and e.call in FAILURES:
+            successes.append(e)
+            if e.port in open_:
+                open_.pop(e.port).recovered_by = e
+    return Postmortem(files=files, first=evs[0].ts if evs else None,
+                      last=evs[-1].ts if evs else None, hosts=hosts, windows=windows,
+                      settings=settings, connect_errors=connects, successes=successes,
                       warnings=warnings)
 
 
-# -- shared phrasing ------------------------------------------------------------
-
-def _t(ts: datetime | str) -> str:
-    d = parse_ts(ts) if isinstance(ts, str) else ts
-    return d.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
-
-
-def _blocker_line(b: Ev) -> str:
-    remote = b.get("remote")
-    where = f"{_ep(b['local'])}" + (f" <- {_ep(remote)}" if remote else "")
-    parts = [f"{b['state']} {where}"]
-    if b.get("expires_s") is not None:
-        parts.append(f"{b['expires_s']:.1f} s left then")
-    if b.get("closed_by"):
-        c = b["closed_by"]
-        parts.append(f"closed by {c['comm']}[{c['pid']}] at {_t(c['ts'])}")
-    if b.get("processes"):
-        parts.append("held by " + ", ".join(f"{p['comm']}[{p['pid']}]" for p in b["processes"]))
-    return ", ".join(parts)
-
-
-def _ep(ep: Ev) -> str:
-    a = ep["addr"]
-    return f"[{a}]:{ep['port']}" if ":" in a else f"{a}:{ep['port']}"
-
-
-def _proc_line(p: Ev) -> str:
-    exe = p.get("exe") or "?"
-    bid = p.get("build_id") or "no build-id"
-    return f"{p['comm']}[{p['pid']}] ({p['role']}) {exe} build-id {bid}"
-
-
 def _window_head(w: Window, last: datetime) -> str:
-    if w.recovered_by is not None:
-        r = w.recovered_by
-        end = (f"{_t(w.end)} ({w.seconds(last):.1f} s blocked), recovered by "  # type: ignore[arg-type]
-               f"{r['comm']}[{r['pid']}] {r['type']}")
+    r = w.recovered_by
+    if r is not None:
+        end = (f"{phrases.moment(r.ts)} ({w.seconds(last):.1f} s blocked), recovered by "
+               f"{phrases.task(r.comm, r.pid)} {r.call}")
     else:
         end = f"still blocked at the end of the evidence ({w.seconds(last):.1f} s)"
     n = w.attempts
-    return f"{_t(w.start)} -> {end}; {n} failed attempt{'s' * (n != 1)}"
+    return f"{phrases.moment(w.start)} -> {end}; {n} failed attempt{'s' * (n != 1)}"
+
+
+def _causes(w: Window, times: str) -> str:
+    return ", ".join(f"{c} {times}{n}" for c, n in w.causes().most_common())
+
+
+def _host(pm: Postmortem) -> str | None:
+    for h in pm.hosts[:1]:
+        return f"host {h.host.get('hostname', '?')}, kernel {h.kernel}"
+    return None
 
 
 # -- renderers ------------------------------------------------------------------
@@ -175,10 +174,12 @@ def _window_head(w: Window, last: datetime) -> str:
 def to_text(pm: Postmortem, markdown: bool = False) -> str:
     h1, h2, li = ("# ", "## ", "- ") if markdown else ("", "", "  ")
     out = []
-    span = f"{_t(pm.first)} .. {_t(pm.last)}" if pm.first and pm.last else "no events"
+    span = (f"{phrases.moment(pm.first)} .. {phrases.moment(pm.last)}"
+            if pm.first and pm.last else "no events")
     out.append(f"{h1}portrace postmortem: {span}")
-    for h in pm.hosts[:1]:
-        out.append(f"{li}host {h.get('hostname', '?')}, kernel {h.get('kernel', '?')}")
+    host = _host(pm)
+    if host:
+        out.append(f"{li}{host}")
     out.append(f"{li}evidence: {len(pm.files)} file(s)")
     for warning in pm.warnings:
         out.append(f"{li}warning: {warning}")
@@ -191,36 +192,33 @@ def to_text(pm: Postmortem, markdown: bool = False) -> str:
         for w in windows:
             out.append(f"\n{li}{_window_head(w, last)}" if not markdown
                        else f"\n### {_window_head(w, last)}\n")
-            causes = ", ".join(f"{c} x{n}" for c, n in w.causes().most_common())
-            out.append(f"{li}  cause: {causes}")
+            out.append(f"{li}  cause: {_causes(w, 'x')}")
             for b, _f in w.blockers():
-                out.append(f"{li}  blocker: {_blocker_line(b)}")
-            advice = w.failures[-1]["verdict"]["advice"]
+                out.append(f"{li}  blocker: {phrases.blocker(b)}")
+            advice = w.failures[-1].verdict.advice
             if advice:
                 out.append(f"{li}  advice: {advice[0]}")
             for p in w.processes():
-                out.append(f"{li}  process: {_proc_line(p)}")
+                out.append(f"{li}  process: {p.line()}")
     if pm.connect_errors:
         out.append(f"\n{h2}connect() failures: {len(pm.connect_errors)}")
         for e in pm.connect_errors[:20]:
-            out.append(f"{li}{_t(e['ts'])} {e['comm']}[{e['pid']}]: {e['verdict']['summary']}")
+            out.append(f"{li}{phrases.moment(e.ts)} {phrases.task(e.attempt.comm, e.attempt.pid)}"
+                       f": {e.verdict.summary}")
     if pm.settings:
         out.append(f"\n{h2}settings in force (the failing processes' namespaces)")
         for k, v in sorted(pm.settings.items()):
             out.append(f"{li}{'`' if markdown else ''}{k} = {v}{'`' if markdown else ''}")
-    return "\n".join(_safe_line(line, markdown) for line in out) + "\n"
+    safe = phrases.for_markdown if markdown else phrases.for_terminal
+    return "\n".join(_lines_kept(line, safe) for line in out) + "\n"
 
 
-def _safe_line(line: str, markdown: bool) -> str:
-    """A report line with every name in it made printable; the newlines the
-    report itself puts around it are kept. Markdown also gets <, > and &
-    escaped, so a name cannot become markup in a rendered page."""
+def _lines_kept(line: str, safe: Callable[[str], str]) -> str:
+    """A report line made safe for its medium; the newlines the report itself
+    puts around it are kept."""
     body = line.strip("\n")
     lead, tail = line[:len(line) - len(line.lstrip("\n"))], line[len(line.rstrip("\n")):]
-    body = printable(body)
-    if markdown:
-        body = html.escape(body, quote=False)
-    return lead + body + tail
+    return lead + safe(body) + tail
 
 
 def to_json(pm: Postmortem) -> dict[str, Any]:
@@ -229,7 +227,8 @@ def to_json(pm: Postmortem) -> dict[str, Any]:
         "files": pm.files,
         "first": pm.first.isoformat() if pm.first else None,
         "last": pm.last.isoformat() if pm.last else None,
-        "hosts": pm.hosts,
+        "hosts": [{"ts": iso(h.ts), "kernel": h.kernel, **h.host, "options": h.options}
+                  for h in pm.hosts],
         "warnings": pm.warnings,
         "ports": {
             str(port): [
@@ -240,15 +239,17 @@ def to_json(pm: Postmortem) -> dict[str, Any]:
                     "recovered": w.recovered_by is not None,
                     "attempts": w.attempts,
                     "causes": dict(w.causes()),
-                    "blockers": [b for b, _ in w.blockers()],
-                    "processes": w.processes(),
-                    "recovered_by": w.recovered_by,
+                    "blockers": [blocker_json(b) for b, _ in w.blockers()],
+                    "processes": [{**(p.process.facts or {}), "pid": p.process.pid,
+                                   "comm": p.process.comm, "role": p.role}
+                                  for p in w.processes()],
+                    "recovered_by": event_json(w.recovered_by) if w.recovered_by else None,
                 }
                 for w in windows
             ]
             for port, windows in sorted(pm.windows.items())
         },
-        "connect_errors": pm.connect_errors,
+        "connect_errors": [event_json(e) for e in pm.connect_errors],
         "settings": pm.settings,
     }
 
@@ -262,14 +263,15 @@ text-align:left;vertical-align:top}code{font-size:.92em}
 .failure{fill:#d33}.success{fill:#2a2}.expiry{stroke:#e90;stroke-width:6}
 .axis{stroke:#999}.lbl{font-size:11px;fill:#555}
 """
+e = phrases.for_html
 
 
 def _dot(kind: str, x: float, y: int, r: int, title: str) -> str:
     return (f'<circle class="mark {kind}" cx="{x:.1f}" cy="{y}" r="{r}">'
-            f'<title>{_e(title)}</title></circle>')
+            f'<title>{e(title)}</title></circle>')
 
 
-def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
+def _svg_timeline(port: int, windows: list[Window], successes: list[SocketCall],
                   t0: datetime, t1: datetime) -> str:
     width, height, pad = 1000, 120, 40
     span = max((t1 - t0).total_seconds(), 1e-3)
@@ -278,9 +280,9 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
         return pad + (width - 2 * pad) * (ts - t0).total_seconds() / span
 
     marks = [f'<line class="axis" x1="{pad}" y1="95" x2="{width - pad}" y2="95"/>',
-             f'<text class="lbl" x="{pad}" y="112">{html.escape(_t(t0))}</text>',
+             f'<text class="lbl" x="{pad}" y="112">{e(phrases.moment(t0))}</text>',
              f'<text class="lbl" x="{width - pad}" y="112" text-anchor="end">'
-             f'{html.escape(_t(t1))}</text>']
+             f'{e(phrases.moment(t1))}</text>']
     for w in windows:
         end = w.end or t1
         marks.append(f'<rect class="mark window" x="{x(w.start):.1f}" y="10" '
@@ -288,51 +290,45 @@ def _svg_timeline(port: int, windows: list[Window], successes: list[Ev],
                      f'<title>blocked {w.seconds(t1):.1f} s, {w.attempts} attempts'
                      f'</title></rect>')
         for f in w.failures:
-            ts = parse_ts(f["ts"])
-            marks.append(_dot("failure", x(ts), 30, 5, f"{_t(ts)} {f['comm']}[{f['pid']}] "
-                              f"{f['type']} {f['verdict']['cause']}"))
-            for b in f["blockers"]:
-                if b.get("expires_s"):
+            a = f.attempt
+            marks.append(_dot("failure", x(f.ts), 30, 5, f"{phrases.moment(f.ts)} "
+                              f"{phrases.task(a.comm, a.pid)} {f.type} {f.verdict.cause}"))
+            for b in f.blockers:
+                if b.expires_s:
                     # Drawn until its timer ends, or until the port was taken
                     # (it may have been destroyed, e.g. by ss -K, before).
-                    gone = ts + timedelta(seconds=b["expires_s"])
+                    gone = f.ts + timedelta(seconds=b.expires_s)
                     stop = min(gone, w.end or t1, t1)
-                    marks.append(f'<line class="mark expiry" x1="{x(ts):.1f}" y1="60" '
+                    marks.append(f'<line class="mark expiry" x1="{x(f.ts):.1f}" y1="60" '
                                  f'x2="{x(stop):.1f}" y2="60"><title>'
-                                 f'{_e(b["state"])}, timer until {_e(_t(gone))}'
+                                 f'{e(b.state)}, timer until {e(phrases.moment(gone))}'
                                  f'</title></line>')
         for r in w.repeats:
-            ts = parse_ts(r["ts"])
-            marks.append(_dot("failure", x(ts), 30, 4, f"{_t(ts)} {r['comm']}[{r['pid']}] "
-                              f"x{r['count']} more, same failure"))
+            marks.append(_dot("failure", x(r.ts), 30, 4, f"{phrases.moment(r.ts)} "
+                              f"{phrases.task(r.comm, r.pid)} x{r.count} more, same failure"))
     for s in successes:
-        ts = parse_ts(s["ts"])
-        marks.append(_dot("success", x(ts), 80, 5,
-                          f"{_t(ts)} {s['comm']}[{s['pid']}] {s['type']} ok"))
+        marks.append(_dot("success", x(s.ts), 80, 5, f"{phrases.moment(s.ts)} "
+                          f"{phrases.task(s.comm, s.pid)} {s.call} ok"))
     return (f'<svg class="timeline" data-port="{port}" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="timeline of port {port}">'
             + "".join(marks) + "</svg>")
 
 
-def _e(value: object) -> str:
-    return html.escape(printable(str(value)))
-
-
-def to_html(pm: Postmortem, successes: list[Ev]) -> str:
-    e = _e
-    body = [f"<h1>portrace postmortem</h1><p>{e(_t(pm.first)) if pm.first else ''} .. "
-            f"{e(_t(pm.last)) if pm.last else ''}; {len(pm.files)} evidence file(s)</p>"]
-    for h in pm.hosts[:1]:
-        body.append(f"<p>host <b>{e(str(h.get('hostname')))}</b>, kernel "
-                    f"<code>{e(str(h.get('kernel')))}</code></p>")
+def to_html(pm: Postmortem) -> str:
+    body = [f"<h1>portrace postmortem</h1><p>{e(phrases.moment(pm.first)) if pm.first else ''}"
+            f" .. {e(phrases.moment(pm.last)) if pm.last else ''}; {len(pm.files)} evidence "
+            "file(s)</p>"]
+    host = _host(pm)
+    if host:
+        body.append(f"<p>{e(host)}</p>")
     for warning in pm.warnings:
         body.append(f"<p>warning: {e(warning)}</p>")
     legend = ("<p class='lbl'>red band: blocked window; red dot: failed attempt; orange: a "
               "TIME_WAIT/FIN_WAIT2 blocker, until its timer ends or the port is taken; green: "
               "successful bind/listen</p>")
     for port, windows in sorted(pm.windows.items()):
-        port_ok = [s for s in successes if s["port"] == port]
-        times = [w.start for w in windows] + [parse_ts(s["ts"]) for s in port_ok]
+        port_ok = [s for s in pm.successes if s.port == port]
+        times = [w.start for w in windows] + [s.ts for s in port_ok]
         times += [w.end or pm.last for w in windows if pm.last]
         t0, t1 = min(times), max(times)
         t0 -= timedelta(seconds=max(0.5, (t1 - t0).total_seconds() * 0.05))
@@ -342,10 +338,9 @@ def to_html(pm: Postmortem, successes: list[Ev]) -> str:
         rows = []
         last = pm.last or t1
         for w in windows:
-            causes = ", ".join(f"{c} ×{n}" for c, n in w.causes().most_common())
-            blockers = "<br>".join(e(_blocker_line(b)) for b, _ in w.blockers())
-            procs = "<br>".join(e(_proc_line(p)) for p in w.processes())
-            rows.append(f"<tr><td>{e(_window_head(w, last))}</td><td>{e(causes)}</td>"
+            blockers = "<br>".join(e(phrases.blocker(b)) for b, _ in w.blockers())
+            procs = "<br>".join(e(p.line()) for p in w.processes())
+            rows.append(f"<tr><td>{e(_window_head(w, last))}</td><td>{e(_causes(w, '×'))}</td>"
                         f"<td>{blockers}</td><td>{procs}</td></tr>")
         body.append("<table><tr><th>window</th><th>cause</th><th>blockers</th>"
                     "<th>processes (build-id)</th></tr>" + "".join(rows) + "</table>")
@@ -355,3 +350,7 @@ def to_html(pm: Postmortem, successes: list[Ev]) -> str:
             for k, v in sorted(pm.settings.items())) + "</table>")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>portrace postmortem"
             f"</title><style>{CSS}</style></head><body>" + "".join(body) + "</body></html>\n")
+
+
+def dumps(pm: Postmortem) -> str:
+    return json.dumps(to_json(pm), indent=2) + "\n"
