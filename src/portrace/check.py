@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from portrace import advice, context, diagnose, engine, errors, owners, phrases, sockets
-from portrace.events import Check, Netns, Owner, SocketCall, SockOpts
+from portrace.events import Blocker, Check, Netns, Owner, SocketCall, SockOpts
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
 ENGINES = ("auto", "core", "sock_diag")
@@ -108,10 +108,12 @@ class Looker:
 
 def judge(wanted: Wanted, snap: sockets.Snapshot, netns: Netns, engine_name: str,
           can_destroy: bool | None, run_in: str, ts: datetime,
-          belongs: Mapping[tuple[int, int], Owner]) -> Check:
+          belongs: Mapping[tuple[int, int], Owner],
+          facts: Callable[[list[Blocker]], tuple[Blocker, ...]] = context.with_facts
+          ) -> Check:
     """The check's answer from one snapshot and its holders' owners: pure but
-    for the holders' process facts (context.with_facts), read only when
-    something blocks."""
+    for ``facts``, which adds the holders' process facts (replaying a recorded
+    observation passes ``tuple``)."""
     attempt = wanted.attempt(ts)
     v6default = snap.sysctls.get("net.ipv6.bindv6only")
     req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
@@ -124,7 +126,7 @@ def judge(wanted: Wanted, snap: sockets.Snapshot, netns: Netns, engine_name: str
     listed, total, by_state = diagnose.summarised(blockers)
     return Check(ts=ts, protocol=wanted.protocol, family=wanted.family, addr=wanted.addr,
                  port=wanted.port, opts=wanted.opts, uid=wanted.uid, netns=netns,
-                 engine=engine_name, blockers=context.with_facts(listed), verdict=verdict,
+                 engine=engine_name, blockers=facts(listed), verdict=verdict,
                  sysctls=dict(snap.sysctls), can_destroy=can_destroy, blockers_total=total,
                  blockers_by_state=by_state)
 
