@@ -37,15 +37,22 @@ def scratch() -> Iterator[ScratchNetns]:
         yield ns
 
 
+AS_USER = ("import os, sys, pyroute2, portrace.check, portrace.cli; os.setgroups([]); "
+           "os.setgid({uid}); os.setuid({uid}); sys.path.remove('') if '' in sys.path else None; "
+           "portrace.cli.main(sys.argv[1:])")
+
+
 def check(*args: str, uid: int | None = None, timeout: float = 60,
           env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]], str]:
     """Run `portrace check --json ARGS` (as ``uid``, with ``env`` added):
     exit code, one answer per port, stderr."""
     argv = [sys.executable, "-m", "portrace", "check", "--json", *args]
     if uid is not None:
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+        # Imports as root, then the user's uid before anything runs: CI's clone
+        # (and its venv) may be closed to other users, and a real user's venv is not.
+        argv = [sys.executable, "-c", AS_USER.format(uid=uid), "check", "--json", *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd="/")
     if "--engine" in args and "core" in args and done.returncode in (6, 12, 13, 14) and IN_CI:
         pytest.fail(f"the CO-RE engine did not load in CI: {done.stderr}")
     assert "Traceback" not in done.stderr, done.stderr

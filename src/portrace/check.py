@@ -73,14 +73,15 @@ class Looker:
     def open(self) -> Looker:
         if self.requested == "sock_diag":
             return self
-        why_not = engine.core_unavailable()
         if self.requested == "core":
             engine.require_bpf()
-            if why_not is not None:
+        elif os.geteuid() != 0 or not engine.can_load_tracing_bpf(engine.effective_caps()):
+            return self  # auto without the right to load BPF: sock_diag, asked nothing else
+        why_not = engine.core_unavailable()
+        if why_not is not None:
+            if self.requested == "core":
                 raise (errors.NoKernelBtf if "BTF" in why_not else errors.NoLibbpf)(
                     f"--engine core: {why_not}")
-        elif why_not is not None or os.geteuid() != 0 or not engine.can_load_tracing_bpf(
-                engine.effective_caps()):
             return self
         from portrace.core import CoreEngine
 
