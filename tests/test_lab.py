@@ -84,3 +84,31 @@ def test_host_mode_needs_yes_and_restores_what_it_changed():
     [run] = json.loads(r.stdout)["runs"]
     assert run["sysctls"]["net.ipv4.tcp_fin_timeout"] == "33"  # in force during the run
     assert fin.read_text() == before  # and restored
+
+
+def test_baseline_turns_before_and_after_into_a_verdict_and_an_exit_status(tmp_path: Path):
+    """validate-sysctl.sh's gate: a saved run, then the same scenarios after a
+    change, judged by the lab's own rules."""
+    long_fin, short_fin = tmp_path / "fin60.json", tmp_path / "fin2.json"
+    r = lab("restart-finwait2", "restart-timewait", "--within", "4", "--save", str(long_fin))
+    assert r.returncode == 0, r.stderr
+    r = lab("restart-finwait2", "restart-timewait", "--within", "4", "--sysctl",
+            "net.ipv4.tcp_fin_timeout=2", "--baseline", str(long_fin), "--save",
+            str(short_fin))
+    assert r.returncode == 0, r.stderr
+    assert (f"against {long_fin}: tcp_fin_timeout=2: restart-finwait2 improved, "
+            "restart-timewait unchanged") in r.stdout
+    assert json.loads(short_fin.read_text())["judged"] == {
+        "restart-finwait2": "improved", "restart-timewait": "unchanged"}
+    r = lab("restart-finwait2", "--within", "4", "--baseline", str(short_fin))
+    assert r.returncode == 19, r.stdout + r.stderr
+    assert "restart-finwait2 worse" in r.stdout
+    assert r.stderr.strip() == "portrace: measured worse than the baseline: restart-finwait2"
+
+
+def test_a_baseline_that_is_not_lab_json_is_one_line_exit_2(tmp_path: Path):
+    bad = tmp_path / "before.json"
+    bad.write_text('{"runs": [{"scenario": 1}]}')
+    r = lab("restart-finwait2", "--within", "1", "--baseline", str(bad))
+    assert r.returncode == 2 and "not the JSON of portrace lab" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Run the lab on this VM's real (host) namespace before and after applying a
-# sysctl file, and keep both results under vagrant/results/<file name>/.
+# sysctl file, keep both results under vagrant/results/<file name>/, and judge
+# after against before with the lab's own rules:
 #   sudo validate-sysctl.sh FILE.conf [SCENARIO...]
+# prints e.g. "against .../before.json: tcp_fin_timeout=15: restart-finwait2
+# improved, restart-timewait unchanged" and exits as `portrace lab --baseline`
+# does: 0, or 19 when a scenario measured worse (a pipeline's gate).
 set -euo pipefail
 file=${1:?usage: validate-sysctl.sh FILE.conf [SCENARIO...]}
 shift
@@ -12,15 +16,15 @@ project=$(dirname "$here")
 portrace="$project/.venv/bin/portrace"
 out="$here/results/$(basename "$file" .conf)"
 mkdir -p "$out"
+rm -f "$out/before.json" "$out/after.json"
 
-run() {  # $1: before | after
-    "$portrace" lab "${scenarios[@]}" --host --yes --within 10 \
-        --evidence "$out/$1-evidence" | tee "$out/$1.txt"
-    "$portrace" lab "${scenarios[@]}" --host --yes --within 10 --json > "$out/$1.json"
-}
-
-run before
+"$portrace" lab "${scenarios[@]}" --host --yes --within 10 \
+    --evidence "$out/before-evidence" --save "$out/before.json" | tee "$out/before.txt"
 install -m 0644 "$file" "/etc/sysctl.d/90-portrace-$(basename "$file")"
 sysctl --system >/dev/null
-run after
-echo "validate-sysctl: results in $out (before.txt, after.txt, *.json, *-evidence/)"
+status=0
+"$portrace" lab "${scenarios[@]}" --host --yes --within 10 \
+    --evidence "$out/after-evidence" --save "$out/after.json" \
+    --baseline "$out/before.json" | tee "$out/after.txt" || status=${PIPESTATUS[0]}
+echo "validate-sysctl: results in $out (before/after .txt, .json, -evidence/); exit $status"
+exit "$status"

@@ -355,17 +355,26 @@ def _key_value(text: str) -> tuple[str, str]:
               help="One run per value; the last is judged against the first.")
 @click.option("--within", type=Finite(1, 300), default=10.0, show_default=True,
               help="Seconds a restart may retry, or the client may connect.")
-@click.option("--expect", type=click.Choice(["fixed", "improved", "unchanged"]),
-              help="Exit 0 only if every scenario's comparison came out so (needs --compare).")
+@click.option("--expect", type=click.Choice(["fixed", "improved", "unchanged", "worse"]),
+              help="Exit 0 only if every scenario's comparison came out so (needs --compare "
+                   "or --baseline).")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of tables.")
 @click.option("--host", is_flag=True,
               help="Run in this namespace, changing the host's sysctls (restored after).")
 @click.option("--yes", is_flag=True, help="Confirm --host.")
 @click.option("--evidence", type=click.Path(file_okay=False, path_type=Path),
               help="Also record the runs' evidence there (as portrace record does).")
+@click.option("--save", type=PrivateFile(append=False), metavar="FILE",
+              help="Also write the runs as JSON (what --json prints) to FILE, for a later "
+                   "--baseline.")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Judge each scenario's run against its run in FILE (an earlier --save or "
+                   "--json): fixed, improved, unchanged or worse. Without --expect, exit 19 "
+                   "if one is worse.")
 def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
         compare: str | None, within: float, expect: str | None, as_json: bool, host: bool,
-        yes: bool, evidence: Path | None) -> None:
+        yes: bool, evidence: Path | None, save: IO[str] | None,
+        baseline: Path | None) -> None:
     """Run SCENARIOs (restart-timewait[:neither|old|new|both], restart-finwait2,
     listener-held, connect-exhaustion) with and without sysctl changes, each in a
     fresh network namespace, and show what moved."""
@@ -374,8 +383,12 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
     if host and not yes:
         raise click.UsageError("--host changes this machine's sysctls (they are restored "
                                "after); say --yes to do that")
-    if expect and not compare:
-        raise click.UsageError("--expect judges a --compare")
+    if expect and not (compare or baseline):
+        raise click.UsageError("--expect judges a --compare or a --baseline")
+    if compare and baseline:
+        raise click.UsageError("--compare and --baseline are two ways to judge; give one")
+    before = lab_mod.load_baseline(baseline) if baseline is not None else {}
+    changed = "no setting changed"
     parsed = [lab_mod.parse_scenario(s) for s in scenarios]
     fixed = [_key_value(s) for s in sysctls]
     cmp = None
@@ -397,18 +410,35 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
             results.extend(outcomes)
             if len(outcomes) > 1:
                 verdicts[outcomes[0].scenario] = lab_mod.judge(outcomes[0], outcomes[-1])
+            if baseline is not None and outcomes[-1].scenario in before:
+                last = outcomes[-1]
+                verdicts[last.scenario] = lab_mod.judge(before[last.scenario], last)
+                changed = lab_mod.changed_settings(before[last.scenario], last)
             if not as_json:
                 click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n")
     if writer is not None:
         writer.close()
+    document = json.dumps({"runs": [o.to_json() for o in results], "judged": verdicts},
+                          indent=2)
     if as_json:
-        click.echo(json.dumps({"runs": [o.to_json() for o in results],
-                               "judged": verdicts}, indent=2))
+        click.echo(document)
+    if save is not None:
+        save.write(document + "\n")
+        save.close()
+    if baseline is not None:
+        missing = [n for n in (lab_mod.scenario_name(*p) for p in parsed) if n not in before]
+        said = ", ".join(f"{s} {v}" for s, v in verdicts.items())
+        click.echo(f"portrace lab: against {baseline}: {changed}: {said}"
+                   + (f"; not in the baseline: {', '.join(missing)}" if missing else ""),
+                   err=as_json)
     if expect:
         wrong = {s: v for s, v in verdicts.items() if v != expect}
         if wrong:
             raise lab_mod.ExpectationFailed(
                 f"expected {expect}, measured " + ", ".join(f"{s}: {v}" for s, v in wrong.items()))
+    elif baseline is not None and "worse" in verdicts.values():
+        raise lab_mod.Worse("measured worse than the baseline: " + ", ".join(
+            s for s, v in verdicts.items() if v == "worse"))
 
 
 class Address(click.ParamType):

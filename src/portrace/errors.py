@@ -33,6 +33,7 @@ class ExitStatus(IntEnum):
     EVIDENCE_BUSY = 16
     OUTPUT_FAILED = 17
     DEMO_MISSED = 18
+    WORSE = 19
     INTERNAL = 70  # sysexits.h EX_SOFTWARE
     INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
@@ -60,6 +61,7 @@ EXIT_TEXT: dict[ExitStatus, str] = {
     ExitStatus.EVIDENCE_BUSY: "another portrace records into that evidence directory",
     ExitStatus.OUTPUT_FAILED: "the main output cannot be written (stdout closed, disk full)",
     ExitStatus.DEMO_MISSED: "portrace demo: a staged conflict was not diagnosed as staged",
+    ExitStatus.WORSE: "portrace lab --baseline: a scenario measured worse than its baseline",
     ExitStatus.INTERNAL: "internal error: a bug in portrace (the traceback is printed; please "
                          "report it)",
     ExitStatus.INTERRUPTED: "interrupted (Ctrl-C) before the work was done",

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from portrace.errors import ExitStatus, PortraceError, StagingFailed
@@ -42,6 +43,16 @@ class LabError(PortraceError):
 
 class ExpectationFailed(PortraceError):
     exit_code = ExitStatus.EXPECTATION_FAILED
+
+
+class BadBaseline(PortraceError):
+    exit_code = ExitStatus.USAGE
+
+
+class Worse(PortraceError):
+    """A scenario measured worse than its baseline (--baseline without --expect)."""
+
+    exit_code = ExitStatus.WORSE
 
 
 @dataclass
@@ -66,6 +77,23 @@ class Outcome:
         if self.scenario.startswith("connect"):
             return None
         return self.within_s if self.recovered_s is None else self.recovered_s
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Outcome:
+        """A run of an earlier ``lab --json``/``--save``. Raises KeyError,
+        TypeError or ValueError for anything else."""
+        known = {"scenario", "variant", "attempts", "failures", "errnos", "recovered_s",
+                 "within_s", "verdicts", "sysctls"}
+        out = cls(scenario=str(d["scenario"]), variant=dict(d["variant"]),
+                  attempts=int(d["attempts"]), errnos={str(k): int(v) for k, v in
+                                                       dict(d["errnos"]).items()},
+                  recovered_s=None if d["recovered_s"] is None else float(d["recovered_s"]),
+                  within_s=float(d["within_s"]), verdicts=dict(d["verdicts"]),
+                  sysctls=dict(d["sysctls"]),
+                  detail={k: v for k, v in d.items() if k not in known})
+        if out.failures != int(d["failures"]):
+            raise ValueError("failures does not add up")
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "variant": self.variant, "attempts": self.attempts,
@@ -234,6 +262,11 @@ def parse_scenario(text: str) -> tuple[str, str]:
     return name, reuse
 
 
+def scenario_name(name: str, reuse: str) -> str:
+    """How a run names its scenario: parse_scenario's inverse."""
+    return name + (f":{reuse}" if reuse != "neither" else "")
+
+
 def variants(sysctls: list[tuple[str, str]], compare: tuple[str, list[str]] | None
              ) -> list[dict[str, str]]:
     base = dict(sysctls)
@@ -290,8 +323,8 @@ class Lab:
             elif ev.attempt.pid in pids:
                 causes[ev.verdict.cause] += 1
                 last_cause[ev.attempt.pid] = ev.verdict.cause
-        name = scenario + (f":{reuse}" if reuse != "neither" else "")
-        return Outcome(scenario=name, variant=variant, attempts=truth["attempts"],
+        return Outcome(scenario=scenario_name(scenario, reuse), variant=variant,
+                       attempts=truth["attempts"],
                        errnos=truth["errnos"], recovered_s=truth.get("recovered_s"),
                        within_s=self.within, verdicts=dict(causes), sysctls=in_force,
                        detail={"connected": truth["ok"]} if "ok" in truth else {})
@@ -300,8 +333,15 @@ class Lab:
 def judge(first: Outcome, last: Outcome) -> str:
     """fixed: the first failed and the last did not; improved: by
     IMPROVED_MARGIN, fewer failures, or less blocked time (and IMPROVED_MIN_S
-    less), or (connect) more connections made in the same time; unchanged:
-    none of these."""
+    less), or (connect) more connections made in the same time; worse: the
+    same rules the other way round; unchanged: none of these."""
+    better = _better(first, last)
+    if better == "unchanged" and _better(last, first) != "unchanged":
+        return "worse"
+    return better
+
+
+def _better(first: Outcome, last: Outcome) -> str:
     if first.failures and not last.failures:
         return "fixed"
     fewer = first.failures > 0 and last.failures <= first.failures * (1 - IMPROVED_MARGIN)
@@ -354,3 +394,24 @@ def table(outcomes: list[Outcome], compare_key: str | None) -> str:
                    f"{IMPROVED_MIN_S:g} s less blocked time, or {IMPROVED_MARGIN:.0%} more "
                    "connections made)")
     return "\n".join(out)
+
+
+def load_baseline(path: Path) -> dict[str, Outcome]:
+    """Scenario -> the run to judge against: the last run of each scenario in
+    an earlier ``lab --json``/``--save`` file. Raises BadBaseline."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        outcomes = [Outcome.from_json(r) for r in runs]
+    except OSError as exc:
+        raise BadBaseline(f"--baseline {path}: {exc.strerror or exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BadBaseline(f"--baseline {path}: not the JSON of portrace lab ({exc})") from None
+    return {o.scenario: o for o in outcomes}
+
+
+def changed_settings(before: Outcome, after: Outcome) -> str:
+    """``tcp_fin_timeout=15``: the sysctls in force that differ, short names."""
+    keys = sorted(k for k in set(before.sysctls) | set(after.sysctls)
+                  if before.sysctls.get(k) != after.sysctls.get(k))
+    return ", ".join(f"{k.split('.')[-1]}={after.sysctls.get(k, ABSENT)}" for k in keys) \
+        or "no setting changed"
