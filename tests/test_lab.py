@@ -112,3 +112,14 @@ def test_a_baseline_that_is_not_lab_json_is_one_line_exit_2(tmp_path: Path):
     r = lab("restart-finwait2", "--within", "1", "--baseline", str(bad))
     assert r.returncode == 2 and "not the JSON of portrace lab" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_host_runs_in_one_namespace_do_not_trip_over_each_others_leftovers():
+    """--host shares one namespace: restart-finwait2 leaves an orphaned
+    FIN_WAIT2 on its port for a minute; the next scenario must get a port of its own."""
+    r = lab("restart-finwait2", "restart-timewait", "--host", "--yes", "--within", "2",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)["runs"]
+    assert [run["scenario"] for run in runs] == ["restart-finwait2", "restart-timewait"]
+    assert all(run["failures"] > 0 for run in runs)  # each met its own staged blocker

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -30,6 +31,10 @@ from portrace.stage import ScratchNetns, Staged
 from portrace.tracer import Tracer
 
 PORT = 9190
+# --host runs share one namespace, where each run leaves its TIME_WAIT or
+# FIN_WAIT2 behind for up to a minute: each run there takes the first of these
+# ports nothing holds (a fresh namespace always has PORT free).
+HOST_PORTS = range(PORT, PORT + 64)
 CONNECT_RANGE = "42000 42063"  # 64 ephemeral ports: exhausted within a second
 IMPROVED_MARGIN = 0.2  # "improved": at least 20 % fewer failures or less blocked time
 IMPROVED_MIN_S = 1.0  # ... and for time, at least 1 s less
@@ -176,16 +181,16 @@ def _sysctl_write(key: str, value: str) -> None:
 
 # -- scenarios: each stages a failure and reports the truth --------------------
 
-def _restart(ns: Namespace, *roles: tuple[str, ...], new_args: tuple[str, ...],
+def _restart(ns: Namespace, port: int, *roles: tuple[str, ...], new_args: tuple[str, ...],
              within: float) -> tuple[dict[str, Any], list[int]]:
     netns = ns.scratch
     pids = []
     held = []
     for role in roles:
-        st = Staged(role[0], "127.0.0.1", PORT, *role[1:], name="old-server", netns=netns)
+        st = Staged(role[0], "127.0.0.1", port, *role[1:], name="old-server", netns=netns)
         held.append(st)
     try:
-        new = Staged("restart", "127.0.0.1", PORT, *new_args, "--within", str(within),
+        new = Staged("restart", "127.0.0.1", port, *new_args, "--within", str(within),
                      name="new-server", netns=netns, timeout=within + 30)
         pids.append(new.pid)
         new.release()
@@ -195,44 +200,44 @@ def _restart(ns: Namespace, *roles: tuple[str, ...], new_args: tuple[str, ...],
     return json.loads(new.info), pids
 
 
-def restart_timewait(ns: Namespace, within: float, reuse: str = "neither"
+def restart_timewait(ns: Namespace, port: int, within: float, reuse: str = "neither"
                      ) -> tuple[dict[str, Any], list[int]]:
     """The old server served a client, closed first and exited (TIME_WAIT on
     its side); the new one retries bind(). reuse: who set SO_REUSEADDR."""
     old = ("timewait", *(["--reuseaddr"] if reuse in ("old", "both") else []))
     new = tuple(["--reuseaddr"] if reuse in ("new", "both") else [])
-    return _restart(ns, old, new_args=new, within=within)
+    return _restart(ns, port, old, new_args=new, within=within)
 
 
-def restart_finwait2(ns: Namespace, within: float, reuse: str = "neither"
+def restart_finwait2(ns: Namespace, port: int, within: float, reuse: str = "neither"
                      ) -> tuple[dict[str, Any], list[int]]:
     """The old server closed while its peer never answered (orphaned FIN_WAIT2)."""
-    return _restart(ns, ("finwait2", "--hold"), new_args=(), within=within)
+    return _restart(ns, port, ("finwait2", "--hold"), new_args=(), within=within)
 
 
-def listener_held(ns: Namespace, within: float, reuse: str = "neither"
+def listener_held(ns: Namespace, port: int, within: float, reuse: str = "neither"
                   ) -> tuple[dict[str, Any], list[int]]:
     """The old server exited, but a child it forked keeps the listening fd."""
-    old = Staged("listen-fork-child", "0.0.0.0", PORT, "--child-seconds", str(int(within) + 30),
+    old = Staged("listen-fork-child", "0.0.0.0", port, "--child-seconds", str(int(within) + 30),
                  name="old-server", netns=ns.scratch)
     child = int(old.info)
     old.release()
     try:
-        return _restart(ns, new_args=(), within=within)
+        return _restart(ns, port, new_args=(), within=within)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, 15)
 
 
-def connect_exhaustion(ns: Namespace, within: float, reuse: str = "neither"
+def connect_exhaustion(ns: Namespace, port: int, within: float, reuse: str = "neither"
                        ) -> tuple[dict[str, Any], list[int]]:
     """A client opens and closes connections to one server as fast as it can
     through a narrow ip_local_port_range ({CONNECT_RANGE})."""
     if not ns.host:
         ns.set("net.ipv4.ip_local_port_range", CONNECT_RANGE)
-    srv = Staged("serve", "127.0.0.1", PORT, name="server", netns=ns.scratch)
+    srv = Staged("serve", "127.0.0.1", port, name="server", netns=ns.scratch)
     try:
-        cli = Staged("connect-loop", "127.0.0.1", PORT, "--within", str(within), name="client",
+        cli = Staged("connect-loop", "127.0.0.1", port, "--within", str(within), name="client",
                      netns=ns.scratch, timeout=within + 30)
         cli.release()
     finally:
@@ -285,7 +290,8 @@ class Lab:
         self.within = within
         self.evidence = evidence
         self.errors: queue.Queue[CallError | Repeats] = queue.Queue()
-        self.tracer = Tracer([PORT], self._sink, engine_name=engine_name, states=False)
+        self.tracer = Tracer(list(HOST_PORTS) if host else [PORT], self._sink,
+                             engine_name=engine_name, states=False)
         self.stop = threading.Event()
 
     def _sink(self, ev: Event) -> None:
@@ -310,7 +316,8 @@ class Lab:
         with Namespace(self.host, tag) as ns:
             for key, value in variant.items():
                 ns.set(key, value)
-            truth, pids = SCENARIOS[scenario](ns, self.within, reuse)
+            port = free_port(HOST_PORTS) if self.host else PORT
+            truth, pids = SCENARIOS[scenario](ns, port, self.within, reuse)
             in_force = {k: ns.get(k) for k in SHOWN_SYSCTLS}
         time.sleep(0.3 + self.tracer.coalesce_s)  # the last failures and their repeats
         causes: Counter[str] = Counter()
@@ -415,3 +422,17 @@ def changed_settings(before: Outcome, after: Outcome) -> str:
                   if before.sysctls.get(k) != after.sysctls.get(k))
     return ", ".join(f"{k.split('.')[-1]}={after.sysctls.get(k, ABSENT)}" for k in keys) \
         or "no setting changed"
+
+
+def free_port(ports: range) -> int:
+    """The first port of ``ports`` a plain bind() to 0.0.0.0 gets in this
+    namespace: no socket of any state, minisocks included, holds it. Raises
+    StagingFailed when none is free."""
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise StagingFailed(f"no free port in {ports.start}-{ports.stop - 1} for a --host run")
