@@ -90,3 +90,12 @@ def test_vm_lab_agrees_with_the_kernel(console):
     text = section(console, "lab-json")
     data = json.loads(text[text.index("{"): text.rindex("}") + 1])
     assert data["judged"] == {"restart-timewait": "unchanged", "connect-exhaustion": "improved"}
+
+
+def test_vm_validates_a_sysctl_file_before_against_after(console):
+    """vagrant/validate-sysctl.sh on the VM's own namespace: the lab before,
+    the file installed in /etc/sysctl.d, the lab after, judged (issue 12)."""
+    text = section(console, "validate-sysctl")
+    assert re.search(r"^=== validate-sysctl-exit 0\r?$", console, re.M), text
+    assert re.search(r"against \S+/before\.json: tcp_fin_timeout=15: restart-finwait2 "
+                     r"improved, restart-timewait unchanged", text), text

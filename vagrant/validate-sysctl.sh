@@ -2,7 +2,9 @@
 # Run the lab on this VM's real (host) namespace before and after applying a
 # sysctl file, keep both results under vagrant/results/<file name>/, and judge
 # after against before with the lab's own rules:
-#   sudo validate-sysctl.sh FILE.conf [SCENARIO...]
+#   sudo [PORTRACE_WITHIN=S] validate-sysctl.sh FILE.conf [SCENARIO...]
+# (S: how long a restart may retry, default 20 s: longer than a shortened
+# tcp_fin_timeout, or its effect cannot show)
 # prints e.g. "against .../before.json: tcp_fin_timeout=15: restart-finwait2
 # improved, restart-timewait unchanged" and exits as `portrace lab --baseline`
 # does: 0, or 19 when a scenario measured worse (a pipeline's gate).
@@ -15,15 +17,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 project=$(dirname "$here")
 portrace="$project/.venv/bin/portrace"
 out="$here/results/$(basename "$file" .conf)"
+within=${PORTRACE_WITHIN:-20}
 mkdir -p "$out"
 rm -f "$out/before.json" "$out/after.json"
 
-"$portrace" lab "${scenarios[@]}" --host --yes --within 10 \
+"$portrace" lab "${scenarios[@]}" --host --yes --within "$within" \
     --evidence "$out/before-evidence" --save "$out/before.json" | tee "$out/before.txt"
 install -m 0644 "$file" "/etc/sysctl.d/90-portrace-$(basename "$file")"
 sysctl --system >/dev/null
 status=0
-"$portrace" lab "${scenarios[@]}" --host --yes --within 10 \
+"$portrace" lab "${scenarios[@]}" --host --yes --within "$within" \
     --evidence "$out/after-evidence" --save "$out/after.json" \
     --baseline "$out/before.json" | tee "$out/after.txt" || status=${PIPESTATUS[0]}
 echo "validate-sysctl: results in $out (before/after .txt, .json, -evidence/); exit $status"

@@ -50,6 +50,9 @@ echo "=== lab-json"
 .venv/bin/portrace lab restart-timewait connect-exhaustion \
     --compare net.ipv4.tcp_tw_reuse=0,1 --within 4 --json
 echo "=== lab-json-exit $?"
+echo "=== validate-sysctl"
+bash vagrant/validate-sysctl.sh vagrant/sysctl/fin-timeout.conf restart-finwait2 restart-timewait
+echo "=== validate-sysctl-exit $?"
 echo "=== done"
 sync
 echo o > /proc/sysrq-trigger
