@@ -22,7 +22,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 
 from portrace import owners
-from portrace.events import Blocker
+from portrace.events import Blocker, ProcessRef
 
 MAX_PARENTS = 16
 MAX_PROCESSES_LISTED = 16  # holders of one socket listed with their facts
@@ -58,9 +58,14 @@ def build_id(pid: int) -> str | None:
     return _build_id(st.st_dev, st.st_ino, st.st_mtime_ns, path)
 
 
-def process_facts(pid: int) -> dict[str, Any] | None:
+_LOOK_UP = object()
+
+
+def process_facts(pid: int, owner: Any = _LOOK_UP) -> dict[str, Any] | None:
     """pid, comm, ppid chain, exe, cmdline, start time (ISO 8601 UTC), uid,
-    cgroup, container id and build-id; None when the process is gone."""
+    cgroup, container id, owner and build-id; None when the process is gone.
+    ``owner``: its Owner (or None) when the caller already looked it up
+    (owners.of_holders), else it is looked up here."""
     try:
         p = psutil.Process(pid)
         with p.oneshot():
@@ -80,7 +85,8 @@ def process_facts(pid: int) -> dict[str, Any] | None:
         return None
     facts["ppids"] = parents
     facts["cgroup"] = owners.cgroup_of(pid)
-    owner = owners.owner_of(pid, facts["comm"], facts["cgroup"], facts["cmdline"])
+    if owner is _LOOK_UP:
+        owner = owners.owner_of(pid, facts["comm"], facts["cgroup"], facts["cmdline"])
     # container_id stays for the contract's sake; owner names it and more
     facts["container_id"] = owner.container_id if owner else None
     facts["owner"] = owner.to_json() if owner else None
@@ -102,17 +108,18 @@ def host_facts() -> dict[str, str]:
 def with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
     """Blockers whose holders carry their process facts (exe, build-id...),
     read once per process however many sockets it holds, for at most
-    MAX_PROCESSES_LISTED holders of one socket."""
+    MAX_PROCESSES_LISTED holders of one socket. Each holder's owner is the
+    one the judging already has (ProcessRef.owner), not looked up again."""
     facts: dict[int, dict[str, Any] | None] = {}
 
-    def of(pid: int) -> dict[str, Any] | None:
-        if pid not in facts:
-            facts[pid] = process_facts(pid)
-        return facts[pid]
+    def of(p: ProcessRef) -> dict[str, Any] | None:
+        if p.pid not in facts:
+            facts[p.pid] = process_facts(p.pid, owner=p.owner)
+        return facts[p.pid]
 
     return tuple(
         dataclasses.replace(
-            b, processes=tuple(dataclasses.replace(p, facts=of(p.pid))
+            b, processes=tuple(dataclasses.replace(p, facts=of(p))
                                for p in b.processes[:MAX_PROCESSES_LISTED]),
             processes_total=len(b.processes) if len(b.processes) > MAX_PROCESSES_LISTED
             else None)
