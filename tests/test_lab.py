@@ -98,6 +98,11 @@ def test_baseline_turns_before_and_after_into_a_verdict_and_an_exit_status(tmp_p
     assert r.returncode == 0, r.stderr
     assert (f"against {long_fin}: tcp_fin_timeout=2: restart-finwait2 improved, "
             "restart-timewait unchanged") in r.stdout
+    # Each verdict with the kernel fact behind it.
+    assert ("  restart-finwait2 improved: an orphaned FIN_WAIT2 lives net.ipv4.tcp_fin_timeout "
+            "seconds (net/ipv4/tcp.c: tcp_close; include/net/tcp.h: tcp_fin_time)") in r.stdout
+    assert ("  restart-timewait unchanged: TIME_WAIT lasts 60 s whatever "
+            "net.ipv4.tcp_fin_timeout says (include/net/tcp.h: TCP_TIMEWAIT_LEN)") in r.stdout
     assert json.loads(short_fin.read_text())["judged"] == {
         "restart-finwait2": "improved", "restart-timewait": "unchanged"}
     r = lab("restart-finwait2", "--within", "4", "--baseline", str(short_fin))
@@ -123,3 +128,32 @@ def test_host_runs_in_one_namespace_do_not_trip_over_each_others_leftovers():
     runs = json.loads(r.stdout)["runs"]
     assert [run["scenario"] for run in runs] == ["restart-finwait2", "restart-timewait"]
     assert all(run["failures"] > 0 for run in runs)  # each met its own staged blocker
+
+
+def test_a_full_timewait_table_frees_the_port_by_dropping_the_minisock():
+    """tcp_max_tw_buckets reached: the closing socket gets no TIME_WAIT
+    minisock at all, so the restart binds at once. The lab must count the
+    drops and say why the restart was "fixed"."""
+    r = lab("restart-timewait", "--compare", "net.ipv4.tcp_max_tw_buckets=8192,0",
+            "--within", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    kept, dropped = doc["runs"]
+    assert kept["failures"] > 0 and kept["tw_overflows"] == 0
+    assert dropped["failures"] == 0 and dropped["tw_overflows"] >= 1
+    assert doc["judged"] == {"restart-timewait": "fixed"}
+    [why] = doc["why"]["restart-timewait"]
+    assert why.startswith("the TIME_WAIT table was full: the kernel dropped ")
+    assert why.endswith("(net.ipv4.tcp_max_tw_buckets = 0) (net/ipv4/inet_timewait_sock.c: "
+                        "inet_twsk_alloc; net/ipv4/tcp_minisocks.c: tcp_time_wait)")
+
+
+def test_tw_reuse_1_after_2_changes_nothing_on_loopback_and_says_why():
+    """The lab's connections are on 127.0.0.1, which tcp_tw_reuse = 2 already
+    covers (tcp_twsk_unique): going to 1 must measure unchanged, and say so."""
+    r = lab("connect-exhaustion", "--compare", "net.ipv4.tcp_tw_reuse=2,1", "--within", "3",
+            "--expect", "unchanged")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("   because the lab connects over loopback, where tcp_tw_reuse = 2 already lets "
+            "connect() take over a TIME_WAIT 4-tuple; 1 adds only other addresses "
+            "(net/ipv4/tcp_ipv4.c: tcp_twsk_unique)") in r.stdout

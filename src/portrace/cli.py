@@ -401,6 +401,7 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
         signal.signal(signum, signal.default_int_handler)
     runs = lab_mod.variants(fixed, cmp)
     verdicts: dict[str, str] = {}
+    why: dict[str, list[str]] = {}  # scenario -> the facts behind its verdict
     results = []
     writer = _evidence_dir(evidence, "'--evidence'") if evidence is not None else None
     laboratory = lab_mod.Lab(host=host, within=within, evidence=writer, engine_name=engine_name)
@@ -410,16 +411,18 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
             results.extend(outcomes)
             if len(outcomes) > 1:
                 verdicts[outcomes[0].scenario] = lab_mod.judge(outcomes[0], outcomes[-1])
+                why[outcomes[0].scenario] = lab_mod.explain(outcomes[0], outcomes[-1])
             if baseline is not None and outcomes[-1].scenario in before:
                 last = outcomes[-1]
                 verdicts[last.scenario] = lab_mod.judge(before[last.scenario], last)
+                why[last.scenario] = lab_mod.explain(before[last.scenario], last)
                 changed = lab_mod.changed_settings(before[last.scenario], last)
             if not as_json:
                 click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n")
     if writer is not None:
         writer.close()
-    document = json.dumps({"runs": [o.to_json() for o in results], "judged": verdicts},
-                          indent=2)
+    document = json.dumps({"runs": [o.to_json() for o in results], "judged": verdicts,
+                           "why": why}, indent=2)
     if as_json:
         click.echo(document)
     if save is not None:
@@ -431,6 +434,9 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
         click.echo(f"portrace lab: against {baseline}: {changed}: {said}"
                    + (f"; not in the baseline: {', '.join(missing)}" if missing else ""),
                    err=as_json)
+        for scenario, facts in why.items():
+            for fact in facts:
+                click.echo(f"  {scenario} {verdicts[scenario]}: {fact}", err=as_json)
     if expect:
         wrong = {s: v for s, v in verdicts.items() if v != expect}
         if wrong:

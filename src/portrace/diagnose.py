@@ -85,6 +85,12 @@ RULES: dict[str, Rule] = {
         "2 = loopback only; needs timestamps seen on it (tcp_timestamps), waits "
         "tcp_tw_reuse_delay ms after it entered TIME_WAIT, never for a FIN_WAIT2 minisock; "
         "bind() and listen() never read it"),
+    "timewait_table": Rule(
+        "net/ipv4/inet_timewait_sock.c: inet_twsk_alloc; net/ipv4/tcp_minisocks.c: "
+        "tcp_time_wait",
+        "no TIME_WAIT or FIN_WAIT2 minisock is made while the namespace holds "
+        "net.ipv4.tcp_max_tw_buckets of them: the socket is closed at once and its port "
+        "is free (counted as TcpExt TCPTimeWaitOverflow)"),
     "autobind": Rule(
         "net/ipv4/inet_connection_sock.c: inet_csk_find_open_port",
         "bind() to port 0 and listen() on an unbound socket pick a free port of "
