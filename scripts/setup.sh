@@ -5,7 +5,9 @@
 #     with --test, also what the tests use: chromium (the HTML report is opened
 #     in it), systemd (systemd-analyze, systemd-socket-activate), vagrant (vagrant
 #     validate), pipx (the README's install line), shellcheck,
-#     debootstrap + qemu-system-x86 + e2fsprogs (the VM test); with --bench,
+#     debootstrap + e2fsprogs + qemu-utils (the VM test's boxes) and
+#     vagrant-libvirt + libvirt-daemon-system + libvirt-daemon-driver-qemu +
+#     qemu-system-x86 (the VM test's `vagrant up`); with --bench,
 #     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor) and bpftool;
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
 #     llvm and libbpf-dev are installed for that build only (run time needs
@@ -53,7 +55,7 @@ missing() {
 packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
 # tcpstates (the anchor) and bpftool (programs' run time)
 [ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools bpftool"
-[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx"
+[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx qemu-utils vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu"
 # shellcheck disable=SC2086
 need=$(missing $packages)
 if [ -n "$need" ]; then

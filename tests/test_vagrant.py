@@ -17,7 +17,8 @@ def test_vagrantfile_validates():
         if IN_CI:
             pytest.fail("vagrant missing: make setup-test installs it")
         pytest.skip("vagrant not installed")
-    # No provider (VirtualBox/libvirt) runs here; validate the file itself.
+    # VirtualBox cannot run here (libvirt does: tests/test_vm.py brings the
+    # VMs up); validate the file whatever the provider.
     r = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=VAGRANT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "validated successfully" in r.stdout, r.stdout + r.stderr

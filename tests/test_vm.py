@@ -1,8 +1,11 @@
-"""Real VMs: Debian 12 (kernel 6.1) and Debian 13 (kernel 6.12), made with
-debootstrap (each its stock kernel and the matching headers, so two more
-kernel versions in CI), boot under QEMU, are provisioned by
-vagrant/provision.sh (the Vagrantfile's script, i.e. the README's
-`make setup`), and run `portrace demo` on both engines and a lab comparison.
+"""Real VMs brought up by Vagrant: Debian 12 (kernel 6.1) and Debian 13
+(kernel 6.12), made offline with debootstrap (each its stock kernel and the
+matching headers, so two more kernel versions in CI) and packed as Vagrant
+boxes for libvirt. `vagrant up` of vagrant/Vagrantfile, the user-facing one,
+provisions each with vagrant/provision.sh (the README's `make setup`);
+vagrant/validate-sysctl.sh then judges each sysctl file before against after
+through `vagrant ssh`, and the first VM also runs `portrace demo` on both
+engines and a lab comparison (scripts/vm/vagrant-run.sh).
 
 Runs in CI; elsewhere only with PORTRACE_VM=1 (it takes minutes)."""
 
@@ -23,11 +26,15 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "vagrant" / ".cache"
 SUITES = {"bookworm": "6.1.", "trixie": "6.12."}  # Debian release -> its kernel series
+VMS = ("fin-timeout", "tw-reuse")  # one per vagrant/sysctl/*.conf, as the Vagrantfile defines
+TOOLS = ("debootstrap", "mkfs.ext4", "qemu-img", "vagrant", "virsh", "libvirtd")
 
 
 def section(console: str, name: str) -> str:
-    m = re.search(rf"^=== {re.escape(name)}\r?$(.*?)^=== ", console, re.S | re.M)
+    m = re.search(rf"^=== {re.escape(name)}$(.*?)^=== {re.escape(name)}-exit (\d+)$",
+                  console, re.S | re.M)
     assert m, f"no '=== {name}' section in the console"
+    assert m.group(2) == "0", f"{name} exited {m.group(2)}:\n{m.group(1)[-3000:]}"
     return m.group(1)
 
 
@@ -39,9 +46,9 @@ def suite(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def console(suite: str) -> str:
     if not (IN_CI or os.environ.get("PORTRACE_VM") == "1"):
-        pytest.skip("boots a VM for minutes: runs in CI, or with PORTRACE_VM=1")
+        pytest.skip("boots VMs for minutes: runs in CI, or with PORTRACE_VM=1")
     need_root()
-    for tool in ("debootstrap", "qemu-system-x86_64", "mkfs.ext4"):
+    for tool in TOOLS:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: make setup-test installs it")
     cache = CACHE / suite
@@ -50,52 +57,74 @@ def console(suite: str) -> str:
                            capture_output=True, text=True, timeout=3600, env=env)
     assert build.returncode == 0, build.stdout + build.stderr
     print(build.stdout)
-    boot = subprocess.run(["bash", "scripts/vm/boot.sh", str(cache), "2400"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=2700, env=env)
-    (cache / "console.log").write_text(boot.stdout)
-    assert "=== done" in boot.stdout, boot.stdout[-3000:] + boot.stderr[-2000:]
-    return boot.stdout
+    run = subprocess.run(["bash", "scripts/vm/vagrant-run.sh", str(cache)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=3600, env=env)
+    (cache / "console.log").write_text(run.stdout + run.stderr)
+    assert "=== done" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    return run.stdout
 
 
-def test_vm_runs_its_own_kernel_with_matching_headers(console, suite):
-    m = re.search(r"=== kernel (\S+) headers (\S+)", console)
-    assert m, console[:2000]
+@pytest.mark.parametrize("vm", VMS)
+def test_vagrant_up_boots_the_box_and_provisions_it_with_make_setup(console, suite, vm):
+    up = section(console, f"up-{vm}")
+    assert f"Bringing machine '{vm}' up with 'libvirt' provider..." in up
+    assert f"Base box:          portrace/debian-{suite}" in up
+    assert "Rsyncing folder:" in up and "Running provisioner: shell..." in up
+    assert "setup: ready: .venv/bin/portrace" in up and "provision: done in" in up
+    m = re.search(r"kernel (\S+) headers (\S+)", section(console, f"kernel-{vm}"))
+    assert m, section(console, f"kernel-{vm}")
     release, headers = m.groups()
     assert release != os.uname().release and release.startswith(SUITES[suite])
     assert headers.startswith("/usr/src/linux-headers-") and release in headers
+    assert "Removing domain..." in section(console, f"destroy-{vm}")
 
 
-def test_vm_is_provisioned_by_the_vagrantfile_script(console):
-    assert re.search(r"^=== provision-exit 0\r?$", console, re.M), section(console, "provision")
-    assert "provision: done in" in section(console, "provision")
-
-
-def test_vm_demo_diagnoses_both_staged_conflicts(console):
-    assert re.search(r"^=== demo-exit 0\r?$", console, re.M), section(console, "demo")
-    assert "portrace demo: 2 of 2 staged conflicts diagnosed" in section(console, "demo")
+def test_vm_demo_diagnoses_both_staged_conflicts_on_each_engine(console):
+    demo = section(console, "demo")
+    assert "portrace demo: 2 of 2 staged conflicts diagnosed" in demo
     # The default is the CO-RE engine: the stock kernel has BTF.
-    assert "portrace demo: engine core (kernel BTF at" in section(console, "demo")
-
-
-@pytest.mark.parametrize("engine", ["core", "bcc"])
-def test_vm_demo_on_each_engine(console, engine):
-    text = section(console, f"demo-{engine}")
-    assert re.search(rf"^=== demo-{engine}-exit 0\r?$", console, re.M), text
-    assert f"portrace demo: engine {engine} (asked for with --engine {engine})" in text
-    assert "portrace demo: 2 of 2 staged conflicts diagnosed" in text
+    assert "portrace demo: engine core (kernel BTF at" in demo
+    bcc = section(console, "demo-bcc")
+    assert "portrace demo: engine bcc (asked for with --engine bcc)" in bcc
+    assert "portrace demo: 2 of 2 staged conflicts diagnosed" in bcc
 
 
 def test_vm_lab_agrees_with_the_kernel(console):
-    assert re.search(r"^=== lab-json-exit 0\r?$", console, re.M)
     text = section(console, "lab-json")
     data = json.loads(text[text.index("{"): text.rindex("}") + 1])
     assert data["judged"] == {"restart-timewait": "unchanged", "connect-exhaustion": "improved"}
 
 
-def test_vm_validates_a_sysctl_file_before_against_after(console):
-    """vagrant/validate-sysctl.sh on the VM's own namespace: the lab before,
-    the file installed in /etc/sysctl.d, the lab after, judged (issue 12)."""
-    text = section(console, "validate-sysctl")
-    assert re.search(r"^=== validate-sysctl-exit 0\r?$", console, re.M), text
-    assert re.search(r"against \S+/before\.json: tcp_fin_timeout=15: restart-finwait2 "
-                     r"improved, restart-timewait unchanged", text), text
+def judged(console: str, suite: str, vm: str) -> tuple[str, dict[str, str], dict[str, list[str]]]:
+    """validate-sysctl's printed verdict line, and after.json as copied back."""
+    text = section(console, f"validate-{vm}")
+    section(console, f"results-{vm}")
+    [line] = re.findall(r"^portrace lab: against \S+/before\.json: .*$", text, re.M)
+    after = json.loads((CACHE / suite / "results" / vm / "after.json").read_text())
+    return line, after["judged"], after["why"]
+
+
+def test_vm_fin_timeout_shortens_the_finwait2_restart_only(console, suite):
+    """tcp_fin_timeout = 15 after the VM's own 60: an orphaned FIN_WAIT2 goes
+    sooner (tcp_fin_time); TIME_WAIT stays 60 s (TCP_TIMEWAIT_LEN)."""
+    line, verdicts, why = judged(console, suite, "fin-timeout")
+    assert line.endswith(": tcp_fin_timeout=15: restart-timewait unchanged, restart-finwait2 "
+                         "improved, connect-exhaustion unchanged"), line
+    assert verdicts == {"restart-timewait": "unchanged", "restart-finwait2": "improved",
+                        "connect-exhaustion": "unchanged"}
+    assert any("TIME_WAIT lasts 60 s" in w for w in why["restart-timewait"])
+    assert any("orphaned FIN_WAIT2 lives" in w for w in why["restart-finwait2"])
+
+
+def test_vm_tw_reuse_1_after_the_default_2_changes_nothing_on_loopback(console, suite):
+    """tcp_tw_reuse = 1 after the VM's own 2: no restart moves (bind() never
+    reads it), and the lab's loopback connect() neither (2 already covers
+    loopback: tcp_twsk_unique); each verdict says why."""
+    line, verdicts, why = judged(console, suite, "tw-reuse")
+    assert line.endswith(": tcp_tw_reuse=1: restart-timewait unchanged, restart-finwait2 "
+                         "unchanged, connect-exhaustion unchanged"), line
+    assert set(verdicts.values()) == {"unchanged"}
+    assert all(any("only connect() does" in w for w in why[s])
+               for s in ("restart-timewait", "restart-finwait2"))
+    assert any("tcp_tw_reuse = 2 already lets connect() take over a TIME_WAIT 4-tuple" in w
+               for w in why["connect-exhaustion"])

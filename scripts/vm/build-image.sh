@@ -1,28 +1,49 @@
 #!/usr/bin/env bash
-# Build (or reuse) a bootable Debian image for portrace's VM test:
-# debootstrap with the stock kernel and its matching headers, bcc, libbpf, and
-# an offline wheelhouse of portrace's Python dependencies for that release's
-# Python (the VM has no network). PORTRACE_VM_SUITE picks the release:
-# bookworm (Debian 12, kernel 6.1; the default) or trixie (Debian 13, 6.12).
+# Build (or reuse) a bootable Debian image for portrace's VM test, ready to
+# become a Vagrant box (box.sh): debootstrap with the stock kernel and its
+# matching headers, bcc, libbpf, systemd, sshd, sudo and rsync; the `vagrant`
+# user with Vagrant's insecure key and passwordless sudo, as every Vagrant box
+# has; DHCP on eth0; and an offline wheelhouse of portrace's Python
+# dependencies for that release's Python, which pip uses by default (the VM
+# has no network). PORTRACE_VM_SUITE picks the release: bookworm (Debian 12,
+# kernel 6.1; the default) or trixie (Debian 13, 6.12).
 # Output in DIR (default vagrant/.cache/SUITE, git-ignored):
 #   rootfs/ (the tree), vmlinuz, initrd.img
-# The project itself is copied in by boot.sh on every run.
+# The project itself comes in through Vagrant's rsync synced folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 suite=${PORTRACE_VM_SUITE:-bookworm}
 out=${1:-vagrant/.cache/$suite}
 rootfs="$out/rootfs"
 mkdir -p "$out"
-if [ ! -e "$rootfs/.portrace-built" ]; then
+packages=linux-image-amd64,linux-headers-amd64,initramfs-tools,python3-bpfcc,python3-venv,iproute2,libbpf1,procps,make,kmod,ca-certificates,systemd-sysv,dbus,libpam-systemd,openssh-server,sudo,rsync
+if [ "$(cat "$rootfs/.portrace-built" 2>/dev/null)" != "$packages" ]; then
     rm -rf "$rootfs"
     start=$(date +%s)
-    debootstrap --variant=minbase \
-        --include=linux-image-amd64,linux-headers-amd64,initramfs-tools,python3-bpfcc,python3-venv,iproute2,libbpf1,procps,make,kmod,ca-certificates \
+    debootstrap --variant=minbase --include="$packages" \
         "$suite" "$rootfs" http://deb.debian.org/debian >"$out/debootstrap.log" 2>&1 \
         || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
     echo "build-image: debootstrap took $(( $(date +%s) - start )) s"
-    touch "$rootfs/.portrace-built"
+    echo "$packages" > "$rootfs/.portrace-built"
 fi
+# What makes it a Vagrant box (cheap, so redone on every build).
+key=$(find /usr/share/rubygems-integration /usr/lib/ruby /opt/vagrant -path '*/keys/vagrant.pub' \
+      2>/dev/null | head -1 || true)
+[ -n "$key" ] || { echo "build-image: Vagrant's insecure key (keys/vagrant.pub) not found" >&2; exit 1; }
+chroot "$rootfs" id vagrant >/dev/null 2>&1 || chroot "$rootfs" useradd -m -s /bin/bash vagrant
+owner=$(chroot "$rootfs" id -u vagrant):$(chroot "$rootfs" id -g vagrant)
+install -d -m 0700 "$rootfs/home/vagrant/.ssh"
+install -m 0600 "$key" "$rootfs/home/vagrant/.ssh/authorized_keys"
+chown -R "$owner" "$rootfs/home/vagrant/.ssh"
+echo 'vagrant ALL=(ALL) NOPASSWD: ALL' > "$rootfs/etc/sudoers.d/vagrant"
+chmod 0440 "$rootfs/etc/sudoers.d/vagrant"
+# eth0: the kernel's name (net.ifnames=0 on the box's command line).
+printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > "$rootfs/etc/systemd/network/eth0.network"
+chroot "$rootfs" systemctl enable -q systemd-networkd
+echo '/dev/vda / ext4 defaults 0 1' > "$rootfs/etc/fstab"
+echo portrace-box > "$rootfs/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 portrace-box\n' > "$rootfs/etc/hosts"
+printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > "$rootfs/etc/pip.conf"
 # The wheelhouse: what `make setup` pip-installs (pyproject's dependencies and
 # test extras), as wheels for the image's Python; rebuilt when that list changes.
 mapfile -t wanted < <(.venv/bin/python -c '
