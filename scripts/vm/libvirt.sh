@@ -13,6 +13,8 @@ if ! virsh -q pool-info default >/dev/null 2>&1; then
     mkdir -p /var/lib/libvirt/images
     virsh -q pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
 fi
-virsh -q pool-info default | grep -q 'State: *running' || virsh -q pool-start default >/dev/null
+# (not `| grep -q`: under pipefail, grep leaving early fails the pipeline)
+[ "$(virsh -q pool-info default | sed -n 's/^State: *//p')" = running ] ||
+    virsh -q pool-start default >/dev/null
 virsh -q pool-autostart default >/dev/null
 echo "libvirt: $(virsh -q version | head -1 | tr -s ' '); pool default at /var/lib/libvirt/images"
