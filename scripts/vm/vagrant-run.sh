@@ -39,7 +39,15 @@ fetch_results() {
 
 step libvirt bash scripts/vm/libvirt.sh || exit 1
 step box bash scripts/vm/box.sh "$out" || exit 1
-in_vagrant vagrant destroy -f >/dev/null 2>&1  # an earlier run's VMs, if it was cut short
+# An earlier run's VMs, if it was cut short: known to its state directory, or
+# only to libvirt (vagrant-libvirt names a domain <project dir>_<machine>).
+in_vagrant vagrant destroy -f >/dev/null 2>&1
+for file in "${files[@]}"; do
+    domain=vagrant_$(basename "$file" .conf)
+    virsh -q destroy "$domain" >/dev/null 2>&1
+    virsh -q undefine "$domain" >/dev/null 2>&1 && echo "removed a stale domain $domain"
+    virsh -q vol-delete --pool default "$domain.img" >/dev/null 2>&1
+done
 first=1
 for file in "${files[@]}"; do
     vm=$(basename "$file" .conf)
