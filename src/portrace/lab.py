@@ -147,13 +147,17 @@ class Namespace:
             raise LabError(f"cannot read /proc/net/{name}: {out.stderr.strip()}")
         return out.stdout
 
-    def timewait_table(self) -> tuple[int, int, int]:
-        """(minisocks in the TIME_WAIT table, net.ipv4.tcp_max_tw_buckets,
-        TcpExt TCPTimeWaitOverflow so far). A FIN_WAIT2 orphan's minisock is
-        counted there too (net/ipv4/tcp_minisocks.c: tcp_time_wait)."""
+    def timewait_table(self) -> tuple[int, int]:
+        """(minisocks in the TIME_WAIT table, net.ipv4.tcp_max_tw_buckets). A
+        FIN_WAIT2 orphan's minisock is counted there too
+        (net/ipv4/tcp_minisocks.c: tcp_time_wait)."""
         tw = re.search(r"^TCP:.* tw (\d+)", self.proc_net("sockstat"), re.M)
-        return (int(tw.group(1)) if tw else 0, int(self.get("net.ipv4.tcp_max_tw_buckets")),
-                tcpext(self.proc_net("netstat"), "TCPTimeWaitOverflow"))
+        return int(tw.group(1)) if tw else 0, int(self.get("net.ipv4.tcp_max_tw_buckets"))
+
+    def timewait_overflows(self) -> int:
+        """TcpExt TCPTimeWaitOverflow so far: minisocks the kernel did not
+        make because the table was full."""
+        return tcpext(self.proc_net("netstat"), "TCPTimeWaitOverflow")
 
     def get(self, key: str) -> str:
         """The value in force, or "absent" where this kernel has no such sysctl
@@ -348,9 +352,9 @@ class Lab:
                 ns.set(key, value)
             port = free_port(HOST_PORTS) if self.host else PORT
             waited = wait_for_timewait_room(ns) if self.host else 0.0
-            overflows = ns.timewait_table()[2]
+            overflows = ns.timewait_overflows()
             truth, pids = SCENARIOS[scenario](ns, port, self.within, reuse)
-            overflows = ns.timewait_table()[2] - overflows
+            overflows = ns.timewait_overflows() - overflows
             in_force = {k: ns.get(k) for k in SHOWN_SYSCTLS}
         time.sleep(0.3 + self.tracer.coalesce_s)  # the last failures and their repeats
         causes: Counter[str] = Counter()
@@ -382,7 +386,7 @@ def wait_for_timewait_room(ns: Namespace, limit_s: float = TCP_TIMEWAIT_LEN_S + 
     t0 = time.monotonic()
     said = False
     while time.monotonic() - t0 < limit_s:
-        used, limit, _ = ns.timewait_table()
+        used, limit = ns.timewait_table()
         if used == 0 or used < limit - TIMEWAIT_ROOM:
             break
         if not said:
