@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portrace.diagnose import RULES, TCP_TIMEWAIT_LEN_S
+from portrace.advice import cite
+from portrace.diagnose import TCP_TIMEWAIT_LEN_S
 from portrace.errors import ExitStatus, PortraceError, StagingFailed
 from portrace.events import CallError, Event, Repeats, StateChange
 from portrace.stage import ScratchNetns, Staged
@@ -76,13 +77,18 @@ class Outcome:
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def is_connect(self) -> bool:
+        """A connect scenario (counts connections), not a restart (counts seconds)."""
+        return self.scenario.startswith("connect")
+
+    @property
     def failures(self) -> int:
         return sum(self.errnos.values())
 
     def blocked_s(self) -> float | None:
         """Seconds the restart was blocked (None: not a restart scenario);
         a restart that never got the port counts as the whole limit."""
-        if self.scenario.startswith("connect"):
+        if self.is_connect:
             return None
         return self.within_s if self.recovered_s is None else self.recovered_s
 
@@ -433,7 +439,7 @@ def table(outcomes: list[Outcome], compare_key: str | None) -> str:
         return ",".join(f"{k.split('.')[-1]}={v}" for k, v in o.variant.items()) or "as is"
 
     def restart(o: Outcome) -> str:
-        if o.scenario.startswith("connect"):
+        if o.is_connect:
             return f"{o.detail.get('connected', 0)} connected"
         return f"after {o.recovered_s:.1f} s" if o.recovered_s is not None else \
             f"not within {o.within_s:g} s"
@@ -498,10 +504,6 @@ def _changed(key: str) -> Callable[[Outcome, Outcome], bool]:
     return lambda b, a: b.sysctls.get(key) != a.sysctls.get(key)
 
 
-def _is_restart(o: Outcome) -> bool:
-    return o.scenario.startswith("restart-")
-
-
 @dataclass(frozen=True)
 class Reason:
     """A fact that explains a verdict between two runs of one scenario."""
@@ -512,9 +514,9 @@ class Reason:
 
 
 REASONS: tuple[Reason, ...] = (
-    Reason("tw_reuse", lambda b, a: _is_restart(a) and _changed(TW_REUSE)(b, a),
+    Reason("tw_reuse", lambda b, a: not a.is_connect and _changed(TW_REUSE)(b, a),
            "bind() and listen() never read net.ipv4.tcp_tw_reuse; only connect() does"),
-    Reason("tw_reuse", lambda b, a: not _is_restart(a)
+    Reason("tw_reuse", lambda b, a: a.is_connect
            and {b.sysctls.get(TW_REUSE), a.sysctls.get(TW_REUSE)} == {"1", "2"},
            "the lab connects over loopback, where tcp_tw_reuse = 2 already lets connect() "
            "take over a TIME_WAIT 4-tuple; 1 adds only other addresses"),
@@ -527,7 +529,7 @@ REASONS: tuple[Reason, ...] = (
     Reason("timewait_table", lambda b, a: bool(a.detail.get("tw_overflows")),
            "the TIME_WAIT table was full: the kernel dropped {dropped} TIME_WAIT/FIN_WAIT2 "
            "minisocks (net.ipv4.tcp_max_tw_buckets = {limit})"),
-    Reason(None, lambda b, a: not _is_restart(a) and not b.failures and not a.failures,
+    Reason(None, lambda b, a: a.is_connect and not b.failures and not a.failures,
            "neither run ran out of ephemeral ports, so the connections made measure the "
            "machine's speed, not the setting"),
 )
@@ -541,7 +543,7 @@ def explain(before: Outcome, after: Outcome) -> list[str]:
         if r.applies(before, after):
             text = r.says.format(dropped=after.detail.get("tw_overflows"),
                                  limit=after.sysctls.get("net.ipv4.tcp_max_tw_buckets", "?"))
-            out.append(f"{text} ({RULES[r.rule].source})" if r.rule else text)
+            out.append(f"{text} {cite(r.rule)}" if r.rule else text)
     return out
 
 
