@@ -40,6 +40,20 @@ chmod 0440 "$rootfs/etc/sudoers.d/vagrant"
 # eth0: the kernel's name (net.ifnames=0 on the box's command line).
 printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > "$rootfs/etc/systemd/network/eth0.network"
 chroot "$rootfs" systemctl enable -q systemd-networkd
+# QEMU's user networking, the box's one NIC, makes every connection from the
+# host come from 10.0.2.2, and OpenSSH 9.8+ (Debian 13's 10.0) penalises a
+# source address as a whole (PerSourcePenalties: grace-exceeded 10 s, enforced
+# from 15 s). Under TCG, `vagrant up` leaves connections unauthenticated at
+# boot; when LoginGraceTime (120 s) ends two of them, sshd refuses the host
+# for ~20 s and every `vagrant ssh` then exits 255 ("kex_exchange_identification:
+# Connection closed by remote host"). The NAT address is exempt where sshd knows
+# the option (Debian 12's 9.2 does not, and needs nothing).
+penalty_conf="$rootfs/etc/ssh/sshd_config.d/portrace-box.conf"
+if [[ $(chroot "$rootfs" /usr/sbin/sshd -t -o PerSourcePenaltyExemptList=10.0.2.2 2>&1) == *"Bad configuration option"* ]]; then
+    rm -f "$penalty_conf"
+else
+    echo 'PerSourcePenaltyExemptList 10.0.2.2' > "$penalty_conf"
+fi
 echo '/dev/vda / ext4 defaults 0 1' > "$rootfs/etc/fstab"
 echo portrace-box > "$rootfs/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 portrace-box\n' > "$rootfs/etc/hosts"
