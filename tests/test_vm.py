@@ -79,6 +79,15 @@ def test_vagrant_up_boots_the_box_and_provisions_it_with_make_setup(console, sui
     assert "Removing domain..." in section(console, f"destroy-{vm}")
 
 
+def test_vm_sshd_never_shuts_the_host_out(console):
+    """QEMU's user networking makes every connection from the host come from
+    10.0.2.2, and OpenSSH 9.8+ penalises a source as a whole
+    (PerSourcePenalties): the box exempts it (build-image.sh). 40 connections
+    closed before authenticating, then one ssh, not retried, still gets in."""
+    text = section(console, "ssh-penalty")
+    assert "ssh after 40 unauthenticated connections: ok (OpenSSH_" in text, text
+
+
 def test_vm_demo_diagnoses_both_staged_conflicts_on_each_engine(console):
     demo = section(console, "demo")
     assert "portrace demo: 2 of 2 staged conflicts diagnosed" in demo

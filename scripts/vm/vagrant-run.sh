@@ -31,7 +31,65 @@ step() {
     return "$rc"
 }
 in_vagrant() { (cd vagrant && "$@"); }
-on() { local vm=$1; shift; in_vagrant vagrant ssh "$vm" --no-tty -c "$*"; }
+# Why ssh to a VM failed, as far as the host can see: the domain's state, QEMU's
+# port forward, and what sshd answers on it (a guest sshd that penalises the
+# host closes the connection without a banner).
+why_no_ssh() {
+    local vm=$1 port banner
+    port=$(sed -n 's/^ *Port //p' "$out/ssh-config-$vm")
+    echo "ssh: $vm: domain $(virsh -q domstate --reason "vagrant_$vm" 2>&1 | head -1)"
+    if ! ss -Hltn "sport = :$port" | grep -q .; then
+        echo "ssh: $vm: nothing listens on 127.0.0.1:$port (QEMU's forward is gone)"
+        return 0
+    fi
+    banner=$(timeout 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -1 <&3" 2>&1 | tr -d '\r')
+    case $banner in
+        SSH-*) banner="answered \"$banner\"" ;;
+        "Not allowed at this time")  # sshd's refusal text, before any banner
+            banner="refused the host: \"$banner\" (PerSourcePenalties or MaxStartups)" ;;
+        "") banner="closed the connection without a word" ;;
+        *) banner="said \"$banner\"" ;;
+    esac
+    echo "ssh: $vm: QEMU forwards 127.0.0.1:$port; sshd $banner"
+}
+# A command in VM $1 over ssh (the address and key `vagrant ssh` uses), told why
+# when ssh fails. Only a failure to connect, before the command could start, is
+# retried: three tries, 10 s apart, each said.
+on() {
+    local vm=$1 try err rc
+    shift
+    err=$(mktemp)
+    for try in 1 2 3; do
+        ssh -F "$out/ssh-config-$vm" -o LogLevel=ERROR -T "$vm" "$*" 2>"$err"
+        rc=$?
+        cat "$err" >&2
+        [ "$rc" -eq 255 ] || break
+        why_no_ssh "$vm" >&2
+        grep -q -E 'kex_exchange_identification|Connection (refused|timed out)|banner exchange|Connection (closed|reset) by [^ ]+ port' "$err" ||
+            break
+        [ "$try" -lt 3 ] && echo "ssh: $vm: could not connect (try $try of 3); again in 10 s" >&2 && sleep 10
+    done
+    rm -f "$err"
+    [ "$rc" -ne 255 ] || echo "ssh: $vm: gave up after try $try: ssh exited 255" >&2
+    return "$rc"
+}
+# The box's exemption from sshd's per-source penalties (build-image.sh), proved
+# each run: 40 connections closed before authenticating (1 s "noauth" penalty
+# each from OpenSSH 9.8 on, enforced from 15 s; 20 were not always enough),
+# then one ssh, not retried.
+penalty_guard() {
+    local vm=$1 port
+    port=$(sed -n 's/^ *Port //p' "$out/ssh-config-$vm")
+    for _ in $(seq 40); do
+        timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -1 <&3" >/dev/null 2>&1
+    done
+    sleep 2  # sshd penalises when it reaps a connection's process
+    ssh -F "$out/ssh-config-$vm" -o LogLevel=ERROR -T "$vm" \
+        'echo "ssh after 40 unauthenticated connections: ok ($(/usr/sbin/sshd -V 2>&1 | head -1))"' || {
+        why_no_ssh "$vm"
+        return 1
+    }
+}
 fetch_results() {
     rm -rf "${out:?}/results/$1"
     on "$1" "sudo tar -C /vagrant/vagrant/results -cf - $1" | tar -xf - -C "$out/results"
@@ -51,10 +109,12 @@ done
 first=1
 for file in "${files[@]}"; do
     vm=$(basename "$file" .conf)
-    if step "up-$vm" in_vagrant vagrant up --provider=libvirt "$vm"; then
+    if step "up-$vm" in_vagrant vagrant up --provider=libvirt "$vm" &&
+        in_vagrant vagrant ssh-config "$vm" > "$out/ssh-config-$vm"; then
         # shellcheck disable=SC2016
         step "kernel-$vm" on "$vm" 'echo "kernel $(uname -r) headers $(readlink -f /lib/modules/$(uname -r)/build)"'
         if [ "$first" = 1 ]; then
+            step ssh-penalty penalty_guard "$vm"
             step demo on "$vm" "cd /vagrant && sudo .venv/bin/portrace demo"
             step demo-bcc on "$vm" "cd /vagrant && sudo .venv/bin/portrace demo --engine bcc"
             step lab-json on "$vm" "cd /vagrant && sudo .venv/bin/portrace lab restart-timewait" \
@@ -62,6 +122,9 @@ for file in "${files[@]}"; do
         fi
         step "validate-$vm" on "$vm" "sudo bash /vagrant/vagrant/validate-sysctl.sh /vagrant/$file"
         step "results-$vm" fetch_results "$vm"
+        # sshd's own record of what it refused or timed out (the guest's view).
+        step "sshd-log-$vm" on "$vm" "sudo journalctl -u ssh -o short-monotonic --no-pager" \
+            "| grep -E 'drop connection|Timeout before authentication|penalt' || true"
     fi
     step "destroy-$vm" in_vagrant vagrant destroy -f "$vm"
     first=0
