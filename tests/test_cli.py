@@ -33,6 +33,30 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], code: int, *words
     assert r.stdout == ""
 
 
+INTERRUPT_AT_CLICK = """
+import os, signal, sys
+
+class InterruptAtClick:
+    def find_spec(self, name, path=None, target=None):
+        if name == "click":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptAtClick())
+"""
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_quietly(tmp_path: Path):
+    """Ctrl-C inside the CLI's imports (a real SIGINT, sent by the process to
+    itself as click starts to load): exit 130, nothing printed, as the
+    installed command."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT_CLICK)
+    r = subprocess.run([str(Path(sys.executable).with_name("portrace")), "--help"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert (r.returncode, r.stderr, r.stdout) == (errors.ExitStatus.INTERRUPTED, "", "")
+
+
 @pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
 def test_bad_port(port):
     assert_one_line_error(run("--", port) if port == "-1" else run(port), errors.ExitStatus.USAGE,

@@ -1,3 +1,3 @@
-from portrace.cli import main
+from portrace.launch import main
 
 main()
