@@ -106,6 +106,22 @@ def test_missing_kernel_headers():
     assert_one_line_error(r, errors.NoKernelHeaders.exit_code, "kernel headers")
 
 
+@pytest.mark.parametrize("case, words", [
+    ("missing directory", ("No such file or directory",)),
+    ("a directory", ("Is a directory",)),
+    ("a symlink", ("is a symbolic link",)),
+])
+def test_an_output_that_cannot_be_opened(case, words, tmp_path: Path):
+    """Exit 15 covers every output portrace will not or cannot open (the exit
+    table says so), and its one line says which case it is."""
+    path = {"missing directory": tmp_path / "nope" / "x", "a directory": tmp_path,
+            "a symlink": tmp_path / "link"}[case]
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    r = run("-o", str(path), "9090")
+    assert_one_line_error(r, errors.UnsafePath.exit_code, str(path), *words)
+    assert "missing" in errors.EXIT_TEXT[errors.ExitStatus.UNSAFE_PATH]
+
+
 def test_one_exit_status_table_in_help_and_readme():
     """ExitStatus is the one table: each status is explained once, listed by
     --help and named in the README's exit-status paragraph."""

@@ -56,8 +56,9 @@ EXIT_TEXT: dict[ExitStatus, str] = {
     ExitStatus.NO_LIBBPF: "--engine core: no usable libbpf.so.1, or the CO-RE object is not "
                           "built",
     ExitStatus.CORE_LOAD_FAILED: "--engine core: the kernel refused the CO-RE object",
-    ExitStatus.UNSAFE_PATH: "an output is a symlink, not a regular file, or in a directory "
-                            "another user can write",
+    ExitStatus.UNSAFE_PATH: "an output cannot be opened as asked: a symlink, not a regular "
+                            "file, in a directory another user can write, or its directory "
+                            "missing or closed to root",
     ExitStatus.EVIDENCE_BUSY: "another portrace records into that evidence directory",
     ExitStatus.OUTPUT_FAILED: "the main output cannot be written (stdout closed, disk full)",
     ExitStatus.DEMO_MISSED: "portrace demo: a staged conflict was not diagnosed as staged",
@@ -127,8 +128,9 @@ class CoreLoadFailed(PortraceError):
 
 
 class UnsafePath(PortraceError):
-    """An output path portrace will not write as root: a symlink, not a
-    regular file, or a directory another user owns or may write."""
+    """An output path portrace will not or cannot open: a symlink, not a
+    regular file, a directory another user owns or may write, or a directory
+    that does not exist or refuses the write (ENOENT, EACCES, EROFS)."""
 
     exit_code = ExitStatus.UNSAFE_PATH
 
