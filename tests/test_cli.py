@@ -187,6 +187,25 @@ def test_core_object_the_verifier_refuses(tmp_path: Path):
     assert ready["engine"] == "bcc" and "refused" in ready["engine_reason"]
 
 
+def test_core_object_of_another_build(tmp_path: Path):
+    """An object that loads but lacks a type this portrace reads (its event
+    struct renamed, as another version's portrace.h would): --engine core
+    exits 14 with one line; auto falls back to bcc and says why."""
+    need_root()
+    from portrace.engine import bpf_source_dir
+
+    src = tmp_path / "other.bpf.c"
+    src.write_text('#define pt_event pt_event_of_another_build\n#include "core.bpf.c"\n')
+    obj = tmp_path / "other.bpf.o"
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-mcpu=v3",
+                    f"-I{bpf_source_dir()}", "-c", str(src), "-o", str(obj)], check=True)
+    env = {"PORTRACE_CORE_OBJECT": str(obj)}
+    r = run("--engine", "core", "9090", env=env)
+    assert_one_line_error(r, errors.CoreLoadFailed.exit_code, "does not match", "pt_event")
+    ready = _ready_of("9090", env=env)
+    assert ready["engine"] == "bcc" and "does not match" in ready["engine_reason"], ready
+
+
 def test_demo_runs_on_core_without_kernel_headers():
     """`portrace demo` on the default engine needs no kernel headers."""
     need_root()

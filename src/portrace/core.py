@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from portrace import engine, errors, libbpf, sockets
+from portrace.btf import BtfError
 from portrace.events import (
     FAMILIES,
     PROTOCOLS,
@@ -126,6 +127,11 @@ class CoreEngine:
             raise errors.CoreLoadFailed(
                 f"the kernel refused the CO-RE object ({exc}); the verifier's last lines "
                 f"are in {_save_log(exc.log)}; `--engine bcc` does without it") from None
+        except BtfError as exc:  # an object built from another portrace's bpf/portrace.h
+            self.close()
+            raise errors.CoreLoadFailed(
+                f"the CO-RE object {path} does not match this portrace ({exc}); `sudo make "
+                "setup` rebuilds it; `--engine bcc` does without it") from None
 
     def _on_record(self, data: int, _size: int) -> int:
         ev = decode_event(self.event_t.from_address(data), self.clock)

@@ -55,7 +55,8 @@ EXIT_TEXT: dict[ExitStatus, str] = {
     ExitStatus.NO_KERNEL_BTF: "--engine core: the kernel has no BTF (/sys/kernel/btf/vmlinux)",
     ExitStatus.NO_LIBBPF: "--engine core: no usable libbpf.so.1, or the CO-RE object is not "
                           "built",
-    ExitStatus.CORE_LOAD_FAILED: "--engine core: the kernel refused the CO-RE object",
+    ExitStatus.CORE_LOAD_FAILED: "--engine core: the kernel refused the CO-RE object, or it "
+                                 "does not match this portrace",
     ExitStatus.UNSAFE_PATH: "an output cannot be opened as asked: a symlink, not a regular "
                             "file, in a directory another user can write, or its directory "
                             "missing or closed to root",
@@ -122,7 +123,9 @@ class NoLibbpf(PortraceError):
 
 
 class CoreLoadFailed(PortraceError):
-    """The kernel refused the CO-RE object (the verifier's last lines are logged)."""
+    """The kernel refused the CO-RE object (the verifier's last lines are
+    logged), or the object lacks a type this portrace reads (built from
+    another version's bpf/portrace.h). ``--engine auto`` falls back to bcc."""
 
     exit_code = ExitStatus.CORE_LOAD_FAILED
 

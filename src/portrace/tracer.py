@@ -91,7 +91,7 @@ class Tracer:
         except errors.CoreLoadFailed as exc:
             if self.engine_name != "auto":
                 raise
-            choice = engine.Choice("bcc", f"CO-RE engine refused by the kernel: {exc}")
+            choice = engine.Choice("bcc", f"CO-RE engine could not load: {exc}")
             self.probes = self._open(choice)
         ready = Ready(ts=datetime.now(timezone.utc), engine=choice.name,
                       engine_reason=choice.reason, ports=self.ports,
