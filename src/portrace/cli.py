@@ -161,7 +161,8 @@ def engine_option(f: Any) -> Any:
 @click.option("--coalesce", type=Finite(0), default=1.0, show_default=True,
               metavar="SECONDS",
               help="Count, without diagnosing again, a process's identical failures this soon "
-                   "after the last report (0: diagnose every one).")
+                   "after the last report (0: diagnose each again, except those that come "
+                   "while the first is being diagnosed: they count as its repeats).")
 def watch(ports: Sequence[int], engine_name: str, as_json: bool, output: IO[str] | None,
           pid: int | None, states: bool, coalesce: float) -> None:
     """Watch PORTs (default: every port) until Ctrl-C or SIGTERM."""
