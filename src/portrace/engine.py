@@ -22,11 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from portrace import errors, sockets
+from portrace import errors, header, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
 
 ENGINES = ("auto", "core", "bcc")
@@ -60,10 +59,11 @@ class Engine(Protocol):
 
 POLL_BUDGET_S = 0.05  # one pass of a poll over the rings
 STOP = -errno.ECANCELED  # a ring callback's "enough for this pass" (libbpf and bcc alike)
-# Slots of the probes' lost map (bpf/portrace.h: PT_LOST_*).
-LOST_FULL = (0, 1)  # the events ring, the failures ring was full
-LOST_LIMITED = 2  # a watched port's failure over its rate
-RATE_MAX, RATE_WINDOW_MS = 256, 100  # bpf/portrace.h: PT_RATE_MAX, PT_RATE_NS
+# Slots of the probes' lost map: the events ring, the failures ring was full;
+# a watched port's failure over its rate (PT_RATE_MAX per PT_RATE_NS).
+LOST_FULL = (header.value("PT_LOST_EVENTS"), header.value("PT_LOST_FAILURES"))
+LOST_LIMITED = header.value("PT_LOST_LIMITED")
+RATE_MAX, RATE_WINDOW_MS = header.value("PT_RATE_MAX"), header.value("PT_RATE_NS") // 1_000_000
 
 
 class PollBudget:
@@ -110,9 +110,7 @@ class Choice:
     reason: str  # why, as the ready event says it
 
 
-def bpf_source_dir() -> Path:
-    """Where ``bpf/`` is installed (package data): sources and the CO-RE object."""
-    return Path(str(resources.files("portrace"))) / "bpf"
+bpf_source_dir = header.bpf_dir
 
 
 def core_object() -> Path:

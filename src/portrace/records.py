@@ -24,15 +24,20 @@ from portrace.events import (
     Task,
     tcp_state_name,
 )
+from portrace.header import value
 
-# enum pt_kind, enum pt_opt, enum pt_source (bpf/portrace.h)
-PT_BIND_ERROR, PT_BIND_OK, PT_STATE, PT_LISTEN_ERROR, PT_CONNECT_ERROR, PT_LISTEN_OK = range(1, 7)
+# enum pt_kind, enum pt_opt, enum pt_source and PT_UID_UNKNOWN, as the header says
+PT_BIND_ERROR, PT_BIND_OK, PT_STATE, PT_LISTEN_ERROR, PT_CONNECT_ERROR, PT_LISTEN_OK = map(
+    value, ("PT_BIND_ERROR", "PT_BIND_OK", "PT_STATE", "PT_LISTEN_ERROR", "PT_CONNECT_ERROR",
+            "PT_LISTEN_OK"))
 CALLS = {PT_BIND_ERROR: "bind", PT_BIND_OK: "bind", PT_LISTEN_ERROR: "listen",
          PT_CONNECT_ERROR: "connect", PT_LISTEN_OK: "listen"}
-PT_OPT_REUSEADDR, PT_OPT_REUSEPORT, PT_OPT_V6ONLY, PT_OPT_BINDTODEVICE = 1, 2, 4, 8
+PT_OPT_REUSEADDR, PT_OPT_REUSEPORT, PT_OPT_V6ONLY, PT_OPT_BINDTODEVICE = map(
+    value, ("PT_OPT_REUSEADDR", "PT_OPT_REUSEPORT", "PT_OPT_V6ONLY", "PT_OPT_BINDTODEVICE"))
 PT_OPT_ALL = PT_OPT_REUSEADDR | PT_OPT_REUSEPORT | PT_OPT_V6ONLY | PT_OPT_BINDTODEVICE
-SOURCES = {0: None, 1: "probes", 2: "kernel"}
-PT_UID_UNKNOWN = 0xFFFFFFFF
+SOURCES = {value("PT_SRC_UNKNOWN"): None, value("PT_SRC_PROBES"): "probes",
+           value("PT_SRC_KERNEL"): "kernel"}
+PT_UID_UNKNOWN = value("PT_UID_UNKNOWN")
 
 
 class MonotonicClock:
