@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, context, diagnose, engine, errors, owners, phrases, sockets
+from portrace import advice, chooser, context, diagnose, engine, errors, owners, phrases, sockets
 from portrace.events import Blocker, Check, Netns, Owner, SocketCall, SockOpts
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
@@ -77,15 +77,13 @@ class Looker:
             engine.require_bpf()
         elif os.geteuid() != 0 or not engine.can_load_tracing_bpf(engine.effective_caps()):
             return self  # auto without the right to load BPF: sock_diag, asked nothing else
-        why_not = engine.core_unavailable()
+        why_not = chooser.core_unavailable()
         if why_not is not None:
             if self.requested == "core":
-                raise (errors.NoKernelBtf if "BTF" in why_not else errors.NoLibbpf)(
-                    f"--engine core: {why_not}")
+                raise chooser.core_required(why_not)
             return self
-        from portrace.core import CoreEngine
-
-        core = CoreEngine([], lambda _ev: None, ringbuf_pages=1, states=False, probes=False)
+        core = chooser.make(engine.Choice("core", "check"), [], lambda _ev: None,
+                            ringbuf_pages=1, states=False, attach=False)
         try:
             core.open()
         except errors.PortraceError:

@@ -1,4 +1,6 @@
-"""Which engine produces the events, and what every engine needs first.
+"""What an engine is (:class:`Engine`) and what every engine needs first: the
+checks before loading, the ring-polling budget, the lost-record slots. It
+imports no engine; ``portrace.chooser`` picks and makes one.
 
 Two engines produce the same typed events (``portrace.records``); everything
 after them is shared:
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from portrace import errors, header, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
@@ -181,49 +183,3 @@ def preflight(tracepoints: Iterable[str]) -> Path:
                 + (" (CONFIG_FTRACE_SYSCALLS)" if tp.startswith("syscalls") else "")
             )
     return tracefs
-
-
-def core_unavailable() -> str | None:
-    """Why the CO-RE engine cannot run here, None if it can (as far as files tell)."""
-    from portrace import libbpf
-
-    if not KERNEL_BTF.exists():
-        return f"no kernel BTF at {KERNEL_BTF} (CONFIG_DEBUG_INFO_BTF)"
-    if not core_object().exists():
-        return f"the CO-RE object {core_object()} was not built (`sudo make setup` builds it)"
-    try:
-        major, minor = libbpf.version()
-    except libbpf.LibbpfMissing as exc:
-        return str(exc)
-    if (major, minor) < libbpf.LIBBPF_MIN:
-        return f"libbpf {major}.{minor} is older than {'.'.join(map(str, libbpf.LIBBPF_MIN))}"
-    return None
-
-
-def choose(requested: str) -> Choice:
-    """The engine to run for ``--engine requested``. Raises NeedsRoot, and
-    NoKernelBtf or NoLibbpf when ``core`` is asked for and cannot run."""
-    require_root()  # before anything else is read or imported
-    if requested == "bcc":
-        return Choice("bcc", "asked for with --engine bcc")
-    why_not = core_unavailable()
-    if requested == "core":
-        if why_not is None:
-            return Choice("core", "asked for with --engine core")
-        if "BTF" in why_not:
-            raise errors.NoKernelBtf(f"--engine core: {why_not}")
-        raise errors.NoLibbpf(f"--engine core: {why_not}")
-    if why_not is not None:
-        return Choice("bcc", f"CO-RE engine unavailable: {why_not}")
-    return Choice("core", f"kernel BTF at {KERNEL_BTF}")
-
-
-def make(choice: Choice, ports: Iterable[int], on_event: Callable[[Any], None],
-         ringbuf_pages: int = 64, states: bool = True) -> Engine:
-    if choice.name == "core":
-        from portrace.core import CoreEngine
-
-        return CoreEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)
-    from portrace.probes import Probes
-
-    return Probes(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)

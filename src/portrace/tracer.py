@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, context, diagnose, engine, errors, sockets
+from portrace import advice, chooser, context, diagnose, engine, errors, sockets
 from portrace import owners as owners_mod
 from portrace.events import (
     CallError,
@@ -83,9 +83,9 @@ class Tracer:
 
     def start(self) -> Ready:
         """Load and attach the chosen engine. Raises the portrace.errors of
-        engine.choose and of the engine's open(); ``auto`` falls back to bcc
+        chooser.choose and of the engine's open(); ``auto`` falls back to bcc
         when the kernel refuses the CO-RE object, and says so in ``ready``."""
-        choice = engine.choose(self.engine_name)
+        choice = chooser.choose(self.engine_name)
         try:
             self.probes = self._open(choice)
         except errors.CoreLoadFailed as exc:
@@ -100,7 +100,7 @@ class Tracer:
         return ready
 
     def _open(self, choice: engine.Choice) -> engine.Engine:
-        probes = engine.make(choice, self.ports, self._on_event,
+        probes = chooser.make(choice, self.ports, self._on_event,
                              ringbuf_pages=self.ringbuf_pages, states=self.states)
         probes.open()
         return probes

@@ -1,0 +1,65 @@
+"""Which engine runs, and making it: the one module that imports the engines
+(``portrace.core``, ``portrace.probes``), so that they and the toolkit they
+share (``portrace.engine``) never import each other in a circle.
+
+``--engine auto`` (the default) takes ``core`` where it can run, else ``bcc``,
+and says why in the ``ready`` event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from portrace import errors, libbpf
+from portrace.core import CoreEngine
+from portrace.engine import KERNEL_BTF, Choice, Engine, core_object, require_root
+from portrace.probes import Probes
+
+
+def core_unavailable() -> errors.NoKernelBtf | errors.NoLibbpf | None:
+    """Why the CO-RE engine cannot run here, as far as files tell: the error
+    ``--engine core`` raises (its message the reason alone), or None."""
+    if not KERNEL_BTF.exists():
+        return errors.NoKernelBtf(f"no kernel BTF at {KERNEL_BTF} (CONFIG_DEBUG_INFO_BTF)")
+    if not core_object().exists():
+        return errors.NoLibbpf(f"the CO-RE object {core_object()} was not built "
+                               "(`sudo make setup` builds it)")
+    try:
+        major, minor = libbpf.version()
+    except libbpf.LibbpfMissing as exc:
+        return errors.NoLibbpf(str(exc))
+    if (major, minor) < libbpf.LIBBPF_MIN:
+        return errors.NoLibbpf(f"libbpf {major}.{minor} is older than "
+                               f"{'.'.join(map(str, libbpf.LIBBPF_MIN))}")
+    return None
+
+
+def core_required(why_not: errors.NoKernelBtf | errors.NoLibbpf) -> errors.PortraceError:
+    """The error for ``--engine core`` where it cannot run."""
+    return type(why_not)(f"--engine core: {why_not}")
+
+
+def choose(requested: str) -> Choice:
+    """The engine to run for ``--engine requested``. Raises NeedsRoot, and
+    NoKernelBtf or NoLibbpf when ``core`` is asked for and cannot run."""
+    require_root()  # before anything else is read
+    if requested == "bcc":
+        return Choice("bcc", "asked for with --engine bcc")
+    why_not = core_unavailable()
+    if requested == "core":
+        if why_not is not None:
+            raise core_required(why_not)
+        return Choice("core", "asked for with --engine core")
+    if why_not is not None:
+        return Choice("bcc", f"CO-RE engine unavailable: {why_not}")
+    return Choice("core", f"kernel BTF at {KERNEL_BTF}")
+
+
+def make(choice: Choice, ports: Iterable[int], on_event: Callable[[Any], None],
+         ringbuf_pages: int = 64, states: bool = True, attach: bool = True) -> Engine:
+    """The chosen engine, not yet opened. ``attach=False``: attach no probe
+    (core only: ``check`` reads sockets through the object's iterators)."""
+    if choice.name == "core":
+        return CoreEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states,
+                          probes=attach)
+    return Probes(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)
