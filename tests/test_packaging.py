@@ -31,7 +31,7 @@ def test_wheel_builds_and_carries_the_core_object(tmp_path: Path):
     [wheel] = out.glob("portrace-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "portrace/bpf/core.bpf.o" in names
-    assert {"portrace/bpf/portrace.bpf.c", "portrace/bpf/portrace.h",
+    assert {"portrace/bpf/bcc.bpf.c", "portrace/bpf/portrace.h",
             "portrace/bpf/calls.h"} <= set(names)  # the bcc engine compiles these
 
 

@@ -1,5 +1,5 @@
 """Which engine runs, and making it: the one module that imports the engines
-(``portrace.core``, ``portrace.probes``), so that they and the toolkit they
+(``portrace.core``, ``portrace.bcc``), so that they and the toolkit they
 share (``portrace.engine``) never import each other in a circle.
 
 ``--engine auto`` (the default) takes ``core`` where it can run, else ``bcc``,
@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from portrace import errors, libbpf
+from portrace.bcc import BccEngine
 from portrace.core import CoreEngine
 from portrace.engine import KERNEL_BTF, Choice, Engine, core_object, require_root
-from portrace.probes import Probes
 
 
 def core_unavailable() -> errors.NoKernelBtf | errors.NoLibbpf | None:
@@ -61,5 +61,5 @@ def make(choice: Choice, ports: Iterable[int], on_event: Callable[[Any], None],
     (core only: ``check`` reads sockets through the object's iterators)."""
     if choice.name == "core":
         return CoreEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states,
-                          probes=attach)
-    return Probes(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)
+                          attach=attach)
+    return BccEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)

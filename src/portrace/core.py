@@ -63,16 +63,16 @@ class CoreEngine:
     """The CO-RE engine for a set of ports (empty: every port, failures only).
 
     ``states``: stream transitions to ``on_event`` (they are kept in the kernel
-    either way). Raises from :meth:`open` the errors of ``engine.preflight``,
+    either way). Raises from :meth:`open` the errors of ``engine.require_tracing``,
     NoLibbpf, and CoreLoadFailed when the kernel refuses the object.
     """
 
     name = "core"
 
     def __init__(self, ports: Iterable[int], on_event: Callable[[Any], None],
-                 ringbuf_pages: int = 64, states: bool = True, probes: bool = True) -> None:
+                 ringbuf_pages: int = 64, states: bool = True, attach: bool = True) -> None:
         self.ports = sorted(set(ports))
-        self.probes = probes  # False: only the iterators (portrace check), nothing attached
+        self.attach = attach  # False: only the iterators (portrace check), nothing attached
         self.on_event = on_event
         self.ringbuf_pages = ringbuf_pages
         self.states = states
@@ -83,8 +83,8 @@ class CoreEngine:
         self._budget = engine.PollBudget()
 
     def open(self) -> None:
-        if self.probes:
-            engine.preflight(TRACEPOINTS)
+        if self.attach:
+            engine.require_tracing(TRACEPOINTS)
         else:
             engine.require_bpf()
         path = str(engine.core_object())
@@ -114,7 +114,7 @@ class CoreEngine:
             for port in self.ports:
                 watched.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
             self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
-            if not self.probes:
+            if not self.attach:
                 return
             for prog in PROGRAMS:
                 obj.attach(prog)

@@ -8,7 +8,7 @@ after them is shared:
 - ``core`` (``portrace.core``): a libbpf CO-RE object compiled at build time,
   relocated against the kernel's BTF at load, reading the kernel's own socket
   state and BPF iterators. Needs ``/sys/kernel/btf/vmlinux`` and ``libbpf.so.1``.
-- ``bcc`` (``portrace.probes``): compiled by bcc at every start against kernel
+- ``bcc`` (``portrace.bcc``): compiled by bcc at every start against kernel
   headers; tracepoint arguments and user memory only. The fallback where the
   kernel has no BTF.
 
@@ -167,7 +167,7 @@ def require_bpf() -> None:
         )
 
 
-def preflight(tracepoints: Iterable[str]) -> Path:
+def require_tracing(tracepoints: Iterable[str]) -> Path:
     """What every engine needs, cheapest first: root, the capabilities, tracefs
     and these tracepoints (``group/name``). Returns the tracefs root.
 

@@ -51,7 +51,7 @@ class Tracer:
     """Watches ``ports`` (empty: every port) and hands every event to ``sink``.
 
     ``pid``: only report failures of this process (tgid). Raises the
-    :mod:`portrace.errors` of ``Probes.open`` from :meth:`start`.
+    :mod:`portrace.errors` of the engine's ``open`` from :meth:`start`.
     """
 
     def __init__(self, ports: Iterable[int], sink: Sink, pid: int | None = None,
@@ -64,7 +64,7 @@ class Tracer:
         self.engine_name = engine_name
         self.ringbuf_pages = ringbuf_pages
         self.states = states  # stream transitions to the sink (--states, evidence)
-        self.probes: engine.Engine | None = None
+        self._engine: engine.Engine | None = None
         self.history: dict[int, deque[StateChange]] = {}
         self.binders: OrderedDict[diagnose.BoundAddress, deque[SocketCall]] = OrderedDict()
         self.coalesce_s = coalesce_s
@@ -87,12 +87,12 @@ class Tracer:
         when the kernel refuses the CO-RE object, and says so in ``ready``."""
         choice = chooser.choose(self.engine_name)
         try:
-            self.probes = self._open(choice)
+            self._engine = self._open(choice)
         except errors.CoreLoadFailed as exc:
             if self.engine_name != "auto":
                 raise
             choice = engine.Choice("bcc", f"CO-RE engine could not load: {exc}")
-            self.probes = self._open(choice)
+            self._engine = self._open(choice)
         ready = Ready(ts=datetime.now(timezone.utc), engine=choice.name,
                       engine_reason=choice.reason, ports=self.ports,
                       kernel=os.uname().release, host=self.host, options=self.options)
@@ -107,9 +107,9 @@ class Tracer:
 
     @property
     def engine(self) -> engine.Engine:
-        if self.probes is None:
+        if self._engine is None:
             raise RuntimeError("Tracer.start() was not called")
-        return self.probes
+        return self._engine
 
     def run(self, stop: threading.Event, poll_ms: int = 100) -> None:
         """Drain the ring buffers until ``stop`` is set (by a signal, or by
@@ -138,11 +138,11 @@ class Tracer:
         """Detach the probes, and free the engine unless a diagnosis still
         reads its maps after ``run`` gave up waiting for it (then the
         process's exit does)."""
-        if self.probes is None:
+        if self._engine is None:
             return
-        self.probes.detach()
+        self._engine.detach()
         if not self.busy:
-            self.probes.close()
+            self._engine.close()
 
     def _report_lost(self, wait: bool = False) -> None:
         """Report what was lost since the last report. From the drain thread

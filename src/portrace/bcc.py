@@ -1,9 +1,9 @@
-"""The bcc engine: compile ``bpf/portrace.bpf.c`` at start, attach, read.
+"""The bcc engine: compile ``bpf/bcc.bpf.c`` at start, attach, read.
 
 The fallback for kernels without BTF (see portrace.engine). The only module
 that touches bcc.
 
-``Probes.open()`` checks the host first and raises a :mod:`portrace.errors`
+``BccEngine.open()`` checks the host first and raises a :mod:`portrace.errors`
 error that names the fix (not root, no tracefs, no headers, no tracepoint,
 BPF refused). Records are decoded with the layout the compiler gave
 ``union pt_event`` (read back from the ``pt_layout`` map), so the frontend
@@ -49,13 +49,13 @@ def kernel_headers_dir() -> Path | None:
     return None
 
 
-def preflight() -> Path:
+def require_bcc() -> Path:
     """Check what the bcc engine needs, cheapest first. Returns the tracefs root.
 
     Raises NeedsRoot, BpfUnavailable, NoBcc, NoTracefs, MissingTracepoint,
     NoKernelHeaders.
     """
-    tracefs = engine.preflight(TRACEPOINTS)
+    tracefs = engine.require_tracing(TRACEPOINTS)
     try:
         import bcc  # noqa: F401
     except ImportError as exc:
@@ -72,7 +72,7 @@ def preflight() -> Path:
     return tracefs
 
 
-class Probes:
+class BccEngine:
     """The bcc engine: attached tracepoints for a set of ports (empty: every port).
 
     ``on_event`` receives ``SocketCall`` and ``StateChange`` objects from
@@ -94,21 +94,21 @@ class Probes:
         self._budget = engine.PollBudget()
 
     def open(self) -> None:
-        """Compile, load and attach. Raises the errors of :func:`preflight`,
+        """Compile, load and attach. Raises the errors of :func:`require_bcc`,
         and ``BpfUnavailable`` when the kernel refuses the programs."""
-        preflight()
+        require_bcc()
         from bcc import BPF
 
         src = engine.bpf_source_dir()
         cflags = [f"-I{src}", f"-DPT_RINGBUF_PAGES={self.ringbuf_pages}",
                   f"-DPT_WATCHED_MAX={max(1024, len(self.ports))}"]
         try:
-            self._bpf = BPF(src_file=str(src / "portrace.bpf.c").encode(), cflags=cflags)
+            self._bpf = BPF(src_file=str(src / "bcc.bpf.c").encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for both cases
             msg = str(exc)
             if "compile" in msg.lower():
                 raise errors.NoKernelHeaders(
-                    f"bcc could not compile {src / 'portrace.bpf.c'} against the kernel headers "
+                    f"bcc could not compile {src / 'bcc.bpf.c'} against the kernel headers "
                     f"at {kernel_headers_dir()} (compiler messages above); `sudo make setup` "
                     "reinstalls them"
                 ) from None
