@@ -212,98 +212,132 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
     if not blockers:
         return _gone(req, attempt, last_seen, netns_source)
     b = blockers[0]
-    cause = cause_of(b)
     others = len(blockers) - 1
-    more = f" (+{others} more socket{'s' if others > 1 else ''} on the port)" if others else ""
-    advice: list[str] = []
-    note = _overlap_note(req, b)
-    rp = _reuseport_note(req, b)
-
-    if cause == "listener":
-        summary = phrases.blocker(b) + more
-        if attempt.call == "listen":
-            summary = f"listen() found {b.local} already listening: {summary}"
-        advice.append(_kill_advice(b) if b.processes or not b.holders_known else
-                      "Now: the listener has no process left; it goes away when its last "
-                      "accepted connection closes.")
-        for extra in (note, rp):
-            if extra:
-                advice.append(extra)
-        if attempt.call == "listen":
-            advice.append("Two SO_REUSEADDR sockets may bind the same address, but only one "
-                          f"may listen: listen() checks the port again {cite('listen_recheck')}.")
-        elif req.opts.reuseaddr:
-            advice.append("The new socket's SO_REUSEADDR does not help: it never passes a "
-                          f"LISTEN socket {cite('reuseaddr')}.")
-        advice.append("In code: to run two listeners on one port at once, set SO_REUSEPORT on "
-                      f"both before bind(), under the same uid {cite('reuseport')}; SO_REUSEADDR "
-                      "cannot pass a LISTEN socket.")
-    elif cause in ("time_wait", "fin_wait2"):
-        minis = [x for x in blockers if x.minisock]
-        left = max(x.expires_s or 0.0 for x in minis)
-        what = "TIME_WAIT" if cause == "time_wait" else "orphaned FIN_WAIT2"
-        summary = (phrases.blocker(b) + more if len(minis) == 1 else
-                   f"{len(minis)} {what} sockets on {b.local.port}; the last ends in {left:.1f} s")
-        target: Blocker | Sequence[Blocker] = b if len(minis) == 1 else minis
-        clause = _destroy(target, destroying, "destroy it" if len(minis) == 1 else "destroy them")
-        advice.append(f"Now: wait {left:.0f} s" + (f", or {clause}." if clause else
-                                                   f"; {CANNOT_DESTROY}."))
-        advice.append(_reuseaddr_why(req, b))
-        if rp:
-            advice.append(rp)
-        if cause == "time_wait":
-            advice.append(f"TIME_WAIT lasts TCP_TIMEWAIT_LEN = {TCP_TIMEWAIT_LEN_S} s "
-                          f"{cite('timewait_len')}; no sysctl shortens it.")
-        else:
-            fin = sysctls.get("net.ipv4.tcp_fin_timeout")
-            advice.append("The peer never sent its FIN. An orphaned FIN_WAIT2 lives "
-                          f"net.ipv4.tcp_fin_timeout = {fin or '?'} s in this namespace "
-                          f"{cite('fin_timeout')}: lowering it shortens this case, and only "
-                          "this one.")
-        advice.append("In code: set SO_REUSEADDR on the listening socket before bind() in both "
-                      "the old and the new process: the minisock keeps the old socket's flag "
-                      f"{cite('minisock_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
-                      f"only when the old one is LISTEN {cite('reuseaddr')}.")
-        advice.append(NOT_TW_REUSE + ("; net.ipv4.tcp_fin_timeout bounds orphaned FIN_WAIT2 "
-                                      "only, not TIME_WAIT." if cause == "time_wait" else "."))
-    elif cause in ("connected_socket", "bound_socket"):
-        summary = (("bound, not listening: " if cause == "bound_socket" else "")
-                   + phrases.blocker(b) + more)
-        now = _kill_advice(b)
-        if cause == "connected_socket":
-            clause = _destroy(b, destroying, "abort the connection")
-            now += f" Or {clause}." if clause else ""
-        advice.append(now)
-        for extra in (note, _reuseaddr_why(req, b), rp):
-            if extra:
-                advice.append(extra)
-        source = _source_port_note(req.port, sysctls) if cause == "connected_socket" else None
-        if source:
-            advice.append(source)
-        if cause == "connected_socket":
-            accepted = ("Or, if the old server accepted it: a connection keeps the port after "
-                        "its listener closed." if source else
-                        "A connection accepted by the old server keeps the port after its "
-                        "listener closed.")
-            advice.append(accepted + " In code: set SO_REUSEADDR on the listening socket "
-                          "before bind() in both old and new server; accepted sockets inherit it "
-                          f"{cite('accept_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
-                          f"only when the old one is LISTEN {cite('reuseaddr')}.")
-        else:
-            advice.append("In code: a socket bound but never listened on still owns the port; "
-                          "close it, or set SO_REUSEADDR on both sockets "
-                          f"{cite('reuseaddr')}.")
-        advice.append(NOT_TW_REUSE + ".")
-    else:  # udp_socket
-        summary = phrases.blocker(b) + more
-        advice.append(_kill_advice(b))
-        for extra in (note, rp):
-            if extra:
-                advice.append(extra)
-        advice.append(f"In code: {RULES['udp_reuse'].says} {cite('udp_reuse')}; here the new "
-                      f"socket's SO_REUSEADDR is {_onoff(req.opts.reuseaddr)}, the old one's "
-                      f"{_onoff(b.opts.reuseaddr)}.")
+    c = _Conflict(req=req, attempt=attempt, blockers=blockers, b=b, sysctls=sysctls,
+                  destroying=destroying, note=_overlap_note(req, b),
+                  reuseport=_reuseport_note(req, b),
+                  more=f" (+{others} more socket{'s' if others > 1 else ''} on the port)"
+                  if others else "")
+    cause = cause_of(b)
+    summary, advice = _BY_CAUSE[cause](c, cause)
     return Verdict(cause=cause, summary=summary, advice=tuple(advice))
+
+
+@dataclass(frozen=True)
+class _Conflict:
+    """What every EADDRINUSE cause's advice reads: the request, the first
+    blocker ``b`` and the facts drawn from it once."""
+
+    req: Request
+    attempt: SocketCall
+    blockers: Sequence[Blocker]
+    b: Blocker
+    sysctls: Mapping[str, str]
+    destroying: Destroying
+    note: str | None  # the addresses' overlap, where it is not plain
+    reuseport: str | None  # why SO_REUSEPORT does or does not pass b
+    more: str  # " (+N more sockets on the port)", or ""
+
+
+def _listener(c: _Conflict, _cause: str) -> tuple[str, list[str]]:
+    b = c.b
+    summary = phrases.blocker(b) + c.more
+    if c.attempt.call == "listen":
+        summary = f"listen() found {b.local} already listening: {summary}"
+    advice = [_kill_advice(b) if b.processes or not b.holders_known else
+              "Now: the listener has no process left; it goes away when its last "
+              "accepted connection closes."]
+    advice += [x for x in (c.note, c.reuseport) if x]
+    if c.attempt.call == "listen":
+        advice.append("Two SO_REUSEADDR sockets may bind the same address, but only one "
+                      f"may listen: listen() checks the port again {cite('listen_recheck')}.")
+    elif c.req.opts.reuseaddr:
+        advice.append("The new socket's SO_REUSEADDR does not help: it never passes a "
+                      f"LISTEN socket {cite('reuseaddr')}.")
+    advice.append("In code: to run two listeners on one port at once, set SO_REUSEPORT on "
+                  f"both before bind(), under the same uid {cite('reuseport')}; SO_REUSEADDR "
+                  "cannot pass a LISTEN socket.")
+    return summary, advice
+
+
+def _minisocks(c: _Conflict, cause: str) -> tuple[str, list[str]]:
+    """TIME_WAIT or orphaned FIN_WAIT2: every minisock on the port counts."""
+    b = c.b
+    minis = [x for x in c.blockers if x.minisock]
+    left = max(x.expires_s or 0.0 for x in minis)
+    what = "TIME_WAIT" if cause == "time_wait" else "orphaned FIN_WAIT2"
+    summary = (phrases.blocker(b) + c.more if len(minis) == 1 else
+               f"{len(minis)} {what} sockets on {b.local.port}; the last ends in {left:.1f} s")
+    target: Blocker | Sequence[Blocker] = b if len(minis) == 1 else minis
+    clause = _destroy(target, c.destroying, "destroy it" if len(minis) == 1 else "destroy them")
+    advice = [f"Now: wait {left:.0f} s" + (f", or {clause}." if clause else
+                                           f"; {CANNOT_DESTROY}."),
+              _reuseaddr_why(c.req, b)]
+    if c.reuseport:
+        advice.append(c.reuseport)
+    if cause == "time_wait":
+        advice.append(f"TIME_WAIT lasts TCP_TIMEWAIT_LEN = {TCP_TIMEWAIT_LEN_S} s "
+                      f"{cite('timewait_len')}; no sysctl shortens it.")
+    else:
+        fin = c.sysctls.get("net.ipv4.tcp_fin_timeout")
+        advice.append("The peer never sent its FIN. An orphaned FIN_WAIT2 lives "
+                      f"net.ipv4.tcp_fin_timeout = {fin or '?'} s in this namespace "
+                      f"{cite('fin_timeout')}: lowering it shortens this case, and only "
+                      "this one.")
+    advice.append("In code: set SO_REUSEADDR on the listening socket before bind() in both "
+                  "the old and the new process: the minisock keeps the old socket's flag "
+                  f"{cite('minisock_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
+                  f"only when the old one is LISTEN {cite('reuseaddr')}.")
+    advice.append(NOT_TW_REUSE + ("; net.ipv4.tcp_fin_timeout bounds orphaned FIN_WAIT2 "
+                                  "only, not TIME_WAIT." if cause == "time_wait" else "."))
+    return summary, advice
+
+
+def _held_socket(c: _Conflict, cause: str) -> tuple[str, list[str]]:
+    """A connected or a bound-only socket that a process still holds."""
+    b = c.b
+    connected = cause == "connected_socket"
+    summary = ("" if connected else "bound, not listening: ") + phrases.blocker(b) + c.more
+    now = _kill_advice(b)
+    if connected:
+        clause = _destroy(b, c.destroying, "abort the connection")
+        now += f" Or {clause}." if clause else ""
+    advice = [now]
+    advice += [x for x in (c.note, _reuseaddr_why(c.req, b), c.reuseport) if x]
+    source = _source_port_note(c.req.port, c.sysctls) if connected else None
+    if source:
+        advice.append(source)
+    if connected:
+        accepted = ("Or, if the old server accepted it: a connection keeps the port after "
+                    "its listener closed." if source else
+                    "A connection accepted by the old server keeps the port after its "
+                    "listener closed.")
+        advice.append(accepted + " In code: set SO_REUSEADDR on the listening socket "
+                      "before bind() in both old and new server; accepted sockets inherit it "
+                      f"{cite('accept_keeps_flags')}, and two SO_REUSEADDR sockets conflict "
+                      f"only when the old one is LISTEN {cite('reuseaddr')}.")
+    else:
+        advice.append("In code: a socket bound but never listened on still owns the port; "
+                      "close it, or set SO_REUSEADDR on both sockets "
+                      f"{cite('reuseaddr')}.")
+    advice.append(NOT_TW_REUSE + ".")
+    return summary, advice
+
+
+def _udp_socket(c: _Conflict, _cause: str) -> tuple[str, list[str]]:
+    b = c.b
+    advice = [_kill_advice(b)]
+    advice += [x for x in (c.note, c.reuseport) if x]
+    advice.append(f"In code: {RULES['udp_reuse'].says} {cite('udp_reuse')}; here the new "
+                  f"socket's SO_REUSEADDR is {_onoff(c.req.opts.reuseaddr)}, the old one's "
+                  f"{_onoff(b.opts.reuseaddr)}.")
+    return phrases.blocker(b) + c.more, advice
+
+
+# One function per EADDRINUSE cause (diagnose.cause_of), each given the cause.
+_BY_CAUSE = {"listener": _listener, "time_wait": _minisocks, "fin_wait2": _minisocks,
+             "connected_socket": _held_socket, "bound_socket": _held_socket,
+             "udp_socket": _udp_socket}
 
 
 def _range_phrase(u: PortUsage) -> str:
