@@ -301,7 +301,6 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
     if compare and baseline:
         raise click.UsageError("--compare and --baseline are two ways to judge; give one")
     before = lab_mod.load_baseline(baseline) if baseline is not None else {}
-    changed = "no setting changed"
     parsed = [lab_mod.parse_scenario(s) for s in scenarios]
     fixed = [_key_value(s) for s in sysctls]
     cmp = None
@@ -312,52 +311,23 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
     # SIGTERM and SIGHUP unwind like Ctrl-C: namespaces removed, sysctls restored.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
-    runs = lab_mod.variants(fixed, cmp)
-    verdicts: dict[str, str] = {}
-    why: dict[str, list[str]] = {}  # scenario -> the facts behind its verdict
-    results = []
     writer = _evidence_dir(evidence, "'--evidence'") if evidence is not None else None
     laboratory = lab_mod.Lab(host=host, within=within, evidence=writer, engine_name=engine_name)
-    with laboratory.attached():
-        for name, reuse in parsed:
-            outcomes = [laboratory.run(name, reuse, v, f"{i}") for i, v in enumerate(runs)]
-            results.extend(outcomes)
-            if len(outcomes) > 1:
-                verdicts[outcomes[0].scenario] = lab_mod.judge(outcomes[0], outcomes[-1])
-                why[outcomes[0].scenario] = lab_mod.explain(outcomes[0], outcomes[-1])
-            if baseline is not None and outcomes[-1].scenario in before:
-                last = outcomes[-1]
-                verdicts[last.scenario] = lab_mod.judge(before[last.scenario], last)
-                why[last.scenario] = lab_mod.explain(before[last.scenario], last)
-                changed = lab_mod.changed_settings(before[last.scenario], last)
-            if not as_json:
-                click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n")
+    judged = lab_mod.run_scenarios(
+        laboratory, parsed, lab_mod.variants(fixed, cmp), before,
+        show=None if as_json else
+        lambda outcomes: click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n"))
     if writer is not None:
         writer.close()
-    document = json.dumps({"runs": [o.to_json() for o in results], "judged": verdicts,
-                           "why": why}, indent=2)
     if as_json:
-        click.echo(document)
+        click.echo(judged.document())
     if save is not None:
-        save.write(document + "\n")
+        save.write(judged.document() + "\n")
         save.close()
     if baseline is not None:
-        missing = [n for n in (lab_mod.scenario_name(*p) for p in parsed) if n not in before]
-        said = ", ".join(f"{s} {v}" for s, v in verdicts.items())
-        click.echo(f"portrace lab: against {baseline}: {changed}: {said}"
-                   + (f"; not in the baseline: {', '.join(missing)}" if missing else ""),
-                   err=as_json)
-        for scenario, facts in why.items():
-            for fact in facts:
-                click.echo(f"  {scenario} {verdicts[scenario]}: {fact}", err=as_json)
-    if expect:
-        wrong = {s: v for s, v in verdicts.items() if v != expect}
-        if wrong:
-            raise lab_mod.ExpectationFailed(
-                f"expected {expect}, measured " + ", ".join(f"{s}: {v}" for s, v in wrong.items()))
-    elif baseline is not None and "worse" in verdicts.values():
-        raise lab_mod.Worse("measured worse than the baseline: " + ", ".join(
-            s for s, v in verdicts.items() if v == "worse"))
+        for line in lab_mod.against_baseline(judged, baseline, parsed, before):
+            click.echo(line, err=as_json)
+    lab_mod.require(judged, expect, baseline is not None)
 
 
 @cli.command(epilog="\b\nExit status: 0 every PORT would bind now, 1 some would not "

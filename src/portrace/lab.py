@@ -547,6 +547,72 @@ def explain(before: Outcome, after: Outcome) -> list[str]:
     return out
 
 
+@dataclass
+class Judged:
+    """A ``portrace lab`` session: its runs, and each scenario judged (fixed,
+    improved, unchanged, worse) with the facts behind it, last run against
+    first (``--compare``) or against its baseline run (``--baseline``)."""
+
+    runs: list[Outcome] = field(default_factory=list)
+    verdicts: dict[str, str] = field(default_factory=dict)
+    why: dict[str, list[str]] = field(default_factory=dict)
+    changed: str = "no setting changed"  # against a baseline: the settings that differ
+
+    def document(self) -> str:
+        """What ``--json`` prints and ``--save`` writes."""
+        return json.dumps({"runs": [o.to_json() for o in self.runs], "judged": self.verdicts,
+                           "why": self.why}, indent=2)
+
+
+def run_scenarios(laboratory: Lab, scenarios: list[tuple[str, str]],
+                  runs: list[dict[str, str]], baseline: dict[str, Outcome],
+                  show: Callable[[list[Outcome]], None] | None = None) -> Judged:
+    """Each scenario (name, reuse) once per run's settings, judged; ``show``
+    gets each scenario's outcomes as they come."""
+    judged = Judged()
+    with laboratory.attached():
+        for name, reuse in scenarios:
+            outcomes = [laboratory.run(name, reuse, v, f"{i}") for i, v in enumerate(runs)]
+            judged.runs.extend(outcomes)
+            first, last = outcomes[0], outcomes[-1]
+            if len(outcomes) > 1:
+                judged.verdicts[first.scenario] = judge(first, last)
+                judged.why[first.scenario] = explain(first, last)
+            if last.scenario in baseline:
+                judged.verdicts[last.scenario] = judge(baseline[last.scenario], last)
+                judged.why[last.scenario] = explain(baseline[last.scenario], last)
+                judged.changed = changed_settings(baseline[last.scenario], last)
+            if show is not None:
+                show(outcomes)
+    return judged
+
+
+def against_baseline(judged: Judged, path: Path, scenarios: list[tuple[str, str]],
+                     baseline: dict[str, Outcome]) -> list[str]:
+    """The lines a ``--baseline`` judgement prints: the verdicts, then one
+    line per fact behind each."""
+    missing = [n for n in (scenario_name(*p) for p in scenarios) if n not in baseline]
+    said = ", ".join(f"{s} {v}" for s, v in judged.verdicts.items())
+    lines = [f"portrace lab: against {path}: {judged.changed}: {said}"
+             + (f"; not in the baseline: {', '.join(missing)}" if missing else "")]
+    lines += [f"  {scenario} {judged.verdicts[scenario]}: {fact}"
+              for scenario, facts in judged.why.items() for fact in facts]
+    return lines
+
+
+def require(judged: Judged, expect: str | None, baseline: bool) -> None:
+    """Raises ExpectationFailed when a verdict is not ``expect``; without
+    ``expect``, Worse when a scenario measured worse than its baseline."""
+    if expect:
+        wrong = {s: v for s, v in judged.verdicts.items() if v != expect}
+        if wrong:
+            raise ExpectationFailed(
+                f"expected {expect}, measured " + ", ".join(f"{s}: {v}" for s, v in wrong.items()))
+    elif baseline and "worse" in judged.verdicts.values():
+        raise Worse("measured worse than the baseline: " + ", ".join(
+            s for s, v in judged.verdicts.items() if v == "worse"))
+
+
 def free_port(ports: range) -> int:
     """The first port of ``ports`` a plain bind() to 0.0.0.0 gets in this
     namespace: no socket of any state, minisocks included, holds it. Raises
