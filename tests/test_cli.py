@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import need_root
 
-from portrace import errors
+from portrace import errors, header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,20 +165,23 @@ def test_core_preflight_and_auto_fallback(env, code, words, reason):
     assert ready["engine"] == "bcc" and reason in ready["engine_reason"]
 
 
+def core_object_env(tmp_path: Path, source: str) -> dict[str, str]:
+    """A CO-RE object built from ``source`` (beside bpf/), as the environment
+    that makes portrace load it."""
+    src, obj = tmp_path / "variant.bpf.c", tmp_path / "variant.bpf.o"
+    src.write_text(source)
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-mcpu=v3",
+                    f"-I{header.bpf_dir()}", "-c", str(src), "-o", str(obj)], check=True)
+    return {"PORTRACE_CORE_OBJECT": str(obj)}
+
+
 def test_core_object_the_verifier_refuses(tmp_path: Path):
     """An object whose load the verifier refuses: --engine core exits 14 with
     one line and the verifier's words in the log; auto falls back to bcc."""
     need_root()
-    from portrace.engine import bpf_source_dir
-
-    src = tmp_path / "broken.bpf.c"
-    src.write_text('#include "core.bpf.c"\n'
-                   'SEC("tracepoint/syscalls/sys_enter_bind")\n'
-                   'int broken(void *ctx) { return *(volatile int *)0; }\n')
-    obj = tmp_path / "broken.bpf.o"
-    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-mcpu=v3",
-                    f"-I{bpf_source_dir()}", "-c", str(src), "-o", str(obj)], check=True)
-    env = {"PORTRACE_CORE_OBJECT": str(obj)}
+    env = core_object_env(tmp_path, '#include "core.bpf.c"\n'
+                                    'SEC("tracepoint/syscalls/sys_enter_bind")\n'
+                                    'int broken(void *ctx) { return *(volatile int *)0; }\n')
     r = run("--engine", "core", "9090", env=env)
     assert_one_line_error(r, errors.CoreLoadFailed.exit_code, "refused", "/run/portrace/")
     log = Path("/run/portrace/verifier.log").read_text()
@@ -192,14 +195,8 @@ def test_core_object_of_another_build(tmp_path: Path):
     struct renamed, as another version's portrace.h would): --engine core
     exits 14 with one line; auto falls back to bcc and says why."""
     need_root()
-    from portrace.engine import bpf_source_dir
-
-    src = tmp_path / "other.bpf.c"
-    src.write_text('#define pt_event pt_event_of_another_build\n#include "core.bpf.c"\n')
-    obj = tmp_path / "other.bpf.o"
-    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-mcpu=v3",
-                    f"-I{bpf_source_dir()}", "-c", str(src), "-o", str(obj)], check=True)
-    env = {"PORTRACE_CORE_OBJECT": str(obj)}
+    env = core_object_env(tmp_path, '#define pt_event pt_event_of_another_build\n'
+                                    '#include "core.bpf.c"\n')
     r = run("--engine", "core", "9090", env=env)
     assert_one_line_error(r, errors.CoreLoadFailed.exit_code, "does not match", "pt_event")
     ready = _ready_of("9090", env=env)
