@@ -32,8 +32,8 @@ step() {
 }
 in_vagrant() { (cd vagrant && "$@"); }
 # Why ssh to a VM failed, as far as the host can see: the domain's state, QEMU's
-# port forward, and what sshd answers on it (a guest sshd that penalises the
-# host closes the connection without a banner).
+# port forward, and what sshd answers on it (one that penalises the host says
+# "Not allowed at this time" instead of its banner).
 why_no_ssh() {
     local vm=$1 port banner
     port=$(sed -n 's/^ *Port //p' "$out/ssh-config-$vm")
