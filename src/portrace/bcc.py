@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from portrace import engine, errors, sockets
+from portrace import engine, errors, header, sockets
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
 from portrace.records import (
     MonotonicClock,
@@ -99,7 +99,7 @@ class BccEngine:
         require_bcc()
         from bcc import BPF
 
-        src = engine.bpf_source_dir()
+        src = header.bpf_dir()
         cflags = [f"-I{src}", f"-DPT_RINGBUF_PAGES={self.ringbuf_pages}",
                   f"-DPT_WATCHED_MAX={max(1024, len(self.ports))}"]
         try:

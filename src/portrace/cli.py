@@ -319,10 +319,11 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
         lambda outcomes: click.echo(lab_mod.table(outcomes, cmp[0] if cmp else None) + "\n"))
     if writer is not None:
         writer.close()
+    document = judged.document()
     if as_json:
-        click.echo(judged.document())
+        click.echo(document)
     if save is not None:
-        save.write(judged.document() + "\n")
+        save.write(document + "\n")
         save.close()
     if baseline is not None:
         for line in lab_mod.against_baseline(judged, baseline, parsed, before):

@@ -112,12 +112,9 @@ class Choice:
     reason: str  # why, as the ready event says it
 
 
-bpf_source_dir = header.bpf_dir
-
-
 def core_object() -> Path:
     override = os.environ.get("PORTRACE_CORE_OBJECT")
-    return Path(override) if override else bpf_source_dir() / CORE_OBJECT
+    return Path(override) if override else header.bpf_dir() / CORE_OBJECT
 
 
 def find_tracefs() -> Path:

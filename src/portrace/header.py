@@ -55,6 +55,7 @@ def parse(text: str) -> dict[str, int]:
     return values
 
 
+@functools.cache
 def _text() -> str:
     return (bpf_dir() / "portrace.h").read_text()
 
@@ -64,10 +65,15 @@ def _constants() -> dict[str, int]:
     return parse(_text())
 
 
+@functools.cache
+def _enums() -> dict[str, dict[str, int]]:
+    return parse_enums(_text())
+
+
 def enum(name: str) -> dict[str, int]:
     """``enum name``'s enumerators in bpf/portrace.h. Raises HeaderError."""
     try:
-        return parse_enums(_text())[name]
+        return dict(_enums()[name])
     except KeyError:
         raise HeaderError(f"enum {name} is not in {bpf_dir() / 'portrace.h'}") from None
 
