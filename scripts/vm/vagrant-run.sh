@@ -31,18 +31,23 @@ step() {
     return "$rc"
 }
 in_vagrant() { (cd vagrant && "$@"); }
+# ssh to VM $1 as `vagrant ssh` does (its ssh-config), with ssh's own errors shown.
+vm_ssh() { local vm=$1; shift; ssh -F "$out/ssh-config-$vm" -o LogLevel=ERROR -T "$vm" "$@"; }
+ssh_port() { sed -n 's/^ *Port //p' "$out/ssh-config-$1"; }
+# The first line sshd says on a bare TCP connection (its banner, or its refusal).
+first_line() { timeout "$2" bash -c "exec 3<>/dev/tcp/127.0.0.1/$1 && head -1 <&3" 2>&1 | tr -d '\r'; }
 # Why ssh to a VM failed, as far as the host can see: the domain's state, QEMU's
 # port forward, and what sshd answers on it (one that penalises the host says
 # "Not allowed at this time" instead of its banner).
 why_no_ssh() {
     local vm=$1 port banner
-    port=$(sed -n 's/^ *Port //p' "$out/ssh-config-$vm")
+    port=$(ssh_port "$vm")
     echo "ssh: $vm: domain $(virsh -q domstate --reason "vagrant_$vm" 2>&1 | head -1)"
     if ! ss -Hltn "sport = :$port" | grep -q .; then
         echo "ssh: $vm: nothing listens on 127.0.0.1:$port (QEMU's forward is gone)"
         return 0
     fi
-    banner=$(timeout 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -1 <&3" 2>&1 | tr -d '\r')
+    banner=$(first_line "$port" 10)
     case $banner in
         SSH-*) banner="answered \"$banner\"" ;;
         "Not allowed at this time")  # sshd's refusal text, before any banner
@@ -60,7 +65,7 @@ on() {
     shift
     err=$(mktemp)
     for try in 1 2 3; do
-        ssh -F "$out/ssh-config-$vm" -o LogLevel=ERROR -T "$vm" "$*" 2>"$err"
+        vm_ssh "$vm" "$*" 2>"$err"
         rc=$?
         cat "$err" >&2
         [ "$rc" -eq 255 ] || break
@@ -79,12 +84,13 @@ on() {
 # then one ssh, not retried.
 penalty_guard() {
     local vm=$1 port
-    port=$(sed -n 's/^ *Port //p' "$out/ssh-config-$vm")
+    port=$(ssh_port "$vm")
     for _ in $(seq 40); do
-        timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -1 <&3" >/dev/null 2>&1
+        first_line "$port" 5 >/dev/null
     done
     sleep 2  # sshd penalises when it reaps a connection's process
-    ssh -F "$out/ssh-config-$vm" -o LogLevel=ERROR -T "$vm" \
+    # shellcheck disable=SC2016  # the guest's shell expands it
+    vm_ssh "$vm" \
         'echo "ssh after 40 unauthenticated connections: ok ($(/usr/sbin/sshd -V 2>&1 | head -1))"' || {
         why_no_ssh "$vm"
         return 1
