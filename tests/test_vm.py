@@ -2,10 +2,11 @@
 (kernel 6.12), made offline with debootstrap (each its stock kernel and the
 matching headers, so two more kernel versions in CI) and packed as Vagrant
 boxes for libvirt. `vagrant up` of vagrant/Vagrantfile, the user-facing one,
-provisions each with vagrant/provision.sh (the README's `make setup`);
-vagrant/validate-sysctl.sh then judges each sysctl file before against after
-through `vagrant ssh`, and the first VM also runs `portrace demo` on both
-engines and a lab comparison (scripts/vm/vagrant-run.sh).
+provisions one VM per release with vagrant/provision.sh (the README's `make
+setup`); through `vagrant ssh` it runs `portrace demo` on both engines and a
+lab comparison, then vagrant/validate-sysctl.sh judges each sysctl file before
+against after, putting back what each changed before the next
+(scripts/vm/vagrant-run.sh).
 
 Runs in CI; elsewhere only with PORTRACE_VM=1 (it takes minutes)."""
 
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "vagrant" / ".cache"
 SUITES = {"bookworm": "6.1.", "trixie": "6.12."}  # Debian release -> its kernel series
-VMS = ("fin-timeout", "tw-reuse")  # one per vagrant/sysctl/*.conf, as the Vagrantfile defines
+VM = "fin-timeout"  # the Vagrantfile's VM for the first file, which validates every file
+FILES = {"fin-timeout": "net.ipv4.tcp_fin_timeout", "tw-reuse": "net.ipv4.tcp_tw_reuse"}
 TOOLS = ("debootstrap", "mkfs.ext4", "qemu-img", "vagrant", "virsh", "libvirtd")
 
 
@@ -64,19 +66,18 @@ def console(suite: str) -> str:
     return run.stdout
 
 
-@pytest.mark.parametrize("vm", VMS)
-def test_vagrant_up_boots_the_box_and_provisions_it_with_make_setup(console, suite, vm):
-    up = section(console, f"up-{vm}")
-    assert f"Bringing machine '{vm}' up with 'libvirt' provider..." in up
+def test_vagrant_up_boots_the_box_and_provisions_it_with_make_setup(console, suite):
+    up = section(console, f"up-{VM}")
+    assert f"Bringing machine '{VM}' up with 'libvirt' provider..." in up
     assert f"Base box:          portrace/debian-{suite}" in up
     assert "Rsyncing folder:" in up and "Running provisioner: shell..." in up
     assert "setup: ready: .venv/bin/portrace" in up and "provision: done in" in up
-    m = re.search(r"kernel (\S+) headers (\S+)", section(console, f"kernel-{vm}"))
-    assert m, section(console, f"kernel-{vm}")
+    m = re.search(r"kernel (\S+) headers (\S+)", section(console, "kernel"))
+    assert m, section(console, "kernel")
     release, headers = m.groups()
     assert release != os.uname().release and release.startswith(SUITES[suite])
     assert headers.startswith("/usr/src/linux-headers-") and release in headers
-    assert "Removing domain..." in section(console, f"destroy-{vm}")
+    assert "Removing domain..." in section(console, "destroy")
 
 
 def test_vm_sshd_never_shuts_the_host_out(console):
@@ -104,13 +105,27 @@ def test_vm_lab_agrees_with_the_kernel(console):
     assert data["judged"] == {"restart-timewait": "unchanged", "connect-exhaustion": "improved"}
 
 
-def judged(console: str, suite: str, vm: str) -> tuple[str, dict[str, str], dict[str, list[str]]]:
-    """validate-sysctl's printed verdict line, and after.json as copied back."""
-    text = section(console, f"validate-{vm}")
-    section(console, f"results-{vm}")
+def judged(console: str, suite: str, name: str) -> tuple[str, dict[str, str], dict[str, list[str]]]:
+    """validate-sysctl's printed verdict line for one sysctl file, and its
+    after.json as copied back."""
+    text = section(console, f"validate-{name}")
+    section(console, f"results-{name}")
     [line] = re.findall(r"^portrace lab: against \S+/before\.json: .*$", text, re.M)
-    after = json.loads((CACHE / suite / "results" / vm / "after.json").read_text())
+    after = json.loads((CACHE / suite / "results" / name / "after.json").read_text())
     return line, after["judged"], after["why"]
+
+
+def test_vm_validate_puts_back_what_each_file_changed(console, suite):
+    """The one VM validates file after file: each file's key returns to the
+    value read before it (the VM's own default), and the next file's
+    baseline ran with it."""
+    defaults = {"net.ipv4.tcp_fin_timeout": "60", "net.ipv4.tcp_tw_reuse": "2"}
+    for name, key in FILES.items():
+        text = section(console, f"validate-{name}")
+        restored = re.findall(rf"^validate-sysctl: restored {re.escape(key)} = (\S+)$", text, re.M)
+        assert restored == [defaults[key]], text[-2000:]
+    before = json.loads((CACHE / suite / "results" / "tw-reuse" / "before.json").read_text())
+    assert {r["sysctls"]["net.ipv4.tcp_fin_timeout"] for r in before["runs"]} == {"60"}
 
 
 def test_vm_fin_timeout_shortens_the_finwait2_restart_only(console, suite):
