@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from portrace.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged
 
 RUNS = 7
 TIME_WAIT_PORT, CROWD_PORT = 19690, 19691

@@ -12,7 +12,7 @@ import threading
 import time
 
 from portrace.events import Lost, SocketCall
-from portrace.tracer import Tracer
+from portrace.pipeline.tracer import Tracer
 
 RUNS = 5
 PORT = 19290

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portrace.stage import Staged
+from portrace.commands.stage import Staged
 
 ANCHOR = "1dcb64a"
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def conflict_latency(pt: Portrace, port: int, timeout: float = 120) -> tuple[flo
 
 
 def flood(seconds: float, port: int) -> Staged:
-    """Distinct EADDRINUSE failures from uid nobody (portrace.stage's flood role)."""
+    """Distinct EADDRINUSE failures from uid nobody (portrace.commands.stage's flood role)."""
     return Staged("flood", "127.0.0.1", port, "--uid", "65534", "--within", str(seconds),
                   name="flooder")
 

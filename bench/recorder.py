@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from portrace.commands.stage import Staged
 from portrace.events import to_json
-from portrace.evidence import read
-from portrace.stage import Staged
+from portrace.output.evidence import read
 
 PORT = 19390
 TICK = os.sysconf("SC_CLK_TCK")

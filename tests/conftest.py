@@ -1,5 +1,5 @@
 """Real-kernel harness. One `portrace --json --states` process watches every
-port the tests use; tests stage conflicts with real processes (portrace.stage)
+port the tests use; tests stage conflicts with real processes (portrace.commands.stage)
 and wait for what the probes report.
 
 Policy: BPF tests skip only when not root outside CI. Under CI (CI set), not
@@ -20,7 +20,7 @@ from typing import Any
 import contract
 import pytest
 
-from portrace.stage import ScratchNetns
+from portrace.commands.stage import ScratchNetns
 
 IN_CI = bool(os.environ.get("CI"))
 BASE_PORT = 19100

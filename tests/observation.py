@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from portrace.check import Looker, Wanted
+from portrace.commands.check import Looker, Wanted
 from portrace.events import Endpoint, Netns, SockOpts
-from portrace.sockets import Holder, Snapshot, SocketEntry
+from portrace.kernel.engine import Holder, Snapshot, SocketEntry
 
 HERE = Path(__file__).resolve().parent / "observations"
 
@@ -59,7 +59,7 @@ def record(name: str, wanted: Wanted, netns: str, expect: dict[str, Any]) -> Non
 
 
 def main() -> None:
-    from portrace.stage import ScratchNetns, Staged
+    from portrace.commands.stage import ScratchNetns, Staged
 
     plain = SockOpts(reuseaddr=False, reuseport=False, v6only=None, bound_to_device=False)
     reuse = dataclasses.replace(plain, reuseaddr=True)

@@ -18,7 +18,7 @@ import contract
 import pytest
 from conftest import IN_CI, PORTS, need_root
 
-from portrace.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged
 
 CHECK_PORTS = list(range(PORTS[-1] + 21, PORTS[-1] + 31))
 LOOKERS = ("core", "sock_diag")
@@ -37,9 +37,10 @@ def scratch() -> Iterator[ScratchNetns]:
         yield ns
 
 
-AS_USER = ("import os, sys, pyroute2, portrace.check, portrace.cli; os.setgroups([]); "
+AS_USER = ("import os, sys, pyroute2, portrace.commands.check, portrace.commands.cli; "
+           "os.setgroups([]); "
            "os.setgid({uid}); os.setuid({uid}); sys.path.remove('') if '' in sys.path else None; "
-           "portrace.cli.main(sys.argv[1:])")
+           "portrace.commands.cli.main(sys.argv[1:])")
 
 
 def check(*args: str, uid: int | None = None, timeout: float = 60,

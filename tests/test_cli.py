@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import need_root
 
-from portrace import errors, header
+from portrace import errors
+from portrace.kernel import header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,10 +71,10 @@ def test_bad_pid():
 def test_not_root():
     # Import first, then become nobody: the checkout may sit in a directory
     # nobody cannot read (CI clones into a 0700 temporary directory).
-    drop = ("import os, sys, portrace.cli\n"
+    drop = ("import os, sys, portrace.commands.cli\n"
             "if os.geteuid() == 0:\n"
             "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-            "portrace.cli.main(['9090'])\n")
+            "portrace.commands.cli.main(['9090'])\n")
     r = subprocess.run([sys.executable, "-c", drop], capture_output=True, text=True, timeout=60)
     assert_one_line_error(r, errors.NeedsRoot.exit_code, "root")
 

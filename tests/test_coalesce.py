@@ -9,7 +9,7 @@ import json
 
 from conftest import READY_TIMEOUT_S, TracerProcess, bpf_unavailable, need_root
 
-from portrace.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged
 
 PORT = 19195  # outside conftest.PORTS: this tracer is the test's own
 

@@ -14,7 +14,7 @@ from typing import Any
 import contract
 from conftest import PORTS, TracerProcess, netns_inode
 
-from portrace.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged
 
 ISO_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -10,8 +10,6 @@ from datetime import datetime, timezone
 
 import pytest
 
-from portrace.advice import verdict
-from portrace.diagnose import Request, find_blockers, overlaps
 from portrace.events import (
     UNKNOWN_OPTS,
     Closer,
@@ -21,7 +19,9 @@ from portrace.events import (
     StateChange,
     Task,
 )
-from portrace.sockets import Holder, SocketEntry
+from portrace.judge.advice import verdict
+from portrace.judge.diagnose import Request, find_blockers, overlaps
+from portrace.kernel.engine import Holder, SocketEntry
 
 NOW = datetime(2026, 11, 24, 6, 26, 26, tzinfo=timezone.utc)
 

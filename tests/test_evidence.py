@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from conftest import IN_CI, need_root
 
+from portrace.commands.stage import ScratchNetns, Staged
 from portrace.events import Lost, to_json
-from portrace.evidence import EvidenceDir, ReadReport, read
-from portrace.stage import ScratchNetns, Staged
+from portrace.output.evidence import EvidenceDir, ReadReport, read
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 19178
@@ -177,7 +177,7 @@ def test_rotation_keeps_only_the_newest_segments(tmp_path):
 WRITER = """
 import sys
 from datetime import datetime, timezone
-from portrace.evidence import EvidenceDir
+from portrace.output.evidence import EvidenceDir
 from portrace.events import Lost
 w = EvidenceDir(sys.argv[1], max_bytes=65536, keep=1000)
 n = 0

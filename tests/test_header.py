@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI
 
-from portrace import header, records
+from portrace.kernel import header, records
 
 
 def test_each_number_is_the_compilers(tmp_path: Path):

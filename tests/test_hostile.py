@@ -23,7 +23,7 @@ from conftest import TracerProcess, bpf_unavailable, need_root
 from test_cli import assert_one_line_error, run
 
 from portrace import errors
-from portrace.stage import Staged
+from portrace.commands.stage import Staged
 
 NOBODY = 65534
 # Ports of their own: these tests run their own portrace processes.
@@ -180,7 +180,7 @@ def test_hostile_names_are_escaped_on_screen_and_in_reports(engine: str, tmp_pat
 # -- floods, pipes, full disks -----------------------------------------------
 
 def flood(port: int, seconds: float, *args: str) -> Staged:
-    """Failing binds from uid nobody (portrace.stage's flood role)."""
+    """Failing binds from uid nobody (portrace.commands.stage's flood role)."""
     return Staged("flood", "127.0.0.1", port, "--uid", str(NOBODY), "--within", str(seconds),
                   *args, name="flooder")
 

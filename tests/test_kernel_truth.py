@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import PORTS, TracerProcess, bpf_unavailable, need_root
 
-from portrace.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged
 
 TRUTH_PORTS = list(range(PORTS[-1] + 10, PORTS[-1] + 20))  # not the session tracer's
 

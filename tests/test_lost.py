@@ -10,7 +10,7 @@ from conftest import bpf_unavailable, need_root
 
 from portrace.errors import PortraceError
 from portrace.events import Lost, SocketCall
-from portrace.tracer import Tracer
+from portrace.pipeline.tracer import Tracer
 
 PORT = 19190
 BINDS = 2000

@@ -16,7 +16,7 @@ import contract
 import pytest
 from conftest import PORTS, TracerProcess
 
-from portrace.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged
 
 MATRIX_PORTS = PORTS[-6:]  # watched by the session tracer, unused by other modules
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import PORTS, bpf_unavailable, need_root
 from prometheus_client.parser import text_string_to_metric_families
 
-from portrace.stage import Staged
+from portrace.commands.stage import Staged
 
 METRICS_PORTS = list(range(PORTS[-1] + 41, PORTS[-1] + 45))
 SCRAPE_AT = 19290  # the recorder's HTTP endpoint, on loopback

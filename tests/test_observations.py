@@ -12,7 +12,7 @@ import contract
 import pytest
 from observation import HERE, snapshot_from, wanted_from
 
-from portrace.check import judge
+from portrace.commands.check import judge
 from portrace.events import Netns, to_json
 
 RECORDED = sorted(HERE.glob("*.json"))

@@ -25,13 +25,13 @@ import pytest
 from conftest import PORTS, TracerProcess, bpf_unavailable, need_root
 from test_check import check
 
-from portrace.owners import (
+from portrace.commands.stage import ScratchNetns, Staged
+from portrace.observe.owners import (
     parse_cgroup,
     parse_docker_proxy,
     parse_list_sockets,
     parse_socket_activate,
 )
-from portrace.stage import ScratchNetns, Staged
 
 OWNER_PORTS = list(range(PORTS[-1] + 31, PORTS[-1] + 41))
 CID = "3f2a1b4c5d6e" + "0" * 52

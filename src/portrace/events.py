@@ -241,7 +241,7 @@ class Pod:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who a process belongs to (portrace.owners): its systemd ``unit``
+    """Who a process belongs to (portrace.observe.owners): its systemd ``unit``
     (``user_unit``: in a user's manager), its container (id and runtime from
     the cgroup, ``container`` its name from the runtime's API), its pod; and
     for the special holders, what they stand for: ``activates`` (systemd's
@@ -315,8 +315,8 @@ class ProcessRef:
     comm: str
     fds: tuple[int, ...] = ()
     inherited: bool | None = None
-    facts: dict[str, Any] | None = None  # portrace.context.process_facts at lookup
-    owner: Owner | None = None  # its unit, container, pod (portrace.owners)
+    facts: dict[str, Any] | None = None  # portrace.observe.context.process_facts at lookup
+    owner: Owner | None = None  # its unit, container, pod (portrace.observe.owners)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from portrace.errors import ExitStatus
 def main() -> None:
     try:
         # Imported here, not at the top, so that the guard covers it.
-        from portrace.cli import main as run_cli
+        from portrace.commands.cli import main as run_cli
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
     run_cli()

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import click
 
+from portrace.commands.stage import ScratchNetns, Staged
 from portrace.events import CallError, Event
-from portrace.render import format_failure
-from portrace.stage import ScratchNetns, Staged
-from portrace.tracer import Tracer
+from portrace.output.render import format_failure
+from portrace.pipeline.tracer import Tracer
 
 WAIT_S = 15.0
 

@@ -1,6 +1,6 @@
 """Which engine runs, and making it: the one module that imports the engines
-(``portrace.core``, ``portrace.bcc``), so that they and the toolkit they
-share (``portrace.engine``) never import each other in a circle.
+(``portrace.kernel.core``, ``portrace.kernel.bcc``), so that they and the toolkit they
+share (``portrace.kernel.engine``) never import each other in a circle.
 
 ``--engine auto`` (the default) takes ``core`` where it can run, else ``bcc``,
 and says why in the ``ready`` event."""
@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from portrace import errors, libbpf
-from portrace.bcc import BccEngine
-from portrace.core import CoreEngine
-from portrace.engine import KERNEL_BTF, Choice, Engine, core_object, require_root
+from portrace import errors
+from portrace.kernel import libbpf
+from portrace.kernel.bcc import BccEngine
+from portrace.kernel.core import CoreEngine
+from portrace.kernel.engine import KERNEL_BTF, Choice, Engine, core_object, require_root
 
 
 def core_unavailable() -> errors.NoKernelBtf | errors.NoLibbpf | None:

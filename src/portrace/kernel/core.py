@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from portrace import engine, errors, libbpf, sockets
-from portrace.btf import BtfError
+from portrace import errors
 from portrace.events import (
     FAMILIES,
     PROTOCOLS,
@@ -37,7 +36,9 @@ from portrace.events import (
     Task,
     tcp_state_name,
 )
-from portrace.records import (
+from portrace.kernel import engine, libbpf, namespaces
+from portrace.kernel.btf import BtfError
+from portrace.kernel.records import (
     PT_OPT_ALL,
     PT_STATE,
     MonotonicClock,
@@ -188,12 +189,12 @@ class CoreEngine:
         return [decode_state(raw.ring[s], self.clock) for s in slots
                 if raw.ring[s].kind == PT_STATE]
 
-    def fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]:
+    def fd_opts(self, holders: dict[int, list[engine.Holder]]) -> dict[int, SockOpts]:
         return {}  # every socket of a snapshot carries its own options
 
     def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
                  netns_inode: int, sysctls: Iterable[str], holders: bool
-                 ) -> sockets.Snapshot:
+                 ) -> engine.Snapshot:
         """The sockets on ``port`` (0: every port) in the namespace, from the
         iterators, with their holders, and the named sysctls as it sees them."""
         assert self._obj is not None
@@ -217,15 +218,15 @@ class CoreEngine:
         walker = threading.Thread(target=walk)
         walker.start()
         try:
-            with sockets.entered(netns_fd):
-                values = sockets.read_sysctls(sysctls)
+            with namespaces.entered(netns_fd):
+                values = namespaces.read_sysctls(sysctls)
                 # bpf_iter_init_seq_net: tcp/udp iterators list the creator's netns.
                 raw = {p: obj.iterate(self._iters[p]) for p in protos}
         finally:
             walker.join()
         if failed:
             raise failed[0]
-        entries: list[sockets.SocketEntry] = []
+        entries: list[engine.SocketEntry] = []
         seen: set[int] = set()
         for p in protos:
             for r in libbpf.records(raw[p], self.sock_t):
@@ -242,11 +243,11 @@ class CoreEngine:
             if holders:
                 comm = r.comm.decode(errors="replace")
                 held.setdefault((r.inode, r.pid), (r.ppid, comm, []))[2].append(r.fd)
-        found: dict[int, list[sockets.Holder]] = {}
+        found: dict[int, list[engine.Holder]] = {}
         for (inode, pid), (ppid, comm, nums) in held.items():
             found.setdefault(inode, []).append(
-                sockets.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
-        return sockets.Snapshot(sockets=entries, holders=found, sysctls=values)
+                engine.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
+        return engine.Snapshot(sockets=entries, holders=found, sysctls=values)
 
     def detach(self) -> None:
         """Stop the probes; the maps stay readable until close()."""
@@ -259,15 +260,15 @@ class CoreEngine:
             self._obj = None
 
 
-def _entry(r: Any) -> sockets.SocketEntry:
+def _entry(r: Any) -> engine.SocketEntry:
     """``struct pt_sock`` -> SocketEntry, named as sock_diag would name it."""
     protocol = PROTOCOLS.get(r.protocol, str(r.protocol))
     family = FAMILIES.get(r.family, str(r.family))
     fam = socket.AF_INET if family == "inet" else socket.AF_INET6
     state = (tcp_state_name(r.state) if protocol == "tcp"
-             else sockets.UDP_STATE.get(r.state, str(r.state)))
+             else engine.UDP_STATE.get(r.state, str(r.state)))
     opts = opts_of(PT_OPT_ALL, r.opts)
-    return sockets.SocketEntry(
+    return engine.SocketEntry(
         protocol=protocol,
         family=family,
         state=state,

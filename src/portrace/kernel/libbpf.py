@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from portrace import btf, engine
+from portrace.kernel import btf, engine
 
 LIBBPF_NAMES = tuple(filter(None, (os.environ.get("PORTRACE_LIBBPF"),))) or (
     "libbpf.so.1", "libbpf.so")

@@ -1,7 +1,7 @@
 """Stage real port conflicts with real processes, optionally in a throwaway
 network namespace. Used by ``portrace demo`` and the test suite.
 
-Each role runs as its own process (``python -m portrace.stage ROLE ...``),
+Each role runs as its own process (``python -m portrace.commands.stage ROLE ...``),
 names itself with PR_SET_NAME so the tracer's output is readable, prints one
 ``ready ...`` line when its sockets are in place, and (with ``--hold``) keeps
 them until its stdin closes.
@@ -417,7 +417,7 @@ ROLES = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m portrace.stage")
+    p = argparse.ArgumentParser(prog="python -m portrace.commands.stage")
     p.add_argument("role", choices=sorted(ROLES))
     p.add_argument("addr")
     p.add_argument("port", type=int)
@@ -489,8 +489,8 @@ class Staged:
     def __init__(self, role: str, addr: str, port: int, *args: str, name: str,
                  netns: ScratchNetns | None = None, timeout: float = 10.0,
                  first: str = "ready") -> None:
-        argv = [sys.executable, "-m", "portrace.stage", role, addr, str(port), "--name", name,
-                *args]
+        argv = [sys.executable, "-m", "portrace.commands.stage", role, addr, str(port),
+                "--name", name, *args]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns.name, *argv]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

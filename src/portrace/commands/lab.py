@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portrace.advice import cite
-from portrace.diagnose import TCP_TIMEWAIT_LEN_S
+from portrace.commands.stage import ScratchNetns, Staged
 from portrace.errors import ExitStatus, PortraceError, StagingFailed
 from portrace.events import CallError, Event, Repeats, StateChange
-from portrace.stage import ScratchNetns, Staged
-from portrace.tracer import Tracer
+from portrace.judge.advice import cite
+from portrace.judge.diagnose import TCP_TIMEWAIT_LEN_S
+from portrace.pipeline.tracer import Tracer
 
 PORT = 9190
 # --host runs share one namespace, where each run leaves its TIME_WAIT or
@@ -508,7 +508,7 @@ def _changed(key: str) -> Callable[[Outcome, Outcome], bool]:
 class Reason:
     """A fact that explains a verdict between two runs of one scenario."""
 
-    rule: str | None  # portrace.diagnose.RULES: its kernel source; None: the lab's own rule
+    rule: str | None  # portrace.judge.diagnose.RULES: its kernel source; None: the lab's own rule
     applies: Callable[[Outcome, Outcome], bool]  # (before, after)
     says: str  # may name {dropped} (minisocks dropped) and {limit} (tcp_max_tw_buckets)
 

@@ -1,6 +1,6 @@
 """The bcc engine: compile ``bpf/bcc.bpf.c`` at start, attach, read.
 
-The fallback for kernels without BTF (see portrace.engine). The only module
+The fallback for kernels without BTF (see portrace.kernel.engine). The only module
 that touches bcc.
 
 ``BccEngine.open()`` checks the host first and raises a :mod:`portrace.errors`
@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from portrace import engine, errors, header, sockets
+from portrace import errors
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
-from portrace.records import (
+from portrace.kernel import engine, header, sockdiag
+from portrace.kernel.records import (
     MonotonicClock,
     decode_event,
     decode_opts,
@@ -173,11 +174,11 @@ class BccEngine:
 
     def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
                  netns_inode: int, sysctls: Iterable[str], holders: bool
-                 ) -> sockets.Snapshot:
+                 ) -> engine.Snapshot:
         """sock_diag (pyroute2) in the namespace, plus a /proc fd scan."""
-        return sockets.snapshot(port, protocols, netns_fd, sysctls, holders=holders)
+        return sockdiag.snapshot(port, protocols, netns_fd, sysctls, holders=holders)
 
-    def fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]:
+    def fd_opts(self, holders: dict[int, list[engine.Holder]]) -> dict[int, SockOpts]:
         """Options the probes recorded for each socket inode, via a holder's fd."""
         out: dict[int, SockOpts] = {}
         for inode, held in holders.items():

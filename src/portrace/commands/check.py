@@ -2,8 +2,8 @@
 not, what blocks it; with ``--wait``, block until it would.
 
 No probe runs: the socket is described (address, protocol, options, owner
-uid), the port's sockets are read now, and the same rules (portrace.diagnose)
-and verdicts (portrace.advice) as for a traced failure judge them. The
+uid), the port's sockets are read now, and the same rules (portrace.judge.diagnose)
+and verdicts (portrace.judge.advice) as for a traced failure judge them. The
 sockets come from the CO-RE engine's iterators where it loads (each socket's
 own options, minisocks' included), else from sock_diag, which needs no BPF
 and no root (then options of live sockets are unknown, and other users'
@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, chooser, context, diagnose, engine, errors, owners, phrases, sockets
+from portrace import errors
 from portrace.events import Blocker, Check, Netns, Owner, SocketCall, SockOpts
+from portrace.judge import advice, diagnose, phrases
+from portrace.kernel import chooser, engine, namespaces, sockdiag
+from portrace.observe import context, owners, ranges
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
 ENGINES = ("auto", "core", "sock_diag")
@@ -98,14 +101,14 @@ class Looker:
             self._core.close()
             self._core = None
 
-    def snapshot(self, port: int, protocol: str) -> sockets.Snapshot:
+    def snapshot(self, port: int, protocol: str) -> engine.Snapshot:
         if self._core is not None:
             return self._core.snapshot(port, (protocol,), self.netns_fd, self.netns.inode,
-                                       sockets.VERDICT_SYSCTLS, holders=True)
-        return sockets.snapshot(port, (protocol,), self.netns_fd, sockets.VERDICT_SYSCTLS)
+                                       ranges.VERDICT_SYSCTLS, holders=True)
+        return sockdiag.snapshot(port, (protocol,), self.netns_fd, ranges.VERDICT_SYSCTLS)
 
 
-def judge(wanted: Wanted, snap: sockets.Snapshot, netns: Netns, engine_name: str,
+def judge(wanted: Wanted, snap: engine.Snapshot, netns: Netns, engine_name: str,
           can_destroy: bool | None, run_in: str, ts: datetime,
           belongs: Mapping[tuple[int, int], Owner],
           facts: Callable[[list[Blocker]], tuple[Blocker, ...]] = context.with_facts
@@ -136,8 +139,8 @@ def check_once(wanted: Sequence[Wanted], looker: Looker, pid: int | None) -> lis
     out = []
     for w in wanted:
         snap = looker.snapshot(w.port, w.protocol)
-        out.append(judge(w, snap, looker.netns, looker.engine, sockets.can_destroy(w.protocol),
-                         sockets.run_in(looker.netns, pid), now,
+        out.append(judge(w, snap, looker.netns, looker.engine, sockdiag.can_destroy(w.protocol),
+                         namespaces.run_in(looker.netns, pid), now,
                          owners.of_holders(snap.sockets, snap.holders)))
     return out
 
@@ -173,9 +176,9 @@ def namespace(name: str | None, pid: int | None) -> Iterator[tuple[int | None, N
     own; an fd on it (None for our own) and its Netns. Raises BadNamespace."""
     own = os.stat("/proc/self/ns/net").st_ino
     if name is None and pid is None:
-        yield None, Netns(inode=own, source="own", name=sockets.netns_name(own))
+        yield None, Netns(inode=own, source="own", name=namespaces.netns_name(own))
         return
-    path = f"{sockets.NETNS_NAMES}/{name}" if name is not None else f"/proc/{pid}/ns/net"
+    path = f"{namespaces.NETNS_NAMES}/{name}" if name is not None else f"/proc/{pid}/ns/net"
     if name is not None and ("/" in name or name in (".", "..")):
         raise errors.BadNamespace(f"--netns {name!r}: not a namespace name")
     try:
@@ -187,6 +190,6 @@ def namespace(name: str | None, pid: int | None) -> Iterator[tuple[int | None, N
         inode = os.fstat(fd).st_ino
         source = "pinned" if name is not None else "process"
         yield (None if inode == own else fd), Netns(inode=inode, source=source,
-                                                    name=sockets.netns_name(inode))
+                                                    name=namespaces.netns_name(inode))
     finally:
         os.close(fd)

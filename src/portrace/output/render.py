@@ -9,8 +9,6 @@ from collections.abc import Callable
 
 import click
 
-from portrace import phrases
-from portrace.engine import RATE_MAX, RATE_WINDOW_MS
 from portrace.events import (
     CallError,
     Check,
@@ -25,6 +23,8 @@ from portrace.events import (
     errno_name,
     format_endpoint,
 )
+from portrace.judge import phrases
+from portrace.kernel.engine import RATE_MAX, RATE_WINDOW_MS
 
 
 def _styled(text: str, **style: object) -> str:

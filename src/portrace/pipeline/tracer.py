@@ -2,7 +2,7 @@
 
 Two threads. The caller's drains the ring buffers (each poll bounded in time
 by the engine), reports lost records and honours ``stop``; it only decodes and
-hands over (portrace.inbox). The diagnosing thread takes the newest failure
+hands over (portrace.pipeline.inbox). The diagnosing thread takes the newest failure
 first, snapshots its port in the failing socket's namespace, judges it and
 emits it: the blocker may be gone a moment later, so a fresh failure must not
 wait behind a stale backlog, and no flood may make the drain or a signal wait.
@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from portrace import advice, chooser, context, diagnose, engine, errors, sockets
-from portrace import owners as owners_mod
+from portrace import errors
 from portrace.events import (
     CallError,
     Closer,
@@ -35,7 +34,12 @@ from portrace.events import (
     StateChange,
     failure_summary,
 )
-from portrace.inbox import FailureKey, Inbox, Waiting, failure_key
+from portrace.judge import advice, diagnose
+from portrace.kernel import chooser, engine, namespaces, sockdiag
+from portrace.kernel.engine import Snapshot, SocketEntry
+from portrace.observe import context, ranges
+from portrace.observe import owners as owners_mod
+from portrace.pipeline.inbox import FailureKey, Inbox, Waiting, failure_key
 
 Sink = Callable[[Event], None]
 
@@ -287,20 +291,20 @@ class Tracer:
         namespace other than the failing socket's: when it cannot be entered or
         is not known (``netns.source`` ``gone`` or ``tracer``), no blocker is named."""
         if attempt.netns:  # the kernel said which namespace (CO-RE engine)
-            netns_fd, netns = sockets.open_netns_inode(attempt.netns, attempt.pid, attempt.tid)
+            netns_fd, netns = namespaces.open_netns_inode(attempt.netns, attempt.pid, attempt.tid)
         else:
-            netns_fd, netns = sockets.open_netns(attempt.pid, attempt.tid)
+            netns_fd, netns = namespaces.open_netns(attempt.pid, attempt.tid)
         try:
             if attempt.opts_source != "kernel" or attempt.protocol == "unknown":
-                protocol = sockets.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
+                protocol = sockdiag.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
                 attempt = dataclasses.replace(attempt, protocol=protocol)
             # Read now, while the failing process most likely still lives.
             facts = context.process_facts(attempt.pid)
             # A failed listen() leaves its socket bound: it must not blame itself.
             own = attempt.inode
             if own is None and attempt.call == "listen":
-                own = sockets.fd_inode(attempt.pid, attempt.fd)
-            snap = sockets.Snapshot(sockets=[])
+                own = sockdiag.fd_inode(attempt.pid, attempt.fd)
+            snap = Snapshot(sockets=[])
             # Looking in any other namespace could blame the wrong process.
             if (attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL)
                     and netns.searchable):
@@ -308,7 +312,7 @@ class Tracer:
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
                 whole_range = attempt.call == "connect" or attempt.port == 0
                 snap = self.engine.snapshot(0 if whole_range else attempt.port, protos,
-                                            netns_fd, netns.inode, sockets.VERDICT_SYSCTLS,
+                                            netns_fd, netns.inode, ranges.VERDICT_SYSCTLS,
                                             holders=not whole_range)
                 attempt, snap = self._locate_listen(attempt, snap, own)
             lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
@@ -323,7 +327,7 @@ class Tracer:
         if attempt.call == "connect" or attempt.port == 0:
             if "net.ipv4.ip_local_port_range" in sysctls:
                 dest = Endpoint(attempt.addr, attempt.port) if attempt.call == "connect" else None
-                usage = sockets.port_usage(snap.sockets, sysctls["net.ipv4.ip_local_port_range"],
+                usage = ranges.port_usage(snap.sockets, sysctls["net.ipv4.ip_local_port_range"],
                                            sysctls.get("net.ipv4.ip_local_reserved_ports", ""),
                                            dest, socket_range=attempt.port_range)
         else:
@@ -338,9 +342,9 @@ class Tracer:
         if not blockers and usage is None:
             on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
             last_seen = on_port[-1] if on_port else None
-        destroying = advice.Destroying(sockets.can_destroy(req.protocol if req.protocol == "udp"
+        destroying = advice.Destroying(sockdiag.can_destroy(req.protocol if req.protocol == "udp"
                                                            else "tcp"),
-                                       sockets.run_in(netns, attempt.pid))
+                                       namespaces.run_in(netns, attempt.pid))
         verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage,
                                  destroying)
         listed, total, by_state = diagnose.summarised(blockers)
@@ -361,8 +365,8 @@ class Tracer:
         return tuple(ev for ev in seen if ev.ts.timestamp() >= since)
 
     @staticmethod
-    def _locate_listen(attempt: SocketCall, snap: sockets.Snapshot, own: int | None
-                       ) -> tuple[SocketCall, sockets.Snapshot]:
+    def _locate_listen(attempt: SocketCall, snap: Snapshot, own: int | None
+                       ) -> tuple[SocketCall, Snapshot]:
         """listen() with no bind seen: if its socket is bound after all (the bind
         predates the probes), judge that port instead of ephemeral exhaustion."""
         if attempt.call != "listen" or attempt.port != 0 or not own:
@@ -373,11 +377,11 @@ class Tracer:
         attempt = dataclasses.replace(attempt, addr=mine.local.addr, port=mine.local.port,
                                       family=mine.family)
         on_port = [s for s in snap.sockets if s.local.port == mine.local.port]
-        return attempt, sockets.Snapshot(sockets=on_port,
-                                         holders=sockets.holders_of(s.inode for s in on_port),
+        return attempt, Snapshot(sockets=on_port,
+                                         holders=sockdiag.holders_of(s.inode for s in on_port),
                                          sysctls=snap.sysctls)
 
-    def _closers(self, socks: list[sockets.SocketEntry]
+    def _closers(self, socks: list[SocketEntry]
                  ) -> dict[tuple[str, Endpoint, Endpoint], Closer]:
         out = {}
         for s in socks:

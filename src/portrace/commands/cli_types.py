@@ -12,12 +12,12 @@ from typing import IO, Any
 
 import click
 
-from portrace.outputs import open_private
+from portrace.output.outputs import open_private
 
 
 class PrivateFile(click.ParamType):
     """A file to write as root: never through a symlink, new files 0600
-    (portrace.outputs.open_private); ``-`` is stdout."""
+    (portrace.output.outputs.open_private); ``-`` is stdout."""
 
     name = "file"
 

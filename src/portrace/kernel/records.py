@@ -24,7 +24,7 @@ from portrace.events import (
     Task,
     tcp_state_name,
 )
-from portrace.header import value
+from portrace.kernel.header import value
 
 # enum pt_kind, enum pt_opt, enum pt_source and PT_UID_UNKNOWN, as the header says
 PT_BIND_ERROR, PT_BIND_OK, PT_STATE, PT_LISTEN_ERROR, PT_CONNECT_ERROR, PT_LISTEN_OK = map(

@@ -19,8 +19,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
-from portrace.diagnose import EADDRINUSE
 from portrace.events import CallError, Event, Lost, Ready, Repeats, SocketCall, errno_name
+from portrace.judge.diagnose import EADDRINUSE
 
 TOP_PORTS = 32
 OTHER = "other"

@@ -21,8 +21,8 @@ from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 
-from portrace import owners
 from portrace.events import Blocker, ProcessRef
+from portrace.observe import owners
 
 MAX_PARENTS = 16
 MAX_PROCESSES_LISTED = 16  # holders of one socket listed with their facts

@@ -2,7 +2,7 @@
 failed bind()/listen() to the next successful one on that port), with its
 attempts, causes, blockers, who closed them, the processes involved (with
 build-ids) and the settings in force. Works on the typed events
-(evidence.read) and phrases them through portrace.phrases; renders terminal
+(evidence.read) and phrases them through portrace.judge.phrases; renders terminal
 text, Markdown, JSON, or one self-contained HTML file with a timeline."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from portrace import phrases
 from portrace.events import (
     Blocker,
     CallError,
@@ -27,6 +26,7 @@ from portrace.events import (
     iso,
 )
 from portrace.events import to_json as event_json
+from portrace.judge import phrases
 
 FAILURES = ("bind", "listen")  # calls whose failures open a window; connect's are listed
 

@@ -1,14 +1,14 @@
 """What an engine is (:class:`Engine`) and what every engine needs first: the
 checks before loading, the ring-polling budget, the lost-record slots. It
-imports no engine; ``portrace.chooser`` picks and makes one.
+imports no engine; ``portrace.kernel.chooser`` picks and makes one.
 
-Two engines produce the same typed events (``portrace.records``); everything
+Two engines produce the same typed events (``portrace.kernel.records``); everything
 after them is shared:
 
-- ``core`` (``portrace.core``): a libbpf CO-RE object compiled at build time,
+- ``core`` (``portrace.kernel.core``): a libbpf CO-RE object compiled at build time,
   relocated against the kernel's BTF at load, reading the kernel's own socket
   state and BPF iterators. Needs ``/sys/kernel/btf/vmlinux`` and ``libbpf.so.1``.
-- ``bcc`` (``portrace.bcc``): compiled by bcc at every start against kernel
+- ``bcc`` (``portrace.kernel.bcc``): compiled by bcc at every start against kernel
   headers; tracepoint arguments and user memory only. The fallback where the
   kernel has no BTF.
 
@@ -23,12 +23,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from portrace import errors, header, sockets
+from portrace import errors
 from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
+from portrace.kernel import header
 
 ENGINES = ("auto", "core", "bcc")
 # Overridable, as PORTRACE_TRACEFS is, to point at another kernel's files.
@@ -36,6 +37,62 @@ KERNEL_BTF = Path(os.environ.get("PORTRACE_KERNEL_BTF", "/sys/kernel/btf/vmlinux
 CORE_OBJECT = "core.bpf.o"
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39  # include/uapi/linux/capability.h
+
+
+# What an engine's snapshot holds: the port's sockets and who holds them.
+MINISOCK_STATES = ("TIME_WAIT", "FIN_WAIT2")
+
+
+# sock_diag reports an unconnected UDP socket in TCP_CLOSE; ss calls it UNCONN.
+UDP_STATE = {7: "UNCONN", 1: "ESTABLISHED"}
+
+
+@dataclass(frozen=True)
+class SocketEntry:
+    """One socket from a sock_diag dump. ``expires_ms`` is set for minisocks."""
+
+    protocol: str  # tcp | udp
+    family: str  # inet | inet6
+    state: str
+    local: Endpoint
+    remote: Endpoint | None  # None when unconnected
+    inode: int
+    uid: int
+    cookie: int
+    expires_ms: int | None
+    v6only: bool | None  # inet6 only (INET_DIAG_SKV6ONLY)
+    bound_dev_if: int
+    # Read from the socket itself (CO-RE engine), minisocks included; None
+    # when the snapshot came from sock_diag, which does not report them.
+    opts: SockOpts | None = None
+    skaddr: int = 0  # the struct sock, 0 when not known (sock_diag)
+
+    @property
+    def minisock(self) -> bool:
+        return is_minisock(self.protocol, self.inode, self.state)
+
+
+def is_minisock(protocol: str, inode: int, state: str) -> bool:
+    """A TIME_WAIT/FIN_WAIT2 timewait socket: no inode, so no owner process."""
+    return protocol == "tcp" and inode == 0 and state in MINISOCK_STATES
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    ppid: int
+    comm: str
+    fds: tuple[int, ...]
+
+
+@dataclass
+class Snapshot:
+    sockets: list[SocketEntry]
+    holders: dict[int, list[Holder]] = field(default_factory=dict)  # inode -> holders
+    sysctls: dict[str, str] = field(default_factory=dict)  # as the namespace sees them
+    # False when some process's fds could not be read (not root): then a
+    # socket listed with no holder may still have one.
+    holders_complete: bool = True
 
 
 class Engine(Protocol):
@@ -53,8 +110,8 @@ class Engine(Protocol):
     def closer(self, family: str, local: Endpoint, remote: Endpoint) -> Closer | None: ...
     def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
                  netns_inode: int, sysctls: Iterable[str], holders: bool
-                 ) -> sockets.Snapshot: ...
-    def fd_opts(self, holders: dict[int, list[sockets.Holder]]) -> dict[int, SockOpts]: ...
+                 ) -> Snapshot: ...
+    def fd_opts(self, holders: dict[int, list[Holder]]) -> dict[int, SockOpts]: ...
     def owner(self, skaddr: int) -> Task | None: ...
     def recent(self, port: int) -> list[StateChange] | None: ...
 

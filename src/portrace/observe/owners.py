@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from portrace.events import Endpoint, Owner, Pod
-from portrace.sockets import Holder, SocketEntry
+from portrace.kernel.engine import Holder, SocketEntry
 
 ID = r"[0-9a-f]{64}"
 SCOPES = (  # systemd cgroup driver: <prefix><id>.scope

@@ -3,7 +3,7 @@
 Pure functions of data (a sock_diag snapshot, the options the probes saw,
 close history): unit-testable without root. Every rule portrace applies is in
 RULES below, with the kernel function it mirrors (Linux 6.x), so a reader can
-check each against the source. Verdict text lives in portrace.advice.
+check each against the source. Verdict text lives in portrace.judge.advice.
 
 Options (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, SO_BINDTODEVICE) are
 three-valued: True/False when the probes saw them, None when not. A socket is
@@ -27,7 +27,7 @@ from portrace.events import (
     SocketCall,
     SockOpts,
 )
-from portrace.sockets import Holder, SocketEntry
+from portrace.kernel.engine import Holder, SocketEntry
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ from typing import IO, Any
 import click
 import psutil
 
-from portrace import check as check_mod
 from portrace import errors
-from portrace.cli_types import Address, ByteSize, Finite, HostPort, PrivateFile, Timestamp
-from portrace.engine import ENGINES
+from portrace.commands import check as check_mod
+from portrace.commands.cli_types import Address, ByteSize, Finite, HostPort, PrivateFile, Timestamp
 from portrace.errors import ExitStatus
 from portrace.events import Check, Event, SocketCall, SockOpts, StateChange, to_json
-from portrace.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
-from portrace.outputs import Fanout, Sink
-from portrace.render import format_check, terminal_sink
-from portrace.tracer import Tracer
+from portrace.kernel.engine import ENGINES
+from portrace.output.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
+from portrace.output.outputs import Fanout, Sink
+from portrace.output.render import format_check, terminal_sink
+from portrace.pipeline.tracer import Tracer
 
 EXIT_HELP = "\b\nExit status:\n" + "\n".join(
     f"  {int(status):>3}  {text}" for status, text in sorted(errors.EXIT_TEXT.items()))
@@ -188,7 +188,7 @@ def record(ports: Sequence[int], engine_name: str, directory: Path, max_bytes: i
 
     outputs: list[tuple[str, Sink]] = [(str(directory), evidence)]
     if metrics_at is not None:
-        from portrace.metrics import Metrics
+        from portrace.output.metrics import Metrics  # prometheus_client: ~29 ms, when asked for
 
         metrics = Metrics(ports)
         host, port = metrics_at
@@ -226,8 +226,9 @@ def _evidence_dir(directory: Path, option: str, **limits: int) -> EvidenceDir:
 def report(paths: Sequence[Path], fmt: str, since: datetime | None, until: datetime | None,
            output: IO[str]) -> None:
     """Postmortem of evidence files or directories (rotated, gzipped ones too)."""
-    from portrace import report as pm_report
-    from portrace.evidence import ReadReport, read
+    # Lazy: ~4 ms of start-up that only `portrace report` needs.
+    from portrace.output import report as pm_report
+    from portrace.output.evidence import ReadReport, read
 
     seen = ReadReport()
     events = list(read(paths, seen))
@@ -291,7 +292,7 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
     """Run SCENARIOs (restart-timewait[:neither|old|new|both], restart-finwait2,
     listener-held, connect-exhaustion) with and without sysctl changes, each in a
     fresh network namespace, and show what moved."""
-    from portrace import lab as lab_mod
+    from portrace.commands import lab as lab_mod  # lazy: ~10 ms with stage, lab's own
 
     if host and not yes:
         raise click.UsageError("--host changes this machine's sysctls (they are restored "
@@ -405,7 +406,7 @@ def check(ports: Sequence[int], addr: str, udp: bool, reuseaddr: bool, reuseport
               help="First of the two ports the demo uses, inside its own network namespace.")
 def demo(engine_name: str, port: int) -> None:
     """Stage two real conflicts in a throwaway netns and diagnose them."""
-    from portrace.demo import run_demo
+    from portrace.commands.demo import run_demo  # lazy: ~9 ms with stage, demo's own
 
     sys.exit(ExitStatus.OK if run_demo(port, engine_name) else ExitStatus.DEMO_MISSED)
 

@@ -1,6 +1,6 @@
 """Verdicts: the cause, the exact blocker, and the fixes that work for it, in
 order: what to do now, what to change in code, and which common fixes do not
-apply and why. Every claim quotes a rule of portrace.diagnose.RULES."""
+apply and why. Every claim quotes a rule of portrace.judge.diagnose.RULES."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from portrace import phrases
-from portrace.diagnose import (
-    EADDRINUSE,
-    EADDRNOTAVAIL,
-    RULES,
-    TCP_TIMEWAIT_LEN_S,
-    Request,
-    cause_of,
-)
 from portrace.events import (
     Blocker,
     Endpoint,
@@ -27,7 +18,16 @@ from portrace.events import (
     Verdict,
     errno_name,
 )
-from portrace.sockets import parse_port_set
+from portrace.judge import phrases
+from portrace.judge.diagnose import (
+    EADDRINUSE,
+    EADDRNOTAVAIL,
+    RULES,
+    TCP_TIMEWAIT_LEN_S,
+    Request,
+    cause_of,
+)
+from portrace.observe.ranges import parse_port_set
 
 
 def cite(rule: str) -> str:
@@ -202,7 +202,7 @@ def verdict(req: Request, attempt: SocketCall, blockers: Sequence[Blocker],
             sysctls: Mapping[str, str], last_seen: StateChange | None,
             netns_source: str, usage: PortUsage | None = None,
             destroying: Destroying = Destroying()) -> Verdict:
-    """The verdict for one failure (causes: portrace.diagnose.CAUSES)."""
+    """The verdict for one failure (causes: portrace.judge.diagnose.CAUSES)."""
     if attempt.call == "connect":
         return _connect_exhausted(attempt, usage, sysctls)
     if attempt.errno != EADDRINUSE:
