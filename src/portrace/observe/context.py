@@ -21,7 +21,7 @@ from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 
-from portrace.events import Blocker, ProcessRef
+from portrace.events import Blocker, ProcessRef, write
 from portrace.observe import owners
 
 MAX_PARENTS = 16
@@ -89,7 +89,7 @@ def process_facts(pid: int, owner: Any = _LOOK_UP) -> dict[str, Any] | None:
         owner = owners.owner_of(pid, facts["comm"], facts["cgroup"], facts["cmdline"])
     # container_id stays for the contract's sake; owner names it and more
     facts["container_id"] = owner.container_id if owner else None
-    facts["owner"] = owner.to_json() if owner else None
+    facts["owner"] = write(owner) if owner else None
     facts["build_id"] = build_id(pid)
     return facts
 

@@ -22,6 +22,7 @@ from portrace.events import (
     StateChange,
     errno_name,
     format_endpoint,
+    read,
 )
 from portrace.judge import phrases
 from portrace.kernel.engine import RATE_MAX, RATE_WINDOW_MS
@@ -87,7 +88,7 @@ def format_failure(ev: CallError) -> list[str]:
     elif a.port == 0:
         target = "(ephemeral port)" if a.call == "listen" else target
     owner = (ev.process or {}).get("owner")
-    label = f" ({Owner.from_json(owner).label()})" if owner else ""
+    label = f" ({read(Owner, owner).label()})" if owner else ""
     head = (f"{phrases.clock(ev.ts)} {phrases.task(a.comm, a.pid)}{label} {a.call} {target} "
             f"{errno_name(a.errno)}")
     ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")

@@ -22,8 +22,8 @@ from portrace.events import (
     Ready,
     Repeats,
     SocketCall,
-    blocker_json,
     iso,
+    write,
 )
 from portrace.events import to_json as event_json
 from portrace.judge import phrases
@@ -239,7 +239,7 @@ def to_json(pm: Postmortem) -> dict[str, Any]:
                     "recovered": w.recovered_by is not None,
                     "attempts": w.attempts,
                     "causes": dict(w.causes()),
-                    "blockers": [blocker_json(b) for b, _ in w.blockers()],
+                    "blockers": [write(b) for b, _ in w.blockers()],
                     "processes": [{**(p.process.facts or {}), "pid": p.process.pid,
                                    "comm": p.process.comm, "role": p.role}
                                   for p in w.processes()],
