@@ -33,6 +33,8 @@ def fail_bind(tracer: TracerProcess, addr: str, port: int, *args: str,
     assert ev is not None, "portrace reported no bind_error for the failed bind()"
     assert ev["errno"] == "EADDRINUSE" and ev["port"] == port and ev["comm"] == "new-server"
     assert ISO_TS.match(ev["ts"])
+    # The engine looked the port up, and says what that alone cost.
+    assert ev["snapshot_ms"] > 0
     return binder, ev
 
 

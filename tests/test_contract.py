@@ -17,6 +17,7 @@ from portrace.events import (
     ErrorRecord,
     Lost,
     Repeats,
+    from_json,
     schema,
     to_json,
 )
@@ -74,3 +75,65 @@ def test_a_broken_event_is_caught(breakage, words):
     breakage(ev)
     with pytest.raises(AssertionError, match=words):
         contract.check(ev)
+
+
+# -- the schema and docs/events.md held equal to the typed events ---------------
+# Each field is declared once, on the typed events (portrace.events.model); the
+# schema and the docs are written by hand, so these hold them to it: every key
+# the writer writes is in the schema (contract.check, above, on every shape) and
+# in its event's section of the docs; every key the schema names is written.
+
+def _shapes() -> list[dict]:
+    from test_golden import CASES, SHAPES
+    return [to_json(from_json(json.loads(given))) for given, _, _ in CASES[:SHAPES]]
+
+
+def _walk(value, s: dict, name: str, seen: dict[str, set[str]], props: dict[str, set[str]]):
+    """Record, for each object schema ``value`` meets, the keys it wrote."""
+    defs = schema()["$defs"]
+    if "$ref" in s:
+        name = s["$ref"].rsplit("/", 1)[-1]
+        s = defs[name]
+    for part in s.get("allOf", ()):
+        _walk(value, part, name, seen, props)
+    for part in s.get("anyOf", ()):
+        if (value is None) == (part.get("type") == "null"):
+            _walk(value, part, name, seen, props)
+    if isinstance(value, dict) and "properties" in s:
+        props.setdefault(name, set()).update(s["properties"])
+        seen.setdefault(name, set()).update(k for k in value if k in s["properties"])
+        for k, v in value.items():
+            if k in s["properties"]:
+                _walk(v, s["properties"][k], f"{name}.{k}", seen, props)
+    if isinstance(value, list) and "items" in s:
+        for v in value:
+            _walk(v, s["items"], name, seen, props)
+
+
+def test_the_schema_names_no_field_the_events_do_not_write():
+    seen: dict[str, set[str]] = {}
+    props: dict[str, set[str]] = {}
+    for ev in _shapes():
+        _walk(ev, {"$ref": f"#/$defs/{ev['type']}_event"}, "", seen, props)
+    never = {name: sorted(props[name] - seen[name]) for name in props if props[name] - seen[name]}
+    assert not never, f"in the schema, never written: {never}"
+    types = set(schema()["properties"]["type"]["enum"])
+    assert {f"{t}_event" for t in types} <= set(props), "an event type was never written"
+
+
+def _doc_sections() -> dict[str, str]:
+    """Each event type -> the prose and table of its section, before the example."""
+    out = {}
+    for head, body in re.findall(r"^## (.*?)\n(.*?)(?=^## |\Z)", DOC.read_text(), re.S | re.M):
+        text = body.split("```json")[0]
+        for t in re.findall(r"`([a-z_]+)`", head):
+            out[t] = text
+    return out
+
+
+def test_docs_name_every_field_of_each_event():
+    sections = _doc_sections()
+    for ev in _shapes():
+        text = sections[ev["type"]]
+        missing = [k for k in ev if k not in ("type", "ts") and f"`{k}`" not in text]
+        assert not missing, f"docs/events.md's `{ev['type']}` section does not name {missing}"

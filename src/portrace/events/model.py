@@ -518,6 +518,9 @@ class CallError:
     blockers_total: int | None = on_wire(None, **TOTAL)
     blockers_by_state: dict[str, int] | None = on_wire(None, kinds=OPT_DICT, absent=None,
                                                        after="blockers_total")
+    # The engine's own time for the port's snapshot (sockets and holders), without
+    # the wait before it that lookup_ms includes; None when no snapshot was taken.
+    snapshot_ms: float | None = on_wire(None, after="verdict_ms", **MS)
     type: str = on_wire("", init=False)  # bind_error | listen_error | connect_error
     # connect() only: the destination again, and the port the socket was bound to.
     destination: Endpoint | None = on_wire(

@@ -305,15 +305,18 @@ class Tracer:
             if own is None and attempt.call == "listen":
                 own = sockdiag.fd_inode(attempt.pid, attempt.fd)
             snap = Snapshot(sockets=[])
+            snapshot_ms = None
             # Looking in any other namespace could blame the wrong process.
             if (attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL)
                     and netns.searchable):
                 protocol = attempt.protocol
                 protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
                 whole_range = attempt.call == "connect" or attempt.port == 0
+                started = time.perf_counter()
                 snap = self.engine.snapshot(0 if whole_range else attempt.port, protos,
                                             netns_fd, netns.inode, ranges.VERDICT_SYSCTLS,
                                             holders=not whole_range)
+                snapshot_ms = (time.perf_counter() - started) * 1000.0
                 attempt, snap = self._locate_listen(attempt, snap, own)
             lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
         finally:
@@ -351,7 +354,8 @@ class Tracer:
         return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
                          netns=netns, blockers=context.with_facts(listed), verdict=verdict,
                          blockers_total=total, blockers_by_state=by_state,
-                         lookup_ms=lookup_ms, last_seen=last_seen, usage=usage,
+                         lookup_ms=lookup_ms, snapshot_ms=snapshot_ms,
+                         last_seen=last_seen, usage=usage,
                          sysctls=sysctls, process=facts, host=self.host,
                          recent=recent,
                          verdict_ms=(time.time() - attempt.ts.timestamp()) * 1000.0)
