@@ -5,6 +5,8 @@
 .PHONY: setup setup-test demo test lint check bench clean core-object
 
 VENV := .venv
+# Judging is pure functions of an observation: held to mypy --strict.
+STRICT := src/portrace/judge src/portrace/observe
 # The CO-RE engine's object: built once (clang + libbpf-dev), relocated by
 # libbpf against the running kernel's BTF at load, shipped as package data.
 CORE_OBJ := bpf/core.bpf.o
@@ -30,6 +32,7 @@ demo: setup
 lint: setup-test
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m mypy
+	$(VENV)/bin/python -m mypy --strict $(STRICT)
 	shellcheck scripts/*.sh scripts/vm/*.sh vagrant/*.sh .ci/run
 
 test: lint
@@ -44,6 +47,7 @@ $(CHECK_VENV)/.installed: pyproject.toml
 check: $(CHECK_VENV)/.installed
 	$(CHECK_VENV)/bin/ruff check src tests bench
 	$(CHECK_VENV)/bin/python -m mypy
+	$(CHECK_VENV)/bin/python -m mypy --strict $(STRICT)
 	$(CHECK_VENV)/bin/python -m pytest -m "not root and not vm"
 
 bench: setup

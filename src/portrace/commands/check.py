@@ -2,8 +2,8 @@
 not, what blocks it; with ``--wait``, block until it would.
 
 No probe runs: the socket is described (address, protocol, options, owner
-uid), the port's sockets are read now, and the same rules (portrace.judge.diagnose)
-and verdicts (portrace.judge.advice) as for a traced failure judge them. The
+uid), the port's sockets are read now, and from that observation on it takes
+a traced failure's path (portrace.observe.observation, portrace.judge.judgement). The
 sockets come from the CO-RE engine's iterators where it loads (each socket's
 own options, minisocks' included), else from sock_diag, which needs no BPF
 and no root (then options of live sockets are unknown, and other users'
@@ -17,16 +17,16 @@ import dataclasses
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from portrace import errors
-from portrace.events import Blocker, Check, Netns, Owner, SocketCall, SockOpts
-from portrace.judge import advice, diagnose, phrases
-from portrace.kernel import chooser, engine, namespaces, sockdiag
-from portrace.observe import context, owners, ranges
+from portrace.events import Check, Netns, SocketCall, SockOpts
+from portrace.judge import diagnose, judgement, phrases
+from portrace.kernel import chooser, engine, lookup, namespaces, sockdiag
+from portrace.observe import observation
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
 ENGINES = ("auto", "core", "sock_diag")
@@ -104,44 +104,19 @@ class Looker:
     def snapshot(self, port: int, protocol: str) -> engine.Snapshot:
         if self._core is not None:
             return self._core.snapshot(port, (protocol,), self.netns_fd, self.netns.inode,
-                                       ranges.VERDICT_SYSCTLS, holders=True)
-        return sockdiag.snapshot(port, (protocol,), self.netns_fd, ranges.VERDICT_SYSCTLS)
-
-
-def judge(wanted: Wanted, snap: engine.Snapshot, netns: Netns, engine_name: str,
-          can_destroy: bool | None, run_in: str, ts: datetime,
-          belongs: Mapping[tuple[int, int], Owner],
-          facts: Callable[[list[Blocker]], tuple[Blocker, ...]] = context.with_facts
-          ) -> Check:
-    """The check's answer from one snapshot and its holders' owners: pure but
-    for ``facts``, which adds the holders' process facts (replaying a recorded
-    observation passes ``tuple``)."""
-    attempt = wanted.attempt(ts)
-    v6default = snap.sysctls.get("net.ipv6.bindv6only")
-    req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
-    blockers = diagnose.find_blockers(req, snap.sockets, snap.holders, {}, {},
-                                      holders_complete=snap.holders_complete, belongs=belongs)
-    verdict = None
-    if blockers:
-        verdict = advice.verdict(req, attempt, blockers, snap.sysctls, None, netns.source,
-                                 destroying=advice.Destroying(can_destroy, run_in))
-    listed, total, by_state = diagnose.summarised(blockers)
-    return Check(ts=ts, protocol=wanted.protocol, family=wanted.family, addr=wanted.addr,
-                 port=wanted.port, opts=wanted.opts, uid=wanted.uid, netns=netns,
-                 engine=engine_name, blockers=facts(listed), verdict=verdict,
-                 sysctls=dict(snap.sysctls), can_destroy=can_destroy, blockers_total=total,
-                 blockers_by_state=by_state)
+                                       lookup.VERDICT_SYSCTLS, holders=True)
+        return sockdiag.snapshot(port, (protocol,), self.netns_fd, lookup.VERDICT_SYSCTLS)
 
 
 def check_once(wanted: Sequence[Wanted], looker: Looker, pid: int | None) -> list[Check]:
-    """One answer per wanted socket, from a snapshot taken now."""
+    """One answer per wanted socket, from a snapshot taken now: observed as a
+    described socket, judged and made an event as a traced failure is."""
     now = datetime.now(timezone.utc)
     out = []
     for w in wanted:
         snap = looker.snapshot(w.port, w.protocol)
-        out.append(judge(w, snap, looker.netns, looker.engine, sockdiag.can_destroy(w.protocol),
-                         namespaces.run_in(looker.netns, pid), now,
-                         owners.of_holders(snap.sockets, snap.holders)))
+        obs = observation.described(w.attempt(now), snap, looker.netns, pid)
+        out.append(judgement.check_event(obs, judgement.judge(obs), now, looker.engine, w.uid))
     return out
 
 

@@ -8,10 +8,10 @@ simply absent.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,11 +21,15 @@ from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 
-from portrace.events import Blocker, ProcessRef, write
+from portrace.events import Owner, write
+from portrace.kernel.engine import Holder
 from portrace.observe import owners
 
 MAX_PARENTS = 16
 MAX_PROCESSES_LISTED = 16  # holders of one socket listed with their facts
+# Processes whose facts are read for one failure: as many as a verdict lists
+# (32 blockers of 16 holders each), however many processes hold the port.
+MAX_FACT_PROCESSES = 512
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,22 +109,20 @@ def host_facts() -> dict[str, str]:
     return {"hostname": socket.gethostname(), "kernel": os.uname().release}
 
 
-def with_facts(blockers: list[Blocker]) -> tuple[Blocker, ...]:
-    """Blockers whose holders carry their process facts (exe, build-id...),
-    read once per process however many sockets it holds, for at most
-    MAX_PROCESSES_LISTED holders of one socket. Each holder's owner is the
-    one the judging already has (ProcessRef.owner), not looked up again."""
+def holder_facts(holders: Mapping[int, Sequence[Holder]],
+                 belongs: Mapping[tuple[int, int], Owner]) -> dict[int, dict[str, Any] | None]:
+    """pid -> process facts (exe, build-id...) of the holders a verdict may
+    list: each socket's first MAX_PROCESSES_LISTED by pid (the order a blocker
+    lists them in), read once per process however many sockets it holds, at
+    most MAX_FACT_PROCESSES in all. Each holder's owner is the one already
+    found (``belongs``), not looked up again."""
+    owner_of = {pid: owner for (_inode, pid), owner in belongs.items()}
     facts: dict[int, dict[str, Any] | None] = {}
-
-    def of(p: ProcessRef) -> dict[str, Any] | None:
-        if p.pid not in facts:
-            facts[p.pid] = process_facts(p.pid, owner=p.owner)
-        return facts[p.pid]
-
-    return tuple(
-        dataclasses.replace(
-            b, processes=tuple(dataclasses.replace(p, facts=of(p))
-                               for p in b.processes[:MAX_PROCESSES_LISTED]),
-            processes_total=len(b.processes) if len(b.processes) > MAX_PROCESSES_LISTED
-            else None)
-        for b in blockers)
+    for held in holders.values():
+        for h in sorted(held, key=lambda h: h.pid)[:MAX_PROCESSES_LISTED]:
+            if h.pid in facts:
+                continue
+            if len(facts) >= MAX_FACT_PROCESSES:
+                return facts
+            facts[h.pid] = process_facts(h.pid, owner=owner_of.get(h.pid))
+    return facts

@@ -1,5 +1,5 @@
-"""What the failing port's namespace offers: how much of the ephemeral range
-the kernel searched is taken, and the sysctls a verdict quotes."""
+"""Port ranges: how much of the ephemeral range the kernel searched is taken,
+and ``ip_local_reserved_ports``' syntax."""
 
 from __future__ import annotations
 
@@ -7,19 +7,6 @@ from collections.abc import Iterable
 
 from portrace.events import Endpoint, PortUsage
 from portrace.kernel.engine import SocketEntry
-
-# What the verdicts quote, read in the failing process's namespace.
-VERDICT_SYSCTLS = (
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_max_tw_buckets",
-    "net.ipv6.bindv6only",
-    "net.ipv4.ip_local_port_range",
-    "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.ip_autobind_reuse",
-    "net.ipv4.tcp_tw_reuse",
-    "net.ipv4.tcp_tw_reuse_delay",
-    "net.ipv4.tcp_timestamps",
-)
 
 
 def parse_port_set(text: str) -> set[int]:

@@ -1,10 +1,10 @@
-"""The pipeline: probes -> typed events -> socket snapshot -> verdict -> sinks.
+"""The traced path: engine -> typed events -> observation -> judgement -> sinks.
 
 Two threads. The caller's drains the ring buffers (each poll bounded in time
 by the engine), reports lost records and honours ``stop``; it only decodes and
 hands over (portrace.pipeline.inbox). The diagnosing thread takes the newest failure
-first, snapshots its port in the failing socket's namespace, judges it and
-emits it: the blocker may be gone a moment later, so a fresh failure must not
+first, observes it in the failing socket's namespace, judges it and emits it
+(Tracer.diagnose): the blocker may be gone a moment later, so a fresh failure must not
 wait behind a stale backlog, and no flood may make the drain or a signal wait.
 """
 
@@ -23,8 +23,6 @@ from typing import Any
 from portrace import errors
 from portrace.events import (
     CallError,
-    Closer,
-    Endpoint,
     ErrorRecord,
     Event,
     Lost,
@@ -34,11 +32,9 @@ from portrace.events import (
     StateChange,
     failure_summary,
 )
-from portrace.judge import advice, diagnose
-from portrace.kernel import chooser, engine, namespaces, sockdiag
-from portrace.kernel.engine import Snapshot, SocketEntry
-from portrace.observe import context, ranges
-from portrace.observe import owners as owners_mod
+from portrace.judge import diagnose, judgement
+from portrace.kernel import chooser, engine
+from portrace.observe import context, observation
 from portrace.pipeline.inbox import FailureKey, Inbox, Waiting, failure_key
 
 Sink = Callable[[Event], None]
@@ -46,7 +42,6 @@ Sink = Callable[[Event], None]
 HISTORY_PER_PORT = 64  # transitions kept per watched port, for "blocker gone"
 MAX_BINDERS = 4096  # bound addresses remembered, most recent kept
 BINDERS_PER_ADDRESS = 8  # recent successful binds kept per address
-RECENT_S = 60  # transitions on the port kept in a failure's evidence
 STOP_GRACE_S = 0.2  # after stop, how long a diagnosis under way may finish
 LOST_EVERY_S = 1.0  # lost records are summed and reported at most this often
 
@@ -286,114 +281,15 @@ class Tracer:
             self.binders.popitem(last=False)
 
     def diagnose(self, attempt: SocketCall) -> CallError:
-        """Snapshot the port (or, for ephemeral exhaustion, the whole range) in
-        the failing socket's netns and judge it. Nothing is looked up in a
-        namespace other than the failing socket's: when it cannot be entered or
-        is not known (``netns.source`` ``gone`` or ``tracer``), no blocker is named."""
-        if attempt.netns:  # the kernel said which namespace (CO-RE engine)
-            netns_fd, netns = namespaces.open_netns_inode(attempt.netns, attempt.pid, attempt.tid)
-        else:
-            netns_fd, netns = namespaces.open_netns(attempt.pid, attempt.tid)
-        try:
-            if attempt.opts_source != "kernel" or attempt.protocol == "unknown":
-                protocol = sockdiag.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol
-                attempt = dataclasses.replace(attempt, protocol=protocol)
-            # Read now, while the failing process most likely still lives.
-            facts = context.process_facts(attempt.pid)
-            # A failed listen() leaves its socket bound: it must not blame itself.
-            own = attempt.inode
-            if own is None and attempt.call == "listen":
-                own = sockdiag.fd_inode(attempt.pid, attempt.fd)
-            snap = Snapshot(sockets=[])
-            snapshot_ms = None
-            # Looking in any other namespace could blame the wrong process.
-            if (attempt.errno in (diagnose.EADDRINUSE, diagnose.EADDRNOTAVAIL)
-                    and netns.searchable):
-                protocol = attempt.protocol
-                protos = ("tcp", "udp") if protocol == "unknown" else (protocol,)
-                whole_range = attempt.call == "connect" or attempt.port == 0
-                started = time.perf_counter()
-                snap = self.engine.snapshot(0 if whole_range else attempt.port, protos,
-                                            netns_fd, netns.inode, ranges.VERDICT_SYSCTLS,
-                                            holders=not whole_range)
-                snapshot_ms = (time.perf_counter() - started) * 1000.0
-                attempt, snap = self._locate_listen(attempt, snap, own)
-            lookup_ms = (time.time() - attempt.ts.timestamp()) * 1000.0
-        finally:
-            if netns_fd is not None:
-                os.close(netns_fd)
-        sysctls = snap.sysctls
-        v6default = sysctls.get("net.ipv6.bindv6only")
-        req = diagnose.Request.of(attempt, None if v6default is None else v6default == "1")
-        usage = None
-        blockers: list = []
-        if attempt.call == "connect" or attempt.port == 0:
-            if "net.ipv4.ip_local_port_range" in sysctls:
-                dest = Endpoint(attempt.addr, attempt.port) if attempt.call == "connect" else None
-                usage = ranges.port_usage(snap.sockets, sysctls["net.ipv4.ip_local_port_range"],
-                                           sysctls.get("net.ipv4.ip_local_reserved_ports", ""),
-                                           dest, socket_range=attempt.port_range)
-        else:
-            owners = {s.skaddr: o.pid for s in snap.sockets
-                      if s.skaddr and s.inode and (o := self.engine.owner(s.skaddr))}
-            blockers = diagnose.find_blockers(
-                req, snap.sockets, snap.holders, self._closers(snap.sockets), self.binders,
-                self.engine.fd_opts(snap.holders), exclude_inodes=[own] if own else [],
-                owners=owners, belongs=owners_mod.of_holders(snap.sockets, snap.holders))
-        recent = self._recent(attempt)
-        last_seen = None
-        if not blockers and usage is None:
-            on_port = [ev for ev in recent if ev.ts <= attempt.ts] or list(recent)
-            last_seen = on_port[-1] if on_port else None
-        destroying = advice.Destroying(sockdiag.can_destroy(req.protocol if req.protocol == "udp"
-                                                           else "tcp"),
-                                       namespaces.run_in(netns, attempt.pid))
-        verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, netns.source, usage,
-                                 destroying)
-        listed, total, by_state = diagnose.summarised(blockers)
-        return CallError(attempt=attempt, cmdline=(facts or {}).get("cmdline"),
-                         netns=netns, blockers=context.with_facts(listed), verdict=verdict,
-                         blockers_total=total, blockers_by_state=by_state,
-                         lookup_ms=lookup_ms, snapshot_ms=snapshot_ms,
-                         last_seen=last_seen, usage=usage,
-                         sysctls=sysctls, process=facts, host=self.host,
-                         recent=recent,
-                         verdict_ms=(time.time() - attempt.ts.timestamp()) * 1000.0)
-
-    def _recent(self, attempt: SocketCall) -> tuple[StateChange, ...]:
-        """Transitions on the port in the RECENT_S before the failure: from the
-        kernel's per-port ring where the engine keeps one, else as streamed."""
-        kept = self.engine.recent(attempt.port) if attempt.port else None
-        seen = kept if kept is not None else self.history.get(attempt.port, ())
-        since = attempt.ts.timestamp() - RECENT_S
-        return tuple(ev for ev in seen if ev.ts.timestamp() >= since)
-
-    @staticmethod
-    def _locate_listen(attempt: SocketCall, snap: Snapshot, own: int | None
-                       ) -> tuple[SocketCall, Snapshot]:
-        """listen() with no bind seen: if its socket is bound after all (the bind
-        predates the probes), judge that port instead of ephemeral exhaustion."""
-        if attempt.call != "listen" or attempt.port != 0 or not own:
-            return attempt, snap
-        mine = next((s for s in snap.sockets if s.inode == own and s.local.port), None)
-        if mine is None:
-            return attempt, snap  # unbound: listen() autobound and found nothing free
-        attempt = dataclasses.replace(attempt, addr=mine.local.addr, port=mine.local.port,
-                                      family=mine.family)
-        on_port = [s for s in snap.sockets if s.local.port == mine.local.port]
-        return attempt, Snapshot(sockets=on_port,
-                                         holders=sockdiag.holders_of(s.inode for s in on_port),
-                                         sysctls=snap.sysctls)
-
-    def _closers(self, socks: list[SocketEntry]
-                 ) -> dict[tuple[str, Endpoint, Endpoint], Closer]:
-        out = {}
-        for s in socks:
-            if s.minisock and s.remote is not None:
-                c = self.engine.closer(s.family, s.local, s.remote)
-                if c is not None:
-                    out[(s.family, s.local, s.remote)] = c
-        return out
+        """One failure through the stages, each once: observed in its own
+        namespace (the kernel's lookup, process facts, owners), judged, and made
+        an event. Nothing is looked up in a namespace other than the failing
+        socket's: when it cannot be entered or is not known (``netns.source``
+        ``gone`` or ``tracer``), no blocker is named."""
+        obs = observation.observe(self.engine, attempt, self.binders, self.history)
+        return judgement.failure_event(
+            obs, judgement.judge(obs), self.host,
+            verdict_ms=(time.time() - attempt.ts.timestamp()) * 1000.0)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,96 @@
+"""One failure's observation: all that judging it needs, read at the failure
+and nothing read after. The kernel's lookup (portrace.kernel.lookup), the
+failing process's facts, who each holder is (unit, container, pod) with its
+process facts, how much of the ephemeral range is taken, and whether and how
+a socket there can be destroyed (``ss -K``).
+
+``observe`` is the traced failure's; ``described`` is ``portrace check``'s,
+a socket described rather than traced. Both feed portrace.judge.judgement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from portrace.events import Endpoint, Netns, Owner, PortUsage, SocketCall, StateChange
+from portrace.kernel import lookup, namespaces, sockdiag
+from portrace.kernel.engine import Engine, Snapshot
+from portrace.observe import context, owners, ranges
+
+# The recent successful bind()s seen per (family, addr, port): the tracer's memory.
+Binders = Mapping[tuple[str, str, int], Sequence[SocketCall]]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """See the module. ``binders``: recent binds by address (empty for a
+    check); ``belongs``: (socket inode, pid) -> the holder's Owner;
+    ``holder_facts``: pid -> process facts of the holders a verdict may list;
+    ``process``: the failing process's facts (None: gone, or a check);
+    ``usage``: for connect() and autobind, the ephemeral range searched and
+    its use (None elsewhere, or when the namespace's range was not read);
+    ``can_destroy``: the kernel destroys sockets on request (None: not
+    known); ``run_in``: the command prefix that reaches the namespace."""
+
+    found: lookup.Lookup
+    belongs: Mapping[tuple[int, int], Owner]
+    holder_facts: Mapping[int, dict[str, Any] | None]
+    process: dict[str, Any] | None
+    usage: PortUsage | None
+    can_destroy: bool | None
+    run_in: str
+    binders: Binders = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> SocketCall:
+        return self.found.attempt
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.found.snapshot
+
+
+def _usage(attempt: SocketCall, snap: Snapshot) -> PortUsage | None:
+    """Ephemeral exhaustion's facts, for a call that searched the range."""
+    sysctls = snap.sysctls
+    if not (attempt.call == "connect" or attempt.port == 0) \
+            or "net.ipv4.ip_local_port_range" not in sysctls:
+        return None
+    dest = Endpoint(attempt.addr, attempt.port) if attempt.call == "connect" else None
+    return ranges.port_usage(snap.sockets, sysctls["net.ipv4.ip_local_port_range"],
+                             sysctls.get("net.ipv4.ip_local_reserved_ports", ""), dest,
+                             socket_range=attempt.port_range)
+
+
+def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Binders,
+              pid: int | None) -> Observation:
+    """The rest of an observation around the kernel's lookup; ``pid``: a
+    process in the namespace, for ``run_in`` when it has no name."""
+    snap, attempt = found.snapshot, found.attempt
+    belongs = owners.of_holders(snap.sockets, snap.holders)
+    return Observation(
+        found=found, belongs=belongs, holder_facts=context.holder_facts(snap.holders, belongs),
+        process=process, usage=_usage(attempt, snap),
+        can_destroy=sockdiag.can_destroy("udp" if attempt.protocol == "udp" else "tcp"),
+        run_in=namespaces.run_in(found.netns, pid), binders=binders)
+
+
+def observe(engine: Engine, attempt: SocketCall, binders: Binders,
+            history: Mapping[int, Sequence[StateChange]]) -> Observation:
+    """A traced failure's observation, read in its own namespace. The failing
+    process's facts are read first, while it most likely still lives."""
+    with lookup.failing_place(attempt) as place:
+        process = context.process_facts(place.attempt.pid)
+        found = lookup.look_up(engine, place, history)
+    return _complete(found, process, binders, attempt.pid)
+
+
+def described(attempt: SocketCall, snap: Snapshot, netns: Netns, pid: int | None
+              ) -> Observation:
+    """``portrace check``'s observation: ``attempt`` describes the socket, the
+    port's ``snap`` was read in ``netns`` (reached through ``pid``, if any)."""
+    found = lookup.Lookup(attempt=attempt, netns=netns, own_inode=None, snapshot=snap,
+                          closers={}, fd_opts={}, binder_pids={}, recent=())
+    return _complete(found, None, {}, pid)
