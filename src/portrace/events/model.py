@@ -475,7 +475,7 @@ TOTAL: dict[str, Any] = {"kinds": OPT_INT, "absent": None, "after": "blockers",
 
 
 def _failed_call(d: Mapping[str, Any], where: str) -> SocketCall:
-    call = read(SocketCall, d, where)
+    call: SocketCall = read(SocketCall, d, where)
     return dataclasses.replace(call, call=call.call.removesuffix("_error"))
 
 

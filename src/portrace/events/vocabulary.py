@@ -40,7 +40,8 @@ TCP_STATES = {
 
 def schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of every event, shipped with the package."""
-    return json.loads((resources.files("portrace") / SCHEMA).read_text())
+    loaded: dict[str, Any] = json.loads((resources.files("portrace") / SCHEMA).read_text())
+    return loaded
 
 
 def tcp_state_name(num: int) -> str:

@@ -43,7 +43,7 @@ def socket_protocol(pid: int, fd: int) -> str | None:
     return {b"TCP": "tcp", b"TCPv6": "tcp", b"UDP": "udp", b"UDPv6": "udp"}.get(name)
 
 
-def _entry(protocol: str, msg: dict) -> SocketEntry:
+def _entry(protocol: str, msg: dict[str, Any]) -> SocketEntry:
     attrs = dict(msg.get("attrs", []))
     family = FAMILIES[msg["idiag_family"]]
     raw_state = msg["idiag_state"]
