@@ -171,5 +171,5 @@ _next_port: dict[str, Iterator[int]] = {}
 @pytest.fixture
 def port(engine: str) -> int:
     """A watched port no other test of this engine uses (the last eleven are
-    test_kernel_truth's and the matrix's)."""
-    return next(_next_port.setdefault(engine, iter(PORTS[:-11])))
+    test_kernel_truth's and the matrix's, the one before test_refusals')."""
+    return next(_next_port.setdefault(engine, iter(PORTS[:-12])))

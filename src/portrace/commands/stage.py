@@ -81,6 +81,18 @@ def _drop_to(uid: int) -> None:
     os.setuid(uid)
 
 
+CLONE_NEWUSER = 0x10000000  # include/uapi/linux/sched.h
+
+
+def _new_user_ns() -> None:
+    """Enter a user namespace of our own (os.unshare is Python 3.12+): every
+    capability, but only there."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
+
+
 def role_flood(a: argparse.Namespace) -> None:
     """Fail bind() in a loop for --within s, or until stdin closes: on the
     loopback addresses 127.0.x.y at PORT, each a distinct failure (EADDRINUSE
@@ -360,10 +372,14 @@ def role_bind(a: argparse.Namespace) -> None:
     (autobind). --own-listener: first listen on the address itself, and
     close that listener right after the bind fails (a blocker gone at once).
     --uid: drop to that uid (and its gid) before creating the socket.
+    --userns: enter a user namespace of its own first (CAP_NET_BIND_SERVICE
+    held there, not in the netns's owner).
     --euid: create the socket under that effective uid only (its sk_uid), then
     switch back before bind(). --port-range LO-HI: IP_LOCAL_PORT_RANGE."""
     if a.uid is not None:
         _drop_to(a.uid)
+    if a.userns:
+        _new_user_ns()
     if a.euid is not None:
         os.seteuid(a.euid)
     own = None
@@ -436,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--own-listener", action="store_true")
     p.add_argument("--uid", type=int)
     p.add_argument("--euid", type=int)
+    p.add_argument("--userns", action="store_true")
     p.add_argument("--port-range")
     p.add_argument("--orphan", action="store_true")
     p.add_argument("--einval", action="store_true")

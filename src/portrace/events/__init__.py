@@ -9,6 +9,7 @@ from portrace.events.model import (
     TYPES,
     UNKNOWN_OPTS,
     UNKNOWN_SOURCE,
+    AddressState,
     Blocker,
     CallError,
     Check,
@@ -20,6 +21,7 @@ from portrace.events.model import (
     Netns,
     Owner,
     Pod,
+    PortRule,
     PortUsage,
     ProcessRef,
     Ready,
@@ -72,8 +74,9 @@ def from_json(d: Any) -> Event:
 
 __all__ = [
     "EVENT_TYPES", "FAMILIES", "PROTOCOLS", "SCHEMA", "SCHEMA_VERSION", "TCP_STATES",
-    "UNKNOWN_OPTS", "UNKNOWN_SOURCE", "Blocker", "CallError", "Check", "Closer", "Endpoint",
-    "ErrorRecord", "Event", "Lost", "Malformed", "Netns", "Owner", "Pod", "PortUsage",
+    "UNKNOWN_OPTS", "UNKNOWN_SOURCE", "AddressState", "Blocker", "CallError", "Check", "Closer",
+    "Endpoint",
+    "ErrorRecord", "Event", "Lost", "Malformed", "Netns", "Owner", "Pod", "PortRule", "PortUsage",
     "ProcessRef", "Ready", "Repeats", "SockOpts", "SocketCall", "StateChange", "Task",
     "Verdict", "errno_name", "errno_number", "failure_summary", "format_endpoint", "from_json",
     "iso", "printable", "read", "schema", "tcp_state_name", "to_json", "write",

@@ -462,6 +462,57 @@ class Netns:
         return self.source not in ("gone", "tracer")
 
 
+@dataclass(frozen=True)
+class AddressState:
+    """A bind()'s address as the failing namespace has it, for a bind()
+    refused with EADDRNOTAVAIL (portrace.observe.addresses): ``interface``
+    where it is assigned (None: nowhere), whether that is up and has a
+    carrier, its IPv6 DAD state, how long DAD takes there (``dad_s``), and the
+    named namespaces (``ip netns``) that have it instead."""
+
+    addr: str = on_wire(kinds=STR)
+    interface: str | None = on_wire(None, kinds=OPT_STR, absent=None)
+    interface_up: bool | None = on_wire(None, kinds=OPT_BOOL, absent=None)  # IFF_UP
+    carrier: bool | None = on_wire(None, kinds=OPT_BOOL, absent=None)  # IFLA_CARRIER
+    tentative: bool = on_wire(False, kinds=BOOL, absent=False)
+    dadfailed: bool = on_wire(False, kinds=BOOL, absent=False)
+    dad_s: float | None = on_wire(None, kinds=OPT_NUM, absent=None)
+    elsewhere: tuple[str, ...] = on_wire((), kinds=LIST, absent=(), encode=list,
+                                         decode=lambda v, where: tuple(v))
+
+    @property
+    def assigned(self) -> bool:
+        return self.interface is not None
+
+
+@dataclass(frozen=True)
+class PortRule:
+    """The privileged-port rule's facts, for a bind() refused with EACCES
+    (portrace.observe.privilege): the netns's ip_unprivileged_port_start,
+    whether the process holds CAP_NET_BIND_SERVICE, the inodes of its user
+    namespace and of the one owning the netns, and how they relate: ``same``,
+    ``ancestor`` (the process's is above the owner) or ``other`` (below or
+    beside: no capability of the process counts there)."""
+
+    port_start: int | None = on_wire(None, kinds=OPT_INT, absent=None)
+    cap_net_bind_service: bool | None = on_wire(None, kinds=OPT_BOOL, absent=None)
+    user_ns: int | None = on_wire(None, kinds=OPT_INT, absent=None)
+    netns_user_ns: int | None = on_wire(None, kinds=OPT_INT, absent=None)
+    relation: str | None = on_wire(None, kinds=OPT_STR, absent=None)
+
+    def allows(self, port: int) -> bool | None:
+        """Whether the rule lets the process bind ``port`` (None: not known)."""
+        if self.port_start is None:
+            return None
+        if port == 0 or port >= self.port_start:
+            return True
+        if self.relation == "other":
+            return False
+        if self.cap_net_bind_service is None or self.relation is None:
+            return None
+        return self.cap_net_bind_service
+
+
 def _netns_read(d: Mapping[str, Any], where: str) -> Netns:
     ns = d.get("netns")
     return read(Netns, ns, f"{where}netns.") if isinstance(ns, dict) else Netns(0, "tracer")
@@ -518,6 +569,11 @@ class CallError:
     blockers_total: int | None = on_wire(None, **TOTAL)
     blockers_by_state: dict[str, int] | None = on_wire(None, kinds=OPT_DICT, absent=None,
                                                        after="blockers_total")
+    # A bind() refused for its address (EADDRNOTAVAIL) or its port (EACCES):
+    # the facts judged; None for every other failure.
+    address: AddressState | None = on_wire(None, kinds=OPT_DICT, absent=None,
+                                           **_one(AddressState))
+    port_rule: PortRule | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(PortRule))
     # The engine's own time for the port's snapshot (sockets and holders), without
     # the wait before it that lookup_ms includes; None when no snapshot was taken.
     snapshot_ms: float | None = on_wire(None, after="verdict_ms", **MS)

@@ -490,12 +490,22 @@ def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
 
 
 _ERRNO_ADVICE = {
-    "EACCES": "Ports below net.ipv4.ip_unprivileged_port_start need CAP_NET_BIND_SERVICE "
-              "(net/ipv4/af_inet.c: __inet_bind).",
-    "EADDRNOTAVAIL": "The address is not assigned in this network namespace; IP_FREEBIND or "
-                     "net.ipv4.ip_nonlocal_bind allow binding it anyway.",
+    "EACCES": (f"Ports below the netns's net.ipv4.ip_unprivileged_port_start need "
+               f"CAP_NET_BIND_SERVICE in the user namespace that owns the netns "
+               f"({RULES['port_rule'].source}); where that holds, a cgroup BPF bind program, "
+               f"an LSM or seccomp refused the call."),
     "EINVAL": "The socket is already bound, or the address length or family is wrong.",
 }
+
+
+def _not_local_hint(attempt: SocketCall) -> str:
+    """bind()'s EADDRNOTAVAIL when the address's state could not be read."""
+    v6 = attempt.family == "inet6" and not attempt.addr.startswith("::ffff:")
+    ways = ("IPV6_FREEBIND or net.ipv6.ip_nonlocal_bind" if v6
+            else "IP_FREEBIND or net.ipv4.ip_nonlocal_bind")
+    return (f"The address is not usable in the failing socket's netns (not assigned, "
+            f"tentative, or on a down interface); {ways} allow binding it anyway "
+            f"({RULES['v6_local' if v6 else 'v4_local'].source}).")
 
 
 def _not_a_conflict(attempt: SocketCall) -> Verdict:
@@ -503,5 +513,6 @@ def _not_a_conflict(attempt: SocketCall) -> Verdict:
     return Verdict(
         cause="not_a_conflict",
         summary=f"{attempt.call}() failed with {name}, not a port conflict: nothing was looked up",
-        advice=(_ERRNO_ADVICE.get(name, f"See {attempt.call}(2) for this errno."),),
+        advice=(_not_local_hint(attempt) if name == "EADDRNOTAVAIL" else
+                _ERRNO_ADVICE.get(name, f"See {attempt.call}(2) for this errno."),),
     )

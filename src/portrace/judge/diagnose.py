@@ -107,6 +107,32 @@ RULES: dict[str, Rule] = {
     "destroy": Rule(
         "net/ipv4/tcp.c: tcp_abort (CONFIG_INET_DIAG_DESTROY)",
         "sock_diag can destroy a socket, TIME_WAIT included: ss -K"),
+    # bind() refused before any socket is compared (judge.refusals).
+    "port_rule": Rule(
+        "include/net/ip.h: inet_port_requires_bind_service; net/ipv4/af_inet.c: __inet_bind",
+        "a port below the netns's net.ipv4.ip_unprivileged_port_start (IPv6 too) needs "
+        "CAP_NET_BIND_SERVICE in the user namespace that owns the netns, else EACCES"),
+    "ns_capable": Rule(
+        "kernel/capability.c: ns_capable; security/commoncap.c: cap_capable",
+        "a capability counts in the user namespace it is held in and in those it owns "
+        "below; held in a namespace below or beside the netns's owner, it does not"),
+    "v4_local": Rule(
+        "net/ipv4/af_inet.c: __inet_bind, inet_addr_valid_or_nonlocal",
+        "an IPv4 address must be local in the netns (assigned to an interface, up or "
+        "down), unless net.ipv4.ip_nonlocal_bind, IP_FREEBIND or IP_TRANSPARENT; else "
+        "EADDRNOTAVAIL"),
+    "v6_local": Rule(
+        "net/ipv6/af_inet6.c: __inet6_bind, ipv6_can_nonlocal_bind",
+        "an IPv6 address must be assigned in the netns, and not tentative, unless "
+        "net.ipv6.ip_nonlocal_bind, IPV6_FREEBIND or IPV6_TRANSPARENT; else EADDRNOTAVAIL"),
+    "v6_tentative": Rule(
+        "net/ipv6/addrconf.c: ipv6_chk_addr (IFA_F_TENTATIVE banned)",
+        "an address counts as assigned only once duplicate address detection is done"),
+    "dad": Rule(
+        "net/ipv6/addrconf.c: addrconf_dad_begin, addrconf_dad_work",
+        "DAD starts once the interface is up with a carrier and sends dad_transmits "
+        "neighbour solicitations retrans_time_ms apart; one answer from another node makes "
+        "the address dadfailed for good"),
 }
 
 CAUSES = (
@@ -119,6 +145,10 @@ CAUSES = (
     "ephemeral_exhausted",
     "unknown",
     "not_a_conflict",
+    "privileged_port",
+    "address_not_local",
+    "address_tentative",
+    "address_dadfailed",
 )
 
 TCP_TIMEWAIT_LEN_S = 60

@@ -13,10 +13,11 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from errno import EACCES, EADDRNOTAVAIL
 from typing import Any
 
 from portrace.events import Blocker, CallError, Check, StateChange, Verdict
-from portrace.judge import advice, diagnose
+from portrace.judge import advice, diagnose, refusals
 from portrace.observe.context import MAX_PROCESSES_LISTED
 from portrace.observe.observation import Observation
 
@@ -53,10 +54,22 @@ def judge(obs: Observation) -> Judgement:
     if not blockers and obs.usage is None:
         on_port = [ev for ev in found.recent if ev.ts <= attempt.ts] or list(found.recent)
         last_seen = on_port[-1] if on_port else None
-    verdict = advice.verdict(req, attempt, blockers, sysctls, last_seen, found.netns.source,
-                             obs.usage, advice.Destroying(obs.can_destroy, obs.run_in))
+    verdict = _refused(obs) or advice.verdict(
+        req, attempt, blockers, sysctls, last_seen, found.netns.source, obs.usage,
+        advice.Destroying(obs.can_destroy, obs.run_in))
     listed, total, by_state = diagnose.summarised(blockers)
     return Judgement(_with_facts(listed, obs.holder_facts), total, by_state, verdict, last_seen)
+
+
+def _refused(obs: Observation) -> Verdict | None:
+    """The verdict of a bind() refused for its address or its port, where
+    the observed facts decide it."""
+    a = obs.attempt
+    if obs.address is not None and a.errno == EADDRNOTAVAIL:
+        return refusals.address(a, obs.address, obs.run_in)
+    if obs.port_rule is not None and a.errno == EACCES:
+        return refusals.port(a, obs.port_rule, obs.process, obs.run_in)
+    return None
 
 
 def _with_facts(blockers: list[Blocker], facts: Mapping[int, dict[str, Any] | None]
@@ -82,7 +95,7 @@ def failure_event(obs: Observation, j: Judgement, host: dict[str, str],
                      lookup_ms=found.lookup_ms, snapshot_ms=found.snapshot_ms,
                      last_seen=j.last_seen, usage=obs.usage, sysctls=found.snapshot.sysctls,
                      process=obs.process, host=host, recent=found.recent,
-                     verdict_ms=verdict_ms)
+                     verdict_ms=verdict_ms, address=obs.address, port_rule=obs.port_rule)
 
 
 def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,

@@ -24,8 +24,6 @@ from portrace.kernel import namespaces, sockdiag
 from portrace.kernel.engine import Engine, Snapshot, SocketEntry
 
 RECENT_S = 60  # transitions on the port kept in a failure's evidence
-# The errnos whose cause is on the port: only these are looked up.
-LOOKED_UP = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 # What the verdicts quote, read in the failing process's namespace.
 VERDICT_SYSCTLS = (
     "net.ipv4.tcp_fin_timeout",
@@ -102,7 +100,11 @@ def look_up(engine: Engine, place: Place,
     ``gone`` or ``tracer``), the snapshot is empty. ``history``: the
     transitions portrace streamed per port, for an engine that keeps none."""
     attempt, snap, snapshot_ms = place.attempt, Snapshot(sockets=[]), None
-    if attempt.errno in LOOKED_UP and place.netns.searchable:
+    # Only these have their cause on the port: a conflict, or connect()'s
+    # exhausted range (bind()'s EADDRNOTAVAIL is its address's: observe.addresses).
+    on_port = attempt.errno == errno.EADDRINUSE or (
+        attempt.errno == errno.EADDRNOTAVAIL and attempt.call == "connect")
+    if on_port and place.netns.searchable:
         protos = ("tcp", "udp") if attempt.protocol == "unknown" else (attempt.protocol,)
         whole_range = attempt.call == "connect" or attempt.port == 0
         started = time.perf_counter()

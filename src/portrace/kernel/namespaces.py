@@ -19,7 +19,7 @@ from portrace.events import Netns
 NETNS_NAMES = "/run/netns"  # where `ip netns add` pins named namespaces
 
 
-def _pinned() -> Iterator[str]:
+def pinned() -> Iterator[str]:
     """The paths of the namespaces pinned under /run/netns (``ip netns add``)."""
     try:
         with os.scandir(NETNS_NAMES) as it:
@@ -30,7 +30,7 @@ def _pinned() -> Iterator[str]:
 
 def netns_name(inode: int) -> str | None:
     """The ``ip netns`` name of a namespace, if it has one."""
-    for path in _pinned():
+    for path in pinned():
         try:
             if os.stat(path).st_ino == inode:
                 return os.path.basename(path)
@@ -65,7 +65,7 @@ def open_netns_inode(inode: int, pid: int, tid: int) -> tuple[int | None, Netns]
     ``pinned`` or ``member``; ``gone`` (and no fd) when nothing holds the
     namespace any more, so its sockets cannot be looked up (the caller closes
     the fd)."""
-    for source, paths in (("process", _thread_netns(pid, tid)), ("pinned", _pinned()),
+    for source, paths in (("process", _thread_netns(pid, tid)), ("pinned", pinned()),
                           ("member", _members())):
         for path in paths:
             try:

@@ -10,14 +10,24 @@ a socket described rather than traced. Both feed portrace.judge.judgement.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from portrace.events import Endpoint, Netns, Owner, PortUsage, SocketCall, StateChange
+from portrace.events import (
+    AddressState,
+    Endpoint,
+    Netns,
+    Owner,
+    PortRule,
+    PortUsage,
+    SocketCall,
+    StateChange,
+)
 from portrace.kernel import lookup, namespaces, sockdiag
 from portrace.kernel.engine import Engine, Snapshot
-from portrace.observe import context, owners, ranges
+from portrace.observe import addresses, context, owners, privilege, ranges
 
 # The recent successful bind()s seen per (family, addr, port): the tracer's memory.
 Binders = Mapping[tuple[str, str, int], Sequence[SocketCall]]
@@ -32,7 +42,9 @@ class Observation:
     ``usage``: for connect() and autobind, the ephemeral range searched and
     its use (None elsewhere, or when the namespace's range was not read);
     ``can_destroy``: the kernel destroys sockets on request (None: not
-    known); ``run_in``: the command prefix that reaches the namespace."""
+    known); ``run_in``: the command prefix that reaches the namespace;
+    ``address``/``port_rule``: for a bind() refused for its address
+    (EADDRNOTAVAIL) or its port (EACCES), the facts that decide it."""
 
     found: lookup.Lookup
     belongs: Mapping[tuple[int, int], Owner]
@@ -42,6 +54,8 @@ class Observation:
     can_destroy: bool | None
     run_in: str
     binders: Binders = field(default_factory=dict)
+    address: AddressState | None = None
+    port_rule: PortRule | None = None
 
     @property
     def attempt(self) -> SocketCall:
@@ -64,8 +78,25 @@ def _usage(attempt: SocketCall, snap: Snapshot) -> PortUsage | None:
                              socket_range=attempt.port_range)
 
 
+def _refusal(place: lookup.Place) -> tuple[AddressState | None, PortRule | None]:
+    """A refused bind()'s own facts, read in its netns while the process most
+    likely lives: the address's state (EADDRNOTAVAIL), the port rule's (EACCES)."""
+    a = place.attempt
+    if a.call != "bind" or not place.netns.searchable:
+        return None, None
+    try:
+        if a.errno == errno.EADDRNOTAVAIL and a.addr not in ("0.0.0.0", "::"):
+            return addresses.address_state(a.addr, place.netns_fd, place.netns.inode), None
+        if a.errno == errno.EACCES:
+            return None, privilege.port_rule(a.pid, place.netns_fd)
+    except OSError:
+        pass  # the namespace went away: nothing is named
+    return None, None
+
+
 def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Binders,
-              pid: int | None) -> Observation:
+              pid: int | None, refusal: tuple[AddressState | None, PortRule | None] = (None, None)
+              ) -> Observation:
     """The rest of an observation around the kernel's lookup; ``pid``: a
     process in the namespace, for ``run_in`` when it has no name."""
     snap, attempt = found.snapshot, found.attempt
@@ -74,7 +105,8 @@ def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Bin
         found=found, belongs=belongs, holder_facts=context.holder_facts(snap.holders, belongs),
         process=process, usage=_usage(attempt, snap),
         can_destroy=sockdiag.can_destroy("udp" if attempt.protocol == "udp" else "tcp"),
-        run_in=namespaces.run_in(found.netns, pid), binders=binders)
+        run_in=namespaces.run_in(found.netns, pid), binders=binders, address=refusal[0],
+        port_rule=refusal[1])
 
 
 def observe(engine: Engine, attempt: SocketCall, binders: Binders,
@@ -83,8 +115,9 @@ def observe(engine: Engine, attempt: SocketCall, binders: Binders,
     process's facts are read first, while it most likely still lives."""
     with lookup.failing_place(attempt) as place:
         process = context.process_facts(place.attempt.pid)
+        refusal = _refusal(place)
         found = lookup.look_up(engine, place, history)
-    return _complete(found, process, binders, attempt.pid)
+    return _complete(found, process, binders, attempt.pid, refusal)
 
 
 def described(attempt: SocketCall, snap: Snapshot, netns: Netns, pid: int | None

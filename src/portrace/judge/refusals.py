@@ -1,0 +1,110 @@
+"""Verdicts for a bind() the kernel refused before comparing any socket: for
+its address (EADDRNOTAVAIL: not local, tentative, dadfailed) or its port
+(EACCES: the privileged-port rule). Each names the facts it was decided on
+(events.AddressState, events.PortRule) and cites its rule in
+portrace.judge.diagnose.RULES. None where the facts do not decide: the
+caller then says what is not known."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from portrace.events import AddressState, PortRule, SocketCall, Verdict
+from portrace.judge import phrases
+from portrace.judge.diagnose import RULES
+
+
+def cite(rule: str) -> str:
+    return f"({RULES[rule].source})"
+
+
+def _nonlocal_ways(family: str, addr: str, run_in: str) -> str:
+    """The ways around the locality check, in the address's own family."""
+    v6 = family == "inet6" and not addr.startswith("::ffff:")
+    sysctl = "net.ipv6.ip_nonlocal_bind" if v6 else "net.ipv4.ip_nonlocal_bind"
+    option = "IPV6_FREEBIND" if v6 else "IP_FREEBIND"
+    return (f"set {option} on the socket before bind(), or `{run_in}sysctl -w {sysctl}=1` "
+            f"for the whole netns {cite('v6_local' if v6 else 'v4_local')}")
+
+
+def address(attempt: SocketCall, a: AddressState, run_in: str) -> Verdict:
+    """EADDRNOTAVAIL on bind(), from where the address lives."""
+    at = f"{a.addr} on {a.interface}"
+    ways = _nonlocal_ways(attempt.family, a.addr, run_in)
+    if a.dadfailed:
+        return Verdict(
+            cause="address_dadfailed",
+            summary=(f"{at} failed duplicate address detection: another node on the link "
+                     f"answered for it, so it never becomes usable {cite('dad')}"),
+            advice=(f"Now: find the other node (the kernel logs `{a.interface}: IPv6 "
+                    f"duplicate address {a.addr} used by <its MAC> detected!`, rate-limited: "
+                    f"net/ipv6/addrconf.c: addrconf_dad_failure), change one of the two "
+                    f"addresses, then remove and re-add this one.",
+                    f"Binding anyway ({ways}) only hides the duplicate."))
+    if a.tentative:
+        wait = f"about {a.dad_s:g} s" if a.dad_s is not None else "a few seconds"
+        if a.interface_up is False:
+            why = f"{a.interface} is down, and DAD starts only once it is up"
+            now = f"Now: `{run_in}ip link set {a.interface} up`; DAD then takes {wait}"
+        elif a.carrier is False:
+            why = (f"{a.interface} has no carrier (its link or peer is down), and DAD "
+                   f"starts only once it has one")
+            now = f"Now: bring the link up (cable, peer, switch port); DAD then takes {wait}"
+        else:
+            why = f"duplicate address detection is running and takes {wait}"
+            now = f"Now: a retry succeeds once DAD ends ({wait}), if no other node claims it"
+        return Verdict(
+            cause="address_tentative",
+            summary=(f"{at} is still tentative: {why}; until DAD ends the address does not "
+                     f"count as assigned {cite('v6_tentative')}"),
+            advice=(f"{now} (dad_transmits x retrans_time_ms) {cite('dad')}.",
+                    f"In code: retry bind() on EADDRNOTAVAIL, or {ways}.",
+                    f"Where no duplicate can exist (an address this host alone owns), add it "
+                    f"with `nodad`, or set net.ipv6.conf.{a.interface}.accept_dad = 0."))
+    where = (f"; it is assigned in netns {', '.join(a.elsewhere)}" if a.elsewhere
+             else "; no named netns has it either")
+    rule = "v6_local" if attempt.family == "inet6" else "v4_local"
+    return Verdict(
+        cause="address_not_local",
+        summary=f"{a.addr} is not assigned in the failing socket's netns{where} {cite(rule)}",
+        advice=((f"Now: bind it in netns {a.elsewhere[0]} (run the service there), or "
+                 f"assign it here." if a.elsewhere else
+                 "Now: assign the address, or wait for what assigns it (a VIP, DHCP)."),
+                f"In code: {ways}."))
+
+
+def port(attempt: SocketCall, rule: PortRule, process: Mapping[str, Any] | None,
+         run_in: str) -> Verdict | None:
+    """EACCES on bind() from the privileged-port rule; None when the rule
+    lets this process bind the port, or its facts are not known."""
+    if rule.allows(attempt.port) is not False or rule.port_start is None:
+        return None
+    who = phrases.task(attempt.comm, attempt.pid)
+    head = (f"port {attempt.port} is below this netns's net.ipv4.ip_unprivileged_port_start "
+            f"({rule.port_start})")
+    lower = (f"Or lower the rule for this netns: `{run_in}sysctl -w "
+             f"net.ipv4.ip_unprivileged_port_start={attempt.port}` {cite('port_rule')}.")
+    if rule.relation == "other" and rule.cap_net_bind_service:
+        return Verdict(
+            cause="privileged_port",
+            summary=(f"{head}, and {who} holds CAP_NET_BIND_SERVICE in user namespace "
+                     f"{rule.user_ns}, but the netns belongs to user namespace "
+                     f"{rule.netns_user_ns} {cite('ns_capable')}"),
+            advice=("Now: bind in a netns that your user namespace owns (one it created), "
+                    "or have a process of the owning user namespace bind it and pass the "
+                    "socket (systemd socket activation, SCM_RIGHTS).", lower))
+    owner = (process or {}).get("owner") or {}
+    unit, exe = owner.get("unit"), (process or {}).get("exe")
+    fixes = []
+    if unit:
+        fixes.append(f"Now: add `AmbientCapabilities=CAP_NET_BIND_SERVICE` to {unit} "
+                     f"(`systemctl edit {unit}`), then restart it.")
+    if exe:
+        fixes.append(f"{'Or' if fixes else 'Now'}: `setcap cap_net_bind_service=+ep {exe}` "
+                     f"(file capabilities; lost when the binary is replaced).")
+    fixes.append(lower)
+    return Verdict(
+        cause="privileged_port",
+        summary=f"{head}, and {who} does not hold CAP_NET_BIND_SERVICE {cite('port_rule')}",
+        advice=tuple(fixes))

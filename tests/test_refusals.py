@@ -1,0 +1,167 @@
+"""bind() refused before any socket is compared, staged for real and judged
+by its own cause: the address (EADDRNOTAVAIL: not assigned, assigned in
+another netns, IPv6 DAD still running, DAD failed) and the port (EACCES: the
+netns's own ip_unprivileged_port_start, a process without
+CAP_NET_BIND_SERVICE, and one that holds it only in a user namespace of its
+own). Each verdict is checked against what the kernel did: the errno the
+staged process got, and the facts the event carries."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import PORTS, TracerProcess
+
+from portrace.commands.stage import ScratchNetns, Staged
+
+NOBODY = 65534
+# A watched port no other module uses (conftest's pool stops before it):
+# every bind() here is refused before taking it, so these tests share it.
+REFUSED_PORT = PORTS[-12]
+_names = itertools.count()
+
+
+@pytest.fixture
+def scratch(engine: str) -> Iterator[ScratchNetns]:
+    with ScratchNetns(f"pt-refuse-{engine}-{os.getpid()}-{next(_names)}") as ns:
+        yield ns
+
+
+def refused(tracer: TracerProcess, addr: str, *args: str, netns: ScratchNetns,
+            errno: str) -> dict[str, Any]:
+    """A process binds addr:REFUSED_PORT in ``netns`` and the kernel refuses it
+    with ``errno``; returns portrace's bind_error for it."""
+    mark = tracer.mark()
+    binder = Staged("bind", addr, REFUSED_PORT, *args, name="refused", netns=netns)
+    binder.release()
+    assert binder.info == errno, f"the kernel answered {binder.info}, not {errno}"
+    ev = tracer.wait_for(lambda e: e["type"] == "bind_error" and e["pid"] == binder.pid,
+                         start=mark)
+    assert ev is not None, "portrace reported no bind_error for the refused bind()"
+    assert ev["errno"] == errno and ev["port"] == REFUSED_PORT
+    return ev
+
+
+def veth(ns: ScratchNetns, name: str, peer: str, peer_ns: ScratchNetns | None = None) -> None:
+    ns.ip("link", "add", name, "type", "veth", "peer", "name", peer)
+    if peer_ns is not None:
+        ns.ip("link", "set", peer, "netns", peer_ns.name)
+        peer_ns.ip("link", "set", peer, "up")
+    else:
+        ns.ip("link", "set", peer, "up")
+
+
+def test_an_address_no_namespace_has(tracer, scratch):
+    ev = refused(tracer, "192.0.2.99", netns=scratch, errno="EADDRNOTAVAIL")
+    assert ev["verdict"]["cause"] == "address_not_local"
+    assert ev["address"]["interface"] is None and ev["address"]["elsewhere"] == []
+    assert "not assigned in the failing socket's netns" in ev["verdict"]["summary"]
+    # The family's own sysctl, never the other's.
+    assert any("net.ipv4.ip_nonlocal_bind" in a for a in ev["verdict"]["advice"])
+    assert not any("ipv6" in a for a in ev["verdict"]["advice"])
+    assert ev["blockers"] == [] and ev["snapshot_ms"] is None
+
+
+def test_an_address_that_lives_in_another_named_netns(tracer, scratch, engine):
+    with ScratchNetns(f"pt-owner-{engine}-{os.getpid()}") as owner:
+        veth(owner, "vo", "vo-peer")
+        owner.ip("addr", "add", "192.0.2.98/24", "dev", "vo")
+        owner.ip("link", "set", "vo", "up")
+        ev = refused(tracer, "192.0.2.98", netns=scratch, errno="EADDRNOTAVAIL")
+        assert ev["verdict"]["cause"] == "address_not_local"
+        assert ev["address"]["elsewhere"] == [owner.name]
+        assert f"assigned in netns {owner.name}" in ev["verdict"]["summary"]
+
+
+def test_an_ipv6_address_still_in_dad(tracer, scratch):
+    """Five probes a second apart: the address stays tentative for 5 s."""
+    veth(scratch, "va", "vb")
+    scratch.sysctl("net.ipv6.conf.va.dad_transmits", "5")
+    scratch.sysctl("net.ipv6.neigh.va.retrans_time_ms", "1000")
+    scratch.ip("link", "set", "va", "up")
+    scratch.ip("-6", "addr", "add", "2001:db8::5/64", "dev", "va")
+    ev = refused(tracer, "2001:db8::5", netns=scratch, errno="EADDRNOTAVAIL")
+    a = ev["address"]
+    assert ev["verdict"]["cause"] == "address_tentative", ev["verdict"]
+    assert a["interface"] == "va" and a["tentative"] and not a["dadfailed"]
+    assert a["dad_s"] == 5.0 and a["carrier"] is True
+    assert any("net.ipv6.ip_nonlocal_bind" in x for x in ev["verdict"]["advice"])
+    assert not any("net.ipv4.ip_nonlocal_bind" in x for x in ev["verdict"]["advice"])
+    # And the kernel agrees: once DAD is over, the same bind() succeeds.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        b = Staged("bind", "2001:db8::5", REFUSED_PORT, name="after-dad", netns=scratch)
+        b.release()
+        if b.info == "ok":
+            break
+        time.sleep(0.5)
+    assert b.info == "ok"
+
+
+def test_an_ipv6_address_without_a_carrier_stays_tentative(tracer, scratch):
+    scratch.ip("link", "add", "vc", "type", "veth", "peer", "name", "vd")
+    scratch.ip("link", "set", "vc", "up")  # its peer stays down: no carrier, no DAD
+    scratch.ip("-6", "addr", "add", "2001:db8::6/64", "dev", "vc")
+    ev = refused(tracer, "2001:db8::6", netns=scratch, errno="EADDRNOTAVAIL")
+    assert ev["verdict"]["cause"] == "address_tentative"
+    assert ev["address"]["carrier"] is False
+    assert "no carrier" in ev["verdict"]["summary"]
+
+
+def test_an_ipv6_address_another_node_already_uses(tracer, scratch, engine):
+    """Two namespaces on one link claim 2001:db8::7: the second's DAD fails."""
+    with ScratchNetns(f"pt-other-node-{engine}-{os.getpid()}") as other:
+        veth(other, "vx", "vy", peer_ns=scratch)
+        other.ip("link", "set", "vx", "up")
+        other.ip("-6", "addr", "add", "2001:db8::7/64", "dev", "vx", "nodad")
+        scratch.ip("-6", "addr", "add", "2001:db8::7/64", "dev", "vy")
+        deadline = time.monotonic() + 10
+        while "dadfailed" not in subprocess.run(
+                ["ip", "-n", scratch.name, "-6", "addr", "show", "dev", "vy"],
+                capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "the kernel never failed DAD"
+            time.sleep(0.2)
+        ev = refused(tracer, "2001:db8::7", netns=scratch, errno="EADDRNOTAVAIL")
+        assert ev["verdict"]["cause"] == "address_dadfailed"
+        assert ev["address"]["dadfailed"] and ev["address"]["interface"] == "vy"
+
+
+def test_a_port_below_the_netns_own_unprivileged_start(tracer, scratch):
+    """The rule is per netns: here it starts above the watched port."""
+    scratch.sysctl("net.ipv4.ip_unprivileged_port_start", str(REFUSED_PORT + 1))
+    ev = refused(tracer, "127.0.0.1", "--uid", str(NOBODY), netns=scratch, errno="EACCES")
+    rule = ev["port_rule"]
+    assert ev["verdict"]["cause"] == "privileged_port", ev["verdict"]
+    assert rule["port_start"] == REFUSED_PORT + 1 and rule["cap_net_bind_service"] is False
+    assert rule["relation"] == "same"
+    assert f"ip_unprivileged_port_start ({REFUSED_PORT + 1})" in ev["verdict"]["summary"]
+    assert any(f"ip_unprivileged_port_start={REFUSED_PORT}" in a
+               for a in ev["verdict"]["advice"])
+
+
+def test_the_capability_held_in_the_wrong_user_namespace(tracer, scratch):
+    """uid 0 of a user namespace of its own has every capability there, and
+    none over a netns the initial user namespace owns."""
+    scratch.sysctl("net.ipv4.ip_unprivileged_port_start", str(REFUSED_PORT + 1))
+    ev = refused(tracer, "127.0.0.1", "--userns", netns=scratch, errno="EACCES")
+    rule = ev["port_rule"]
+    assert ev["verdict"]["cause"] == "privileged_port", ev["verdict"]
+    assert rule["cap_net_bind_service"] is True and rule["relation"] == "other"
+    assert rule["user_ns"] != rule["netns_user_ns"]
+    assert f"in user namespace {rule['user_ns']}" in ev["verdict"]["summary"]
+
+
+def test_root_binds_below_the_start_and_nothing_is_reported(tracer, scratch):
+    scratch.sysctl("net.ipv4.ip_unprivileged_port_start", str(REFUSED_PORT + 1))
+    mark = tracer.mark()
+    b = Staged("bind", "127.0.0.1", REFUSED_PORT, name="root-binds", netns=scratch)
+    b.release()
+    assert b.info == "ok"
+    assert tracer.wait_for(lambda e: e["type"] == "bind_error" and e["pid"] == b.pid,
+                           timeout=1.0, start=mark) is None
