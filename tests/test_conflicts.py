@@ -278,3 +278,16 @@ def test_orphaned_fin_wait2_bounded_by_the_namespace_fin_timeout(tracer, port):
     assert 0 < fw2["expires_s"] <= 17.0
     assert fw2["closed_by"]["comm"] == "old-server"
     assert any("net.ipv4.tcp_fin_timeout = 17 s" in a for a in ev["verdict"]["advice"])
+
+
+def test_a_process_that_binds_one_port_twice_conflicts_with_itself(tracer, netns, port):
+    """Two servers in one process on one port: the blocker is its own
+    listener, and the advice never tells it to kill itself."""
+    binder, ev = fail_bind(tracer, "127.0.0.1", port, "--own-listener", "--keep-own",
+                           netns=netns)
+    assert ev["verdict"]["cause"] == "listener"
+    holders = ev["blockers"][0]["processes"]
+    assert [h["pid"] for h in holders] == [binder.pid]
+    now = ev["verdict"]["advice"][0]
+    assert "conflicts with itself" in now and f"(fd {holders[0]['fds'][0]})" in now
+    assert "kill" not in now

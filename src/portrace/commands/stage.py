@@ -370,7 +370,8 @@ def role_bind(a: argparse.Namespace) -> None:
     --wait: print ``waiting`` before the last step (listen() with --listen,
     else bind()) and take it only once a line arrives. --no-bind: only listen
     (autobind). --own-listener: first listen on the address itself, and
-    close that listener right after the bind fails (a blocker gone at once).
+    close that listener right after the bind fails (a blocker gone at once);
+    with --keep-own, keep it (a process that binds one port twice).
     --uid: drop to that uid (and its gid) before creating the socket.
     --userns: enter a user namespace of its own first (CAP_NET_BIND_SERVICE
     held there, not in the netns's owner).
@@ -402,7 +403,7 @@ def role_bind(a: argparse.Namespace) -> None:
     if a.wait and not a.listen:
         wait()
     results = [] if a.no_bind else [_attempt(s.bind, (a.addr, a.port))]
-    if own is not None:
+    if own is not None and not a.keep_own:
         own.close()
     if a.listen and results in ([], ["ok"]):
         if a.wait:
@@ -450,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--late-listen", action="store_true")
     p.add_argument("--no-bind", action="store_true")
     p.add_argument("--own-listener", action="store_true")
+    p.add_argument("--keep-own", action="store_true")
     p.add_argument("--uid", type=int)
     p.add_argument("--euid", type=int)
     p.add_argument("--userns", action="store_true")

@@ -62,7 +62,23 @@ def _stop_owner(o: Owner) -> str | None:
     return None
 
 
-def _kill_advice(b: Blocker) -> str:
+def _itself(b: Blocker, attempt: SocketCall) -> str | None:
+    """The advice when the failing process holds the blocker itself (it binds
+    one port twice): never to kill itself."""
+    me = next((p for p in b.processes if p.pid == attempt.pid), None)
+    if me is None:
+        return None
+    fds = ", ".join(str(fd) for fd in me.fds) or "?"
+    return (f"Now: {phrases.task(attempt.comm, attempt.pid)} conflicts with itself: it "
+            f"already holds {b.local} (fd {fds}). Look for the port twice in what it runs: "
+            f"two servers in one process, a management port set equal to the main one, a "
+            f"listen address listed twice.")
+
+
+def _kill_advice(b: Blocker, attempt: SocketCall) -> str:
+    itself = _itself(b, attempt)
+    if itself is not None:
+        return itself
     if not b.processes and not b.holders_known:
         return f"Now: run as root to name what holds it ({phrases.HOLDERS_UNREADABLE})."
     if not b.processes:
@@ -244,7 +260,7 @@ def _listener(c: _Conflict, _cause: str) -> tuple[str, list[str]]:
     summary = phrases.blocker(b) + c.more
     if c.attempt.call == "listen":
         summary = f"listen() found {b.local} already listening: {summary}"
-    advice = [_kill_advice(b) if b.processes or not b.holders_known else
+    advice = [_kill_advice(b, c.attempt) if b.processes or not b.holders_known else
               "Now: the listener has no process left; it goes away when its last "
               "accepted connection closes."]
     advice += [x for x in (c.note, c.reuseport) if x]
@@ -298,7 +314,7 @@ def _held_socket(c: _Conflict, cause: str) -> tuple[str, list[str]]:
     b = c.b
     connected = cause == "connected_socket"
     summary = ("" if connected else "bound, not listening: ") + phrases.blocker(b) + c.more
-    now = _kill_advice(b)
+    now = _kill_advice(b, c.attempt)
     if connected:
         clause = _destroy(b, c.destroying, "abort the connection")
         now += f" Or {clause}." if clause else ""
@@ -326,7 +342,7 @@ def _held_socket(c: _Conflict, cause: str) -> tuple[str, list[str]]:
 
 def _udp_socket(c: _Conflict, _cause: str) -> tuple[str, list[str]]:
     b = c.b
-    advice = [_kill_advice(b)]
+    advice = [_kill_advice(b, c.attempt)]
     advice += [x for x in (c.note, c.reuseport) if x]
     advice.append(f"In code: {RULES['udp_reuse'].says} {cite('udp_reuse')}; here the new "
                   f"socket's SO_REUSEADDR is {_onoff(c.req.opts.reuseaddr)}, the old one's "
