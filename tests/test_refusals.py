@@ -165,3 +165,17 @@ def test_root_binds_below_the_start_and_nothing_is_reported(tracer, scratch):
     assert b.info == "ok"
     assert tracer.wait_for(lambda e: e["type"] == "bind_error" and e["pid"] == b.pid,
                            timeout=1.0, start=mark) is None
+
+
+def test_a_socket_bound_twice(tracer, scratch):
+    ev = refused(tracer, "127.0.0.1", "--rebind", netns=scratch, errno="EINVAL")
+    bound = ev["already_bound"]
+    assert ev["verdict"]["cause"] == "already_bound", ev["verdict"]
+    assert bound["addr"] == "127.0.0.1" and bound["port"] not in (0, REFUSED_PORT)
+    assert f"already bound, to 127.0.0.1:{bound['port']}" in ev["verdict"]["summary"]
+
+
+def test_a_link_local_address_without_a_scope(tracer, scratch):
+    ev = refused(tracer, "fe80::1", netns=scratch, errno="EINVAL")
+    assert ev["verdict"]["cause"] == "link_local_scope", ev["verdict"]
+    assert ev["already_bound"] is None

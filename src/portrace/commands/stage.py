@@ -371,7 +371,8 @@ def role_bind(a: argparse.Namespace) -> None:
     else bind()) and take it only once a line arrives. --no-bind: only listen
     (autobind). --own-listener: first listen on the address itself, and
     close that listener right after the bind fails (a blocker gone at once);
-    with --keep-own, keep it (a process that binds one port twice).
+    with --keep-own, keep it (a process that binds one port twice). --rebind:
+    bind the socket to an ephemeral port first (the second bind(): EINVAL).
     --uid: drop to that uid (and its gid) before creating the socket.
     --userns: enter a user namespace of its own first (CAP_NET_BIND_SERVICE
     held there, not in the netns's owner).
@@ -400,6 +401,8 @@ def role_bind(a: argparse.Namespace) -> None:
         print("waiting", flush=True)
         sys.stdin.readline()
 
+    if a.rebind:
+        s.bind((a.addr, 0))
     if a.wait and not a.listen:
         wait()
     results = [] if a.no_bind else [_attempt(s.bind, (a.addr, a.port))]
@@ -452,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-bind", action="store_true")
     p.add_argument("--own-listener", action="store_true")
     p.add_argument("--keep-own", action="store_true")
+    p.add_argument("--rebind", action="store_true")
     p.add_argument("--uid", type=int)
     p.add_argument("--euid", type=int)
     p.add_argument("--userns", action="store_true")

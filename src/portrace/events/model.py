@@ -574,6 +574,8 @@ class CallError:
     address: AddressState | None = on_wire(None, kinds=OPT_DICT, absent=None,
                                            **_one(AddressState))
     port_rule: PortRule | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(PortRule))
+    # A bind() refused with EINVAL: the address its socket already had.
+    already_bound: Endpoint | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(Endpoint))
     # The engine's own time for the port's snapshot (sockets and holders), without
     # the wait before it that lookup_ms includes; None when no snapshot was taken.
     snapshot_ms: float | None = on_wire(None, after="verdict_ms", **MS)

@@ -128,6 +128,13 @@ RULES: dict[str, Rule] = {
     "v6_tentative": Rule(
         "net/ipv6/addrconf.c: ipv6_chk_addr (IFA_F_TENTATIVE banned)",
         "an address counts as assigned only once duplicate address detection is done"),
+    "bound_once": Rule(
+        "net/ipv4/af_inet.c: __inet_bind; net/ipv6/af_inet6.c: __inet6_bind",
+        "a socket already bound (inet_num set) or no longer in TCP_CLOSE gets EINVAL"),
+    "v6_scope": Rule(
+        "net/ipv6/af_inet6.c: __inet6_bind",
+        "a link-local address needs an interface, sin6_scope_id or SO_BINDTODEVICE; else "
+        "EINVAL"),
     "dad": Rule(
         "net/ipv6/addrconf.c: addrconf_dad_begin, addrconf_dad_work",
         "DAD starts once the interface is up with a carrier and sends dad_transmits "
@@ -149,6 +156,8 @@ CAUSES = (
     "address_not_local",
     "address_tentative",
     "address_dadfailed",
+    "already_bound",
+    "link_local_scope",
 )
 
 TCP_TIMEWAIT_LEN_S = 60

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from errno import EACCES, EADDRNOTAVAIL
+from errno import EACCES, EADDRNOTAVAIL, EINVAL
 from typing import Any
 
 from portrace.events import Blocker, CallError, Check, StateChange, Verdict
@@ -69,6 +69,8 @@ def _refused(obs: Observation) -> Verdict | None:
         return refusals.address(a, obs.address, obs.run_in)
     if obs.port_rule is not None and a.errno == EACCES:
         return refusals.port(a, obs.port_rule, obs.process, obs.run_in)
+    if a.errno == EINVAL and a.call == "bind":
+        return refusals.invalid(a, obs.already_bound)
     return None
 
 
@@ -95,7 +97,8 @@ def failure_event(obs: Observation, j: Judgement, host: dict[str, str],
                      lookup_ms=found.lookup_ms, snapshot_ms=found.snapshot_ms,
                      last_seen=j.last_seen, usage=obs.usage, sysctls=found.snapshot.sysctls,
                      process=obs.process, host=host, recent=found.recent,
-                     verdict_ms=verdict_ms, address=obs.address, port_rule=obs.port_rule)
+                     verdict_ms=verdict_ms, address=obs.address, port_rule=obs.port_rule,
+                     already_bound=obs.already_bound)
 
 
 def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,

@@ -1,16 +1,18 @@
 """Verdicts for a bind() the kernel refused before comparing any socket: for
-its address (EADDRNOTAVAIL: not local, tentative, dadfailed) or its port
-(EACCES: the privileged-port rule). Each names the facts it was decided on
+its address (EADDRNOTAVAIL: not local, tentative, dadfailed), its port
+(EACCES: the privileged-port rule) or its socket (EINVAL: already bound, or
+a link-local address without a scope). Each names the facts it was decided on
 (events.AddressState, events.PortRule) and cites its rule in
 portrace.judge.diagnose.RULES. None where the facts do not decide: the
 caller then says what is not known."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from portrace.events import AddressState, PortRule, SocketCall, Verdict
+from portrace.events import AddressState, Endpoint, PortRule, SocketCall, Verdict
 from portrace.judge import phrases
 from portrace.judge.diagnose import RULES
 
@@ -108,3 +110,28 @@ def port(attempt: SocketCall, rule: PortRule, process: Mapping[str, Any] | None,
         cause="privileged_port",
         summary=f"{head}, and {who} does not hold CAP_NET_BIND_SERVICE {cite('port_rule')}",
         advice=tuple(fixes))
+
+
+def invalid(attempt: SocketCall, bound: Endpoint | None) -> Verdict | None:
+    """EINVAL on bind(): the socket already had an address (``bound``, read
+    through its fd), or an IPv6 link-local address came without a scope."""
+    if bound is not None and bound.port:
+        return Verdict(
+            cause="already_bound",
+            summary=(f"the socket is already bound, to {bound}: a socket is bound once "
+                     f"{cite('bound_once')}"),
+            advice=(f"In code: bind() each socket once; to move it to another address, close "
+                    f"it and bind a new one (fd {attempt.fd} of "
+                    f"{phrases.task(attempt.comm, attempt.pid)} is the one bound twice).",))
+    try:
+        link_local = attempt.family == "inet6" and ipaddress.ip_address(attempt.addr).is_link_local
+    except ValueError:
+        link_local = False
+    if link_local:
+        return Verdict(
+            cause="link_local_scope",
+            summary=(f"{attempt.addr} is link-local, and the bind() named no interface "
+                     f"{cite('v6_scope')}"),
+            advice=(f"In code: give the interface: sin6_scope_id (`{attempt.addr}%IFNAME` "
+                    f"where the address is text), or SO_BINDTODEVICE before bind().",))
+    return None

@@ -27,7 +27,7 @@ from portrace.events import (
 )
 from portrace.kernel import lookup, namespaces, sockdiag
 from portrace.kernel.engine import Engine, Snapshot
-from portrace.observe import addresses, context, owners, privilege, ranges
+from portrace.observe import addresses, bound, context, owners, privilege, ranges
 
 # The recent successful bind()s seen per (family, addr, port): the tracer's memory.
 Binders = Mapping[tuple[str, str, int], Sequence[SocketCall]]
@@ -43,8 +43,9 @@ class Observation:
     its use (None elsewhere, or when the namespace's range was not read);
     ``can_destroy``: the kernel destroys sockets on request (None: not
     known); ``run_in``: the command prefix that reaches the namespace;
-    ``address``/``port_rule``: for a bind() refused for its address
-    (EADDRNOTAVAIL) or its port (EACCES), the facts that decide it."""
+    ``address``/``port_rule``/``already_bound``: for a bind() refused for its
+    address (EADDRNOTAVAIL), its port (EACCES) or its socket (EINVAL: the
+    address the socket already had), the facts that decide it."""
 
     found: lookup.Lookup
     belongs: Mapping[tuple[int, int], Owner]
@@ -56,6 +57,7 @@ class Observation:
     binders: Binders = field(default_factory=dict)
     address: AddressState | None = None
     port_rule: PortRule | None = None
+    already_bound: Endpoint | None = None
 
     @property
     def attempt(self) -> SocketCall:
@@ -78,25 +80,32 @@ def _usage(attempt: SocketCall, snap: Snapshot) -> PortUsage | None:
                              socket_range=attempt.port_range)
 
 
-def _refusal(place: lookup.Place) -> tuple[AddressState | None, PortRule | None]:
-    """A refused bind()'s own facts, read in its netns while the process most
-    likely lives: the address's state (EADDRNOTAVAIL), the port rule's (EACCES)."""
+Refusal = tuple[AddressState | None, PortRule | None, Endpoint | None]
+
+
+def _refusal(place: lookup.Place) -> Refusal:
+    """A refused bind()'s own facts, read while the process most likely lives:
+    in its netns, the address's state (EADDRNOTAVAIL) or the port rule's
+    (EACCES); through its fd, the address its socket already had (EINVAL)."""
     a = place.attempt
-    if a.call != "bind" or not place.netns.searchable:
-        return None, None
+    if a.call != "bind":
+        return None, None, None
+    if a.errno == errno.EINVAL:
+        return None, None, bound.bound_address(a.pid, a.fd)
+    if not place.netns.searchable:
+        return None, None, None
     try:
         if a.errno == errno.EADDRNOTAVAIL and a.addr not in ("0.0.0.0", "::"):
-            return addresses.address_state(a.addr, place.netns_fd, place.netns.inode), None
+            return addresses.address_state(a.addr, place.netns_fd, place.netns.inode), None, None
         if a.errno == errno.EACCES:
-            return None, privilege.port_rule(a.pid, place.netns_fd)
+            return None, privilege.port_rule(a.pid, place.netns_fd), None
     except OSError:
         pass  # the namespace went away: nothing is named
-    return None, None
+    return None, None, None
 
 
 def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Binders,
-              pid: int | None, refusal: tuple[AddressState | None, PortRule | None] = (None, None)
-              ) -> Observation:
+              pid: int | None, refusal: Refusal = (None, None, None)) -> Observation:
     """The rest of an observation around the kernel's lookup; ``pid``: a
     process in the namespace, for ``run_in`` when it has no name."""
     snap, attempt = found.snapshot, found.attempt
@@ -106,7 +115,7 @@ def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Bin
         process=process, usage=_usage(attempt, snap),
         can_destroy=sockdiag.can_destroy("udp" if attempt.protocol == "udp" else "tcp"),
         run_in=namespaces.run_in(found.netns, pid), binders=binders, address=refusal[0],
-        port_rule=refusal[1])
+        port_rule=refusal[1], already_bound=refusal[2])
 
 
 def observe(engine: Engine, attempt: SocketCall, binders: Binders,
