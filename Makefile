@@ -2,7 +2,7 @@
 # sudo make test   set up (with the test tools), then the whole suite (lint + tests)
 # make check       no root, no apt: ruff, mypy and the tests that need no root,
 #                  in their own venv (.venv-check) from any python3 >= 3.9
-.PHONY: setup setup-test demo test lint check bench clean core-object
+.PHONY: setup setup-test demo test lint check bench clean core-object test-objects
 
 VENV := .venv
 # Judging is pure functions of an observation: held to mypy --strict.
@@ -19,6 +19,14 @@ $(CORE_OBJ): bpf/core.bpf.c bpf/kernel_types.h bpf/portrace.h bpf/calls.h
 		-Ibpf -c bpf/core.bpf.c -o $@.tmp
 	llvm-strip -g $@.tmp 2>/dev/null || true
 	mv $@.tmp $@
+
+# The tests' own BPF programs (cgroup bind4 refusals), built by setup-test.
+TEST_OBJS := $(patsubst %.c,%.o,$(wildcard tests/bpf/*.bpf.c))
+test-objects: $(TEST_OBJS)
+
+tests/bpf/%.bpf.o: tests/bpf/%.bpf.c
+	clang -g -O2 -target bpf -I/usr/include/$(shell uname -m)-linux-gnu -Wall -Werror \
+		-c $< -o $@
 
 setup:
 	bash scripts/setup.sh
@@ -59,4 +67,4 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(CHECK_VENV) build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache \
-		$(CORE_OBJ)
+		$(CORE_OBJ) $(TEST_OBJS)

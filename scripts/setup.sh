@@ -7,7 +7,8 @@
 #     validate), pipx (the README's install line), shellcheck,
 #     debootstrap + e2fsprogs + qemu-utils (the VM test's boxes) and
 #     vagrant-libvirt + libvirt-daemon-system + libvirt-daemon-driver-qemu +
-#     qemu-system-x86 (the VM test's `vagrant up`); with --bench,
+#     qemu-system-x86 (the VM test's `vagrant up`), and clang + libbpf-dev to
+#     build the tests' own BPF programs (tests/bpf/); with --bench,
 #     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor) and bpftool;
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
 #     llvm and libbpf-dev are installed for that build only (run time needs
@@ -77,6 +78,19 @@ if ! make -s -q core-object 2>/dev/null; then
     say "built bpf/core.bpf.o"
 else
     say "CO-RE object: bpf/core.bpf.o"
+fi
+
+# The tests' own BPF programs (tests/bpf/): clang and libbpf's headers.
+if [ "$WITH_TESTS" -eq 1 ] && ! make -s -q test-objects 2>/dev/null; then
+    # shellcheck disable=SC2046
+    need=$(missing clang llvm libbpf-dev)
+    if [ -n "$need" ]; then
+        say "installing $need (to build the tests' BPF programs)"
+        # shellcheck disable=SC2086
+        apt_install $need
+    fi
+    make -s test-objects
+    say "built the tests' BPF programs (tests/bpf/)"
 fi
 
 # 3. Kernel headers

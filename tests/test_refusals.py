@@ -1,24 +1,32 @@
 """bind() refused before any socket is compared, staged for real and judged
 by its own cause: the address (EADDRNOTAVAIL: not assigned, assigned in
-another netns, IPv6 DAD still running, DAD failed) and the port (EACCES: the
+another netns, IPv6 DAD still running, DAD failed), the port (EACCES: the
 netns's own ip_unprivileged_port_start, a process without
 CAP_NET_BIND_SERVICE, and one that holds it only in a user namespace of its
-own). Each verdict is checked against what the kernel did: the errno the
-staged process got, and the facts the event carries."""
+own), the socket (EINVAL: bound twice, link-local without a scope), and
+policy (a cgroup bind4 program, a seccomp filter, a Landlock domain). Each
+verdict is checked against what the kernel did: the errno the staged process
+got, and the facts the event carries."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import PORTS, TracerProcess
 
 from portrace.commands.stage import ScratchNetns, Staged
+from portrace.judge import refusals
+from portrace.kernel import libbpf
+from portrace.observe import policy
 
 NOBODY = 65534
 # A watched port no other module uses (conftest's pool stops before it):
@@ -179,3 +187,98 @@ def test_a_link_local_address_without_a_scope(tracer, scratch):
     ev = refused(tracer, "fe80::1", netns=scratch, errno="EINVAL")
     assert ev["verdict"]["cause"] == "link_local_scope", ev["verdict"]
     assert ev["already_bound"] is None
+
+
+OBJ = Path(__file__).resolve().parent / "bpf" / "refuse_bind.bpf.o"
+
+
+@contextlib.contextmanager
+def refusing_cgroup(program: str) -> Iterator[str]:
+    """A cgroup of the test's own (under the cgroup2 mount) with one of
+    tests/bpf/refuse_bind.bpf.o's bind4 programs attached; yields its path
+    below the mount."""
+    mount = policy.cgroup2_mount()
+    assert mount is not None, "no cgroup2 mount"
+    assert OBJ.exists(), f"{OBJ} missing: `make setup-test` builds it"
+    rel = f"/portrace-test-{os.getpid()}-{next(_names)}"
+    os.mkdir(mount + rel)
+    lib = libbpf.load()
+    lib.bpf_program__attach_cgroup.restype = ctypes.c_void_p
+    lib.bpf_program__attach_cgroup.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    obj = lib.bpf_object__open_file(str(OBJ).encode(), None)
+    assert obj and lib.bpf_object__load(obj) == 0, libbpf.log_tail()
+    fd = os.open(mount + rel, os.O_RDONLY | os.O_DIRECTORY)
+    link = lib.bpf_program__attach_cgroup(
+        lib.bpf_object__find_program_by_name(obj, program.encode()), fd)
+    try:
+        assert link, f"cannot attach {program}: {libbpf.log_tail()}"
+        yield rel
+    finally:
+        if link:
+            lib.bpf_link__destroy(link)
+        lib.bpf_object__close(obj)
+        os.close(fd)
+        os.rmdir(mount + rel)
+
+
+def refused_in(tracer: TracerProcess, cgroup: str, netns: ScratchNetns,
+               errno: str) -> dict[str, Any]:
+    """A process moved into ``cgroup`` before its bind() of 127.0.0.1:REFUSED_PORT."""
+    mount = policy.cgroup2_mount()
+    mark = tracer.mark()
+    binder = Staged("bind", "127.0.0.1", REFUSED_PORT, "--wait", name="refused",
+                    netns=netns, first="waiting")
+    with open(f"{mount}{cgroup}/cgroup.procs", "w") as f:
+        f.write(str(binder.pid))
+    info = binder.go()
+    binder.release()
+    assert info == errno, f"the kernel answered {info}, not {errno}"
+    ev = tracer.wait_for(lambda e: e["type"] == "bind_error" and e["pid"] == binder.pid,
+                         start=mark)
+    assert ev is not None, "portrace reported no bind_error for the refused bind()"
+    return ev
+
+
+def test_a_cgroup_bind4_program_that_returns_0(tracer, scratch):
+    with refusing_cgroup("refuse_eperm") as cgroup:
+        ev = refused_in(tracer, cgroup, scratch, "EPERM")
+    [prog] = ev["policy"]["cgroup_programs"]
+    assert prog["name"] == "refuse_eperm" and prog["hook"] == "bind4"
+    assert prog["cgroup"] == cgroup
+    assert ev["verdict"]["cause"] == "cgroup_bpf", ev["verdict"]
+    assert f"refuse_eperm (id {prog['id']}, bind4, attached at {cgroup})" in \
+        ev["verdict"]["summary"]
+    assert any(f"bpftool prog show id {prog['id']}" in a for a in ev["verdict"]["advice"])
+
+
+def test_a_cgroup_program_that_sets_eacces_beside_an_active_lsm(tracer, scratch):
+    """EACCES may be the program's (bpf_set_retval) or an LSM's: where an LSM
+    that can refuse a TCP bind() is active, both remain, and the verdict says so."""
+    with refusing_cgroup("refuse_eacces") as cgroup:
+        ev = refused_in(tracer, cgroup, scratch, "EACCES")
+    lsms = [x for x in ev["policy"]["lsms"] if x in refusals.BIND_LSMS]
+    summary = ev["verdict"]["summary"]
+    assert "refuse_eacces" in summary
+    if lsms:
+        assert ev["verdict"]["cause"] == "not_a_conflict", ev["verdict"]
+        assert all(f"the {x} LSM" in summary for x in lsms) and "cannot tell" in summary
+    else:
+        assert ev["verdict"]["cause"] == "cgroup_bpf", ev["verdict"]
+
+
+def test_a_seccomp_filter_that_refuses_bind(tracer, scratch):
+    ev = refused(tracer, "127.0.0.1", "--seccomp-refuse-bind", netns=scratch, errno="EPERM")
+    pol = ev["policy"]
+    assert pol["seccomp"] == 2 and pol["seccomp_filters"] >= 1
+    assert pol["cgroup_programs"] == []
+    assert ev["verdict"]["cause"] == "seccomp", ev["verdict"]
+
+
+def test_a_landlock_domain_that_refuses_tcp_bind(tracer, scratch):
+    if "landlock" not in policy.active_lsms():
+        pytest.skip("Landlock is not an active LSM on this kernel")
+    ev = refused(tracer, "127.0.0.1", "--landlock-refuse-bind", netns=scratch, errno="EACCES")
+    assert ev["port_rule"]["port_start"] <= REFUSED_PORT  # the port rule allows it
+    assert ev["policy"]["cgroup_programs"] == []
+    assert ev["verdict"]["cause"] == "lsm", ev["verdict"]
+    assert "landlock" in ev["verdict"]["summary"]

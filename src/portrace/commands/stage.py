@@ -93,6 +93,64 @@ def _new_user_ns() -> None:
         raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
 
 
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2  # linux/prctl.h
+SYS = {"x86_64": {"bind": 49, "landlock_create_ruleset": 444, "landlock_restrict_self": 446},
+       "aarch64": {"bind": 200, "landlock_create_ruleset": 444, "landlock_restrict_self": 446}}
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # include/uapi/linux/audit.h
+LANDLOCK_ACCESS_NET_BIND_TCP = 1  # include/uapi/linux/landlock.h (ABI 4)
+
+
+def _no_new_privs(libc: ctypes.CDLL) -> None:
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _seccomp_refuse_bind() -> None:
+    """A seccomp filter answering bind() with EPERM (SECCOMP_RET_ERRNO), every
+    other call allowed; a wrong architecture is killed, as filters must."""
+    arch = os.uname().machine
+    nr = SYS[arch]["bind"]
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                    ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    insns = [(ld, 0, 0, 4), (jeq, 1, 0, AUDIT_ARCH[arch]), (ret, 0, 0, 0),  # arch, else kill
+             (ld, 0, 0, 0), (jeq, 0, 1, nr),  # seccomp_data.nr == bind
+             (ret, 0, 0, 0x00050000 | errno.EPERM),  # SECCOMP_RET_ERRNO
+             (ret, 0, 0, 0x7FFF0000)]  # SECCOMP_RET_ALLOW
+    array = (Filter * len(insns))(*[Filter(*i) for i in insns])
+    prog = Prog(len(insns), array)
+    libc = ctypes.CDLL(None, use_errno=True)
+    _no_new_privs(libc)
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+def _landlock_refuse_bind() -> None:
+    """A Landlock domain that handles LANDLOCK_ACCESS_NET_BIND_TCP and allows
+    no port: every TCP bind() refused with EACCES (ABI 4, Linux 6.7+)."""
+    class Attr(ctypes.Structure):
+        _fields_ = [("handled_access_fs", ctypes.c_uint64),
+                    ("handled_access_net", ctypes.c_uint64)]
+
+    numbers = SYS[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = Attr(0, LANDLOCK_ACCESS_NET_BIND_TCP)
+    fd = libc.syscall(numbers["landlock_create_ruleset"], ctypes.byref(attr),
+                      ctypes.sizeof(attr), 0)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    _no_new_privs(libc)
+    if libc.syscall(numbers["landlock_restrict_self"], fd, 0) != 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    os.close(fd)
+
+
 def role_flood(a: argparse.Namespace) -> None:
     """Fail bind() in a loop for --within s, or until stdin closes: on the
     loopback addresses 127.0.x.y at PORT, each a distinct failure (EADDRINUSE
@@ -375,13 +433,19 @@ def role_bind(a: argparse.Namespace) -> None:
     bind the socket to an ephemeral port first (the second bind(): EINVAL).
     --uid: drop to that uid (and its gid) before creating the socket.
     --userns: enter a user namespace of its own first (CAP_NET_BIND_SERVICE
-    held there, not in the netns's owner).
+    held there, not in the netns's owner). --seccomp-refuse-bind,
+    --landlock-refuse-bind: put itself under a seccomp filter (bind(): EPERM)
+    or a Landlock domain (TCP bind(): EACCES) first.
     --euid: create the socket under that effective uid only (its sk_uid), then
     switch back before bind(). --port-range LO-HI: IP_LOCAL_PORT_RANGE."""
     if a.uid is not None:
         _drop_to(a.uid)
     if a.userns:
         _new_user_ns()
+    if a.seccomp_refuse_bind:
+        _seccomp_refuse_bind()
+    if a.landlock_refuse_bind:
+        _landlock_refuse_bind()
     if a.euid is not None:
         os.seteuid(a.euid)
     own = None
@@ -459,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--uid", type=int)
     p.add_argument("--euid", type=int)
     p.add_argument("--userns", action="store_true")
+    p.add_argument("--seccomp-refuse-bind", action="store_true")
+    p.add_argument("--landlock-refuse-bind", action="store_true")
     p.add_argument("--port-range")
     p.add_argument("--orphan", action="store_true")
     p.add_argument("--einval", action="store_true")

@@ -12,6 +12,7 @@ from portrace.events.model import (
     AddressState,
     Blocker,
     CallError,
+    CgroupProgram,
     Check,
     Closer,
     Endpoint,
@@ -21,6 +22,7 @@ from portrace.events.model import (
     Netns,
     Owner,
     Pod,
+    Policy,
     PortRule,
     PortUsage,
     ProcessRef,
@@ -74,10 +76,10 @@ def from_json(d: Any) -> Event:
 
 __all__ = [
     "EVENT_TYPES", "FAMILIES", "PROTOCOLS", "SCHEMA", "SCHEMA_VERSION", "TCP_STATES",
-    "UNKNOWN_OPTS", "UNKNOWN_SOURCE", "AddressState", "Blocker", "CallError", "Check", "Closer",
-    "Endpoint",
-    "ErrorRecord", "Event", "Lost", "Malformed", "Netns", "Owner", "Pod", "PortRule", "PortUsage",
-    "ProcessRef", "Ready", "Repeats", "SockOpts", "SocketCall", "StateChange", "Task",
-    "Verdict", "errno_name", "errno_number", "failure_summary", "format_endpoint", "from_json",
-    "iso", "printable", "read", "schema", "tcp_state_name", "to_json", "write",
+    "UNKNOWN_OPTS", "UNKNOWN_SOURCE", "AddressState", "Blocker", "CallError", "CgroupProgram",
+    "Check", "Closer", "Endpoint", "ErrorRecord", "Event", "Lost", "Malformed", "Netns", "Owner",
+    "Pod", "Policy", "PortRule", "PortUsage", "ProcessRef", "Ready", "Repeats", "SockOpts",
+    "SocketCall", "StateChange", "Task", "Verdict", "errno_name", "errno_number",
+    "failure_summary", "format_endpoint", "from_json", "iso", "printable", "read", "schema",
+    "tcp_state_name", "to_json", "write",
 ]

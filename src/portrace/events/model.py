@@ -513,6 +513,39 @@ class PortRule:
         return self.cap_net_bind_service
 
 
+@dataclass(frozen=True)
+class CgroupProgram:
+    """A cgroup BPF program that runs on a process's bind() (observe.cgroups):
+    its id, name and tag (``bpftool prog show id ID``), its hook (``bind4``,
+    ``bind6``, ``post_bind4``, ``post_bind6``) and the cgroup it is attached
+    at (a path under the cgroup2 mount; None if not found)."""
+
+    id: int = on_wire(kinds=INT)
+    name: str = on_wire(kinds=STR)
+    tag: str = on_wire(kinds=STR)
+    hook: str = on_wire(kinds=STR)
+    cgroup: str | None = on_wire(None, kinds=OPT_STR, absent=None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What may refuse a bind() besides the port rule (observe.policy): the
+    cgroup BPF programs that run on it (None: not read), the active LSMs, the
+    process's LSM label (``/proc/PID/attr/current``, where an LSM gives one),
+    and its seccomp mode (0 off, 1 strict, 2 filter) with its filter count."""
+
+    cgroup_programs: tuple[CgroupProgram, ...] | None = on_wire(
+        None, kinds=(list, _NONE), absent=None,
+        encode=lambda vs: None if vs is None else [write(v) for v in vs],
+        decode=lambda vs, where: None if vs is None else tuple(
+            read(CgroupProgram, v, f"{where}[{i}].") for i, v in enumerate(vs)))
+    lsms: tuple[str, ...] = on_wire((), kinds=LIST, absent=(), encode=list,
+                                    decode=lambda v, where: tuple(v))
+    lsm_label: str | None = on_wire(None, kinds=OPT_STR, absent=None)
+    seccomp: int | None = on_wire(None, kinds=OPT_INT, absent=None)
+    seccomp_filters: int | None = on_wire(None, kinds=OPT_INT, absent=None)
+
+
 def _netns_read(d: Mapping[str, Any], where: str) -> Netns:
     ns = d.get("netns")
     return read(Netns, ns, f"{where}netns.") if isinstance(ns, dict) else Netns(0, "tracer")
@@ -574,6 +607,9 @@ class CallError:
     address: AddressState | None = on_wire(None, kinds=OPT_DICT, absent=None,
                                            **_one(AddressState))
     port_rule: PortRule | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(PortRule))
+    # A bind() refused with EPERM, or EACCES the port rule does not explain:
+    # what else may refuse it.
+    policy: Policy | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(Policy))
     # A bind() refused with EINVAL: the address its socket already had.
     already_bound: Endpoint | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(Endpoint))
     # The engine's own time for the port's snapshot (sockets and holders), without

@@ -128,6 +128,17 @@ RULES: dict[str, Rule] = {
     "v6_tentative": Rule(
         "net/ipv6/addrconf.c: ipv6_chk_addr (IFA_F_TENTATIVE banned)",
         "an address counts as assigned only once duplicate address detection is done"),
+    "cgroup_bind": Rule(
+        "net/ipv4/af_inet.c: inet_bind_sk; kernel/bpf/cgroup.c: "
+        "__cgroup_bpf_run_filter_sock_addr, bpf_prog_run_array_cg",
+        "the cgroup's bind4/bind6 programs run before the port rule; one that returns 0 "
+        "gives EPERM, or the errno it set with bpf_set_retval"),
+    "lsm_bind": Rule(
+        "net/socket.c: __sys_bind_socket, security_socket_bind",
+        "every active LSM is asked before the address family's bind; a refusal is EACCES"),
+    "seccomp_errno": Rule(
+        "kernel/seccomp.c: __seccomp_filter (SECCOMP_RET_ERRNO)",
+        "a seccomp filter may answer a system call with an errno of its choosing"),
     "bound_once": Rule(
         "net/ipv4/af_inet.c: __inet_bind; net/ipv6/af_inet6.c: __inet6_bind",
         "a socket already bound (inet_num set) or no longer in TCP_CLOSE gets EINVAL"),
@@ -158,6 +169,9 @@ CAUSES = (
     "address_dadfailed",
     "already_bound",
     "link_local_scope",
+    "cgroup_bpf",
+    "lsm",
+    "seccomp",
 )
 
 TCP_TIMEWAIT_LEN_S = 60

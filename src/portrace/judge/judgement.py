@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from errno import EACCES, EADDRNOTAVAIL, EINVAL
+from errno import EACCES, EADDRNOTAVAIL, EINVAL, EPERM
 from typing import Any
 
 from portrace.events import Blocker, CallError, Check, StateChange, Verdict
@@ -62,15 +62,25 @@ def judge(obs: Observation) -> Judgement:
 
 
 def _refused(obs: Observation) -> Verdict | None:
-    """The verdict of a bind() refused for its address or its port, where
+    """The verdict of a bind() refused before any socket was compared, where
     the observed facts decide it."""
-    a = obs.attempt
-    if obs.address is not None and a.errno == EADDRNOTAVAIL:
-        return refusals.address(a, obs.address, obs.run_in)
-    if obs.port_rule is not None and a.errno == EACCES:
-        return refusals.port(a, obs.port_rule, obs.process, obs.run_in)
-    if a.errno == EINVAL and a.call == "bind":
-        return refusals.invalid(a, obs.already_bound)
+    a, r = obs.attempt, obs.refusal
+    if a.call != "bind":
+        return None
+    if r.address is not None and a.errno == EADDRNOTAVAIL:
+        return refusals.address(a, r.address, obs.run_in)
+    if a.errno == EACCES:
+        by_port = refusals.port(a, r.port_rule, obs.process, obs.run_in) \
+            if r.port_rule is not None else None
+        if by_port is not None or r.policy is None:
+            return by_port
+        if r.port_rule is not None and r.port_rule.allows(a.port):
+            return refusals.policy(a, r.policy, obs.process)
+        return None
+    if a.errno == EPERM and r.policy is not None:
+        return refusals.policy(a, r.policy, obs.process)
+    if a.errno == EINVAL:
+        return refusals.invalid(a, r.already_bound)
     return None
 
 
@@ -97,8 +107,9 @@ def failure_event(obs: Observation, j: Judgement, host: dict[str, str],
                      lookup_ms=found.lookup_ms, snapshot_ms=found.snapshot_ms,
                      last_seen=j.last_seen, usage=obs.usage, sysctls=found.snapshot.sysctls,
                      process=obs.process, host=host, recent=found.recent,
-                     verdict_ms=verdict_ms, address=obs.address, port_rule=obs.port_rule,
-                     already_bound=obs.already_bound)
+                     verdict_ms=verdict_ms, address=obs.refusal.address,
+                     port_rule=obs.refusal.port_rule, already_bound=obs.refusal.already_bound,
+                     policy=obs.refusal.policy)
 
 
 def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from errno import EPERM
 from typing import Any
 
-from portrace.events import AddressState, Endpoint, PortRule, SocketCall, Verdict
+from portrace.events import AddressState, Endpoint, Policy, PortRule, SocketCall, Verdict
 from portrace.judge import phrases
 from portrace.judge.diagnose import RULES
+from portrace.observe.owners import parse_cgroup
 
 
 def cite(rule: str) -> str:
@@ -135,3 +137,105 @@ def invalid(attempt: SocketCall, bound: Endpoint | None) -> Verdict | None:
             advice=(f"In code: give the interface: sin6_scope_id (`{attempt.addr}%IFNAME` "
                     f"where the address is text), or SO_BINDTODEVICE before bind().",))
     return None
+
+
+# The LSMs that can refuse a bind() (security_socket_bind), and whether each
+# can for UDP: Landlock's net rules cover TCP only (LANDLOCK_ACCESS_NET_BIND_TCP).
+BIND_LSMS = {"selinux": True, "apparmor": True, "smack": True, "tomoyo": True,
+             "landlock": False}
+
+
+def _programs_phrase(progs: tuple[Any, ...]) -> str:
+    return ", ".join(f"{p.name} (id {p.id}, {p.hook}, attached at {p.cgroup or '?'})"
+                     for p in progs)
+
+
+def _unit_of(process: Mapping[str, Any] | None) -> str | None:
+    owner = (process or {}).get("owner") or {}
+    unit = owner.get("unit")
+    return unit if isinstance(unit, str) else None
+
+
+def _cgroup_bpf(attempt: SocketCall, progs: tuple[Any, ...], how: str) -> Verdict:
+    systemd = [p for p in progs if p.name.startswith("sd_bind")]
+    advice = []
+    for p in systemd:
+        unit = parse_cgroup(p.cgroup or "").unit
+        if unit:
+            advice.append(f"Now: systemd's SocketBindAllow=/SocketBindDeny= of {unit} decide: "
+                          f"`systemctl show -p SocketBindAllow -p SocketBindDeny {unit}`; allow "
+                          f"port {attempt.port} there (`systemctl edit {unit}`).")
+            break
+    for p in progs:
+        if p not in systemd:
+            advice.append(f"{'Or' if advice else 'Now'}: `bpftool prog show id {p.id}` and "
+                          f"`bpftool cgroup tree`: what attached {p.name} at {p.cgroup or '?'} "
+                          f"(a container runtime, a CNI such as Cilium, an agent) decides; "
+                          f"change its policy rather than detach a program you do not own.")
+            break
+    return Verdict(
+        cause="cgroup_bpf",
+        summary=(f"a cgroup BPF program refused the bind() {how}: "
+                 f"{_programs_phrase(progs)} {cite('cgroup_bind')}"),
+        advice=tuple(advice))
+
+
+def policy(attempt: SocketCall, pol: Policy, process: Mapping[str, Any] | None
+           ) -> Verdict | None:
+    """EPERM on bind(), or EACCES the port rule does not explain: a cgroup
+    program, an LSM or seccomp, where the facts leave one; where more than
+    one remain, a verdict that names them and why they cannot be told apart."""
+    progs = pol.cgroup_programs
+    name = "EPERM" if attempt.errno == EPERM else "EACCES"
+    if attempt.errno == EPERM:  # a program's default, or a seccomp filter's errno
+        filtered = pol.seccomp == 2
+        if progs and not filtered:
+            return _cgroup_bpf(attempt, progs, "(a program that returns 0 gives EPERM)")
+        if filtered and progs == ():
+            unit = _unit_of(process)
+            return Verdict(
+                cause="seccomp",
+                summary=(f"no cgroup program runs on this bind(), and the process runs under "
+                         f"{pol.seccomp_filters or 'a'} seccomp filter(s), which can answer "
+                         f"bind() with EPERM {cite('seccomp_errno')}"),
+                advice=((f"Now: `systemctl show -p SystemCallFilter -p "
+                         f"RestrictAddressFamilies {unit}`: allow bind() (and the address "
+                         f"family) there." if unit else
+                         "Now: find what installed the filter (the process's launcher, its "
+                         "container runtime's seccomp profile) and allow bind() there."),))
+        remain = [x for x, on in (("a cgroup program (" + _programs_phrase(progs or ())
+                                   + ")", bool(progs)),
+                                  (f"seccomp ({pol.seccomp_filters} filter(s))", filtered)) if on]
+        if not remain:
+            return None
+        return _undecided(name, remain, "each answers EPERM from outside the socket")
+    tcp = attempt.protocol != "udp"
+    lsms = [x for x in pol.lsms if x in BIND_LSMS and (tcp or BIND_LSMS[x])]
+    if progs and not lsms:
+        return _cgroup_bpf(attempt, progs, "(it set EACCES with bpf_set_retval)")
+    if lsms and progs == ():
+        label = f"; the process's label: {pol.lsm_label}" if pol.lsm_label else ""
+        return Verdict(
+            cause="lsm",
+            summary=(f"the port rule allows this bind() and no cgroup program runs on it: "
+                     f"an LSM refused it ({', '.join(lsms)} active{label}) "
+                     f"{cite('lsm_bind')}"),
+            advice=("Now: read the denial the LSM recorded: SELinux an AVC in the audit log "
+                    "(`ausearch -m AVC -ts recent`: name_bind); AppArmor `apparmor=\"DENIED\"` "
+                    "in the kernel log; Landlock the process's own ruleset "
+                    "(landlock_restrict_self: LANDLOCK_ACCESS_NET_BIND_TCP).",))
+    remain = ([f"a cgroup program ({_programs_phrase(progs)})"] if progs else []) + \
+        [f"the {x} LSM" for x in lsms]
+    if not remain:
+        return None
+    return _undecided(name, remain, "a program may set EACCES (bpf_set_retval), and an LSM "
+                      "leaves no trace on the socket")
+
+
+def _undecided(name: str, remain: list[str], why: str) -> Verdict:
+    return Verdict(
+        cause="not_a_conflict",
+        summary=(f"bind() failed with {name}, not a port conflict: {' or '.join(remain)} "
+                 f"refused it; which, portrace cannot tell: {why}"),
+        advice=("Now: ask each in turn: `bpftool cgroup tree` for the programs, the audit "
+                "and kernel logs for an LSM's denial, the process's seccomp profile.",))

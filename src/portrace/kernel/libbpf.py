@@ -61,7 +61,57 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "btf__type_by_id": (_p, [_p, ctypes.c_uint32]),
     "btf__name_by_offset": (ctypes.c_char_p, [_p, ctypes.c_uint32]),
     "btf__find_by_name_kind": (ctypes.c_int32, [_p, ctypes.c_char_p, ctypes.c_uint32]),
+    "bpf_prog_query": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
+                                      ctypes.POINTER(ctypes.c_uint32),
+                                      ctypes.POINTER(ctypes.c_uint32),
+                                      ctypes.POINTER(ctypes.c_uint32)]),
+    "bpf_prog_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
+    "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32)]),
 }
+BPF_F_QUERY_EFFECTIVE = 1  # include/uapi/linux/bpf.h
+MAX_QUERIED = 64  # programs one query lists: more than any cgroup chain holds
+
+
+class ProgInfo(ctypes.Structure):
+    """The head of include/uapi/linux/bpf.h: struct bpf_prog_info, up to its
+    name (the kernel fills as much as is asked for)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", ctypes.c_uint32),
+                ("xlated_prog_len", ctypes.c_uint32), ("jited_prog_insns", ctypes.c_uint64),
+                ("xlated_prog_insns", ctypes.c_uint64), ("load_time", ctypes.c_uint64),
+                ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
+                ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+def prog_ids(target_fd: int, attach_type: int, effective: bool) -> list[int]:
+    """The ids of the programs attached to ``target_fd`` (a cgroup) for
+    ``attach_type``; ``effective``: those that run there, inherited ones too.
+    Raises LibbpfError."""
+    lib = load()
+    ids = (ctypes.c_uint32 * MAX_QUERIED)()
+    count = ctypes.c_uint32(MAX_QUERIED)
+    flags = ctypes.c_uint32(0)
+    _check("bpf_prog_query", lib.bpf_prog_query(
+        target_fd, attach_type, BPF_F_QUERY_EFFECTIVE if effective else 0,
+        ctypes.byref(flags), ids, ctypes.byref(count)))
+    return list(ids[:count.value])
+
+
+def prog_info(prog_id: int) -> tuple[str, str] | None:
+    """A loaded program's name and tag (hex); None once it is gone."""
+    lib = load()
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        info = ProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        if lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
+            return None
+        return info.name.decode(errors="replace"), bytes(info.tag).hex()
+    finally:
+        os.close(fd)
 
 
 class LibbpfError(OSError):
@@ -83,8 +133,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 
 
-@PRINT_FN
-def _print(_level: int, fmt: bytes, args: int) -> int:
+def _log_line(_level: int, fmt: bytes, args: int) -> int:
     # va_list is passed by reference on x86_64 and aarch64, so vsnprintf can
     # format it from here.
     buf = ctypes.create_string_buffer(1024)
@@ -93,6 +142,9 @@ def _print(_level: int, fmt: bytes, args: int) -> int:
         if line.strip():
             _log.append(line.rstrip())
     return 0
+
+
+_print = PRINT_FN(_log_line)  # kept referenced: libbpf calls it for as long as we run
 
 
 def load() -> Any:

@@ -20,6 +20,7 @@ from portrace.events import (
     Endpoint,
     Netns,
     Owner,
+    Policy,
     PortRule,
     PortUsage,
     SocketCall,
@@ -27,10 +28,23 @@ from portrace.events import (
 )
 from portrace.kernel import lookup, namespaces, sockdiag
 from portrace.kernel.engine import Engine, Snapshot
-from portrace.observe import addresses, bound, context, owners, privilege, ranges
+from portrace.observe import addresses, bound, context, owners, policy, privilege, ranges
 
 # The recent successful bind()s seen per (family, addr, port): the tracer's memory.
 Binders = Mapping[tuple[str, str, int], Sequence[SocketCall]]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A bind() refused before any socket was compared: the facts that may
+    decide it (each None where not read): the address's state
+    (EADDRNOTAVAIL), the port rule's (EACCES), the address its socket already
+    had (EINVAL), and what else may refuse a bind (EPERM, EACCES)."""
+
+    address: AddressState | None = None
+    port_rule: PortRule | None = None
+    already_bound: Endpoint | None = None
+    policy: Policy | None = None
 
 
 @dataclass(frozen=True)
@@ -43,9 +57,8 @@ class Observation:
     its use (None elsewhere, or when the namespace's range was not read);
     ``can_destroy``: the kernel destroys sockets on request (None: not
     known); ``run_in``: the command prefix that reaches the namespace;
-    ``address``/``port_rule``/``already_bound``: for a bind() refused for its
-    address (EADDRNOTAVAIL), its port (EACCES) or its socket (EINVAL: the
-    address the socket already had), the facts that decide it."""
+    ``refusal``: for a bind() refused before any socket was compared, the
+    facts that may decide it."""
 
     found: lookup.Lookup
     belongs: Mapping[tuple[int, int], Owner]
@@ -55,9 +68,7 @@ class Observation:
     can_destroy: bool | None
     run_in: str
     binders: Binders = field(default_factory=dict)
-    address: AddressState | None = None
-    port_rule: PortRule | None = None
-    already_bound: Endpoint | None = None
+    refusal: Refusal = field(default_factory=Refusal)
 
     @property
     def attempt(self) -> SocketCall:
@@ -80,32 +91,33 @@ def _usage(attempt: SocketCall, snap: Snapshot) -> PortUsage | None:
                              socket_range=attempt.port_range)
 
 
-Refusal = tuple[AddressState | None, PortRule | None, Endpoint | None]
-
-
 def _refusal(place: lookup.Place) -> Refusal:
     """A refused bind()'s own facts, read while the process most likely lives:
-    in its netns, the address's state (EADDRNOTAVAIL) or the port rule's
-    (EACCES); through its fd, the address its socket already had (EINVAL)."""
+    in its netns (the address, the port rule), through its fd (its socket's
+    address), in /proc and from the kernel (cgroup programs, LSMs, seccomp)."""
     a = place.attempt
     if a.call != "bind":
-        return None, None, None
+        return Refusal()
     if a.errno == errno.EINVAL:
-        return None, None, bound.bound_address(a.pid, a.fd)
+        return Refusal(already_bound=bound.bound_address(a.pid, a.fd))
+    if a.errno == errno.EPERM:
+        return Refusal(policy=policy.policy(a.pid, a.family))
     if not place.netns.searchable:
-        return None, None, None
+        return Refusal()
     try:
         if a.errno == errno.EADDRNOTAVAIL and a.addr not in ("0.0.0.0", "::"):
-            return addresses.address_state(a.addr, place.netns_fd, place.netns.inode), None, None
+            return Refusal(address=addresses.address_state(a.addr, place.netns_fd,
+                                                           place.netns.inode))
         if a.errno == errno.EACCES:
-            return None, privilege.port_rule(a.pid, place.netns_fd), None
+            return Refusal(port_rule=privilege.port_rule(a.pid, place.netns_fd),
+                           policy=policy.policy(a.pid, a.family))
     except OSError:
         pass  # the namespace went away: nothing is named
-    return None, None, None
+    return Refusal()
 
 
 def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Binders,
-              pid: int | None, refusal: Refusal = (None, None, None)) -> Observation:
+              pid: int | None, refusal: Refusal = Refusal()) -> Observation:
     """The rest of an observation around the kernel's lookup; ``pid``: a
     process in the namespace, for ``run_in`` when it has no name."""
     snap, attempt = found.snapshot, found.attempt
@@ -114,8 +126,7 @@ def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Bin
         found=found, belongs=belongs, holder_facts=context.holder_facts(snap.holders, belongs),
         process=process, usage=_usage(attempt, snap),
         can_destroy=sockdiag.can_destroy("udp" if attempt.protocol == "udp" else "tcp"),
-        run_in=namespaces.run_in(found.netns, pid), binders=binders, address=refusal[0],
-        port_rule=refusal[1], already_bound=refusal[2])
+        run_in=namespaces.run_in(found.netns, pid), binders=binders, refusal=refusal)
 
 
 def observe(engine: Engine, attempt: SocketCall, binders: Binders,
