@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PORTS, TracerProcess
+from conftest import PORTS, TracerProcess, need_root
+from test_check import check
 
 from portrace.commands.stage import ScratchNetns, Staged
 from portrace.judge import refusals
@@ -37,6 +38,7 @@ _names = itertools.count()
 
 @pytest.fixture
 def scratch(engine: str) -> Iterator[ScratchNetns]:
+    need_root()
     with ScratchNetns(f"pt-refuse-{engine}-{os.getpid()}-{next(_names)}") as ns:
         yield ns
 
@@ -282,3 +284,53 @@ def test_a_landlock_domain_that_refuses_tcp_bind(tracer, scratch):
     assert ev["policy"]["cgroup_programs"] == []
     assert ev["verdict"]["cause"] == "lsm", ev["verdict"]
     assert "landlock" in ev["verdict"]["summary"]
+
+
+# `portrace check` answers the same refusals before the bind() is tried: no
+# probe runs, the described socket is checked in the kernel's order.
+
+@pytest.fixture
+def plain_scratch() -> Iterator[ScratchNetns]:
+    """A namespace for `check`, which runs no engine: once, not per engine."""
+    need_root()
+    with ScratchNetns(f"pt-refuse-check-{os.getpid()}-{next(_names)}") as ns:
+        yield ns
+
+
+def test_check_waits_for_dad_to_end(plain_scratch):
+    scratch = plain_scratch
+    veth(scratch, "va", "vb")
+    scratch.sysctl("net.ipv6.conf.va.dad_transmits", "3")
+    scratch.sysctl("net.ipv6.neigh.va.retrans_time_ms", "1000")
+    scratch.ip("link", "set", "va", "up")
+    code, [now], _ = check("--engine", "sock_diag", "--netns", scratch.name, "--addr",
+                           "2001:db8::8", str(REFUSED_PORT))
+    assert code == 1 and now["free"] is False  # not added yet: not local
+    assert now["verdict"]["cause"] == "address_not_local" and now["blockers"] == []
+    scratch.ip("-6", "addr", "add", "2001:db8::8/64", "dev", "va")
+    added = time.monotonic()
+    code, [ans], _ = check("--engine", "sock_diag", "--netns", scratch.name, "--addr",
+                           "2001:db8::8", "--wait", "--timeout", "30", str(REFUSED_PORT))
+    took = time.monotonic() - added
+    assert code == 0 and ans["free"] is True, ans
+    assert ans["waited_for"] and "tentative" in ans["waited_for"][0]
+    # DAD takes 3 s here: the answer comes within a second of its end.
+    assert 3.0 <= took < 3.0 + 1.0 + 1.5  # + portrace's own start-up
+    b = Staged("bind", "2001:db8::8", REFUSED_PORT, name="after-dad", netns=scratch)
+    b.release()
+    assert b.info == "ok"
+
+
+def test_check_pid_without_the_capability(plain_scratch):
+    scratch = plain_scratch
+    scratch.sysctl("net.ipv4.ip_unprivileged_port_start", str(REFUSED_PORT + 1))
+    nobody = Staged("bind", "127.0.0.1", 0, "--uid", str(NOBODY), "--hold", name="nobody",
+                    netns=scratch)
+    try:
+        code, [ans], _ = check("--engine", "sock_diag", "--pid", str(nobody.pid), "--addr",
+                               "127.0.0.1", str(REFUSED_PORT))
+    finally:
+        nobody.release()
+    assert code == 1 and ans["free"] is False
+    assert ans["verdict"]["cause"] == "privileged_port"
+    assert ans["port_rule"]["cap_net_bind_service"] is False

@@ -115,7 +115,7 @@ def check_once(wanted: Sequence[Wanted], looker: Looker, pid: int | None) -> lis
     out = []
     for w in wanted:
         snap = looker.snapshot(w.port, w.protocol)
-        obs = observation.described(w.attempt(now), snap, looker.netns, pid)
+        obs = observation.described(w.attempt(now), snap, looker.netns, looker.netns_fd, pid)
         out.append(judgement.check_event(obs, judgement.judge(obs), now, looker.engine, w.uid))
     return out
 
@@ -141,7 +141,10 @@ def wait_free(wanted: Sequence[Wanted], looker: Looker, pid: int | None,
 
 
 def _waited(a: Check, first: Check | None, waited: float) -> Check:
-    what = tuple(phrases.blocker(b) for b in first.blockers) if first else ()
+    what: tuple[str, ...] = ()
+    if first is not None:  # the blockers first seen, or what refused the address or port
+        what = tuple(phrases.blocker(b) for b in first.blockers) or (
+            (first.verdict.summary,) if first.verdict else ())
     return dataclasses.replace(a, waited_s=waited, waited_for=what)
 
 

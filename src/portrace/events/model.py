@@ -645,7 +645,7 @@ class Check:
     (``--wait``): how long, and the blockers first seen."""
 
     ts: datetime = on_wire(**TIME)
-    free: bool = on_wire(True, init=False)  # no blocker
+    free: bool = on_wire(True, init=False)  # no verdict: nothing blocks it
     protocol: str = on_wire(kinds=STR)
     family: str = on_wire(kinds=STR)
     addr: str = on_wire(kinds=STR)
@@ -667,10 +667,15 @@ class Check:
     blockers_total: int | None = on_wire(None, **TOTAL)
     blockers_by_state: dict[str, int] | None = on_wire(None, kinds=ANY, absent=None,
                                                        after="blockers_total")
+    # Refused before any socket counts: the address is not usable, or the
+    # port rule does not let --pid's process bind the port.
+    address: AddressState | None = on_wire(None, kinds=OPT_DICT, absent=None,
+                                           **_one(AddressState))
+    port_rule: PortRule | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(PortRule))
     type: str = on_wire("check", init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "free", not self.blockers)
+        object.__setattr__(self, "free", self.verdict is None)
 
 
 @dataclass(frozen=True)

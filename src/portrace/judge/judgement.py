@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from errno import EACCES, EADDRNOTAVAIL, EINVAL, EPERM
+from errno import EACCES, EADDRINUSE, EADDRNOTAVAIL, EINVAL, EPERM
 from typing import Any
 
 from portrace.events import Blocker, CallError, Check, StateChange, Verdict
@@ -115,10 +115,15 @@ def failure_event(obs: Observation, j: Judgement, host: dict[str, str],
 def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,
                 uid: int | None) -> Check:
     """``portrace check``'s answer for the described socket (``obs.attempt``;
-    ``uid``: its owner as given): no verdict when nothing blocks it."""
+    ``uid``: its owner as given): no verdict when nothing blocks it, neither
+    a socket on the port nor a refusal (its address, the port rule)."""
     a = obs.attempt
+    refused = a.errno != EADDRINUSE
     return Check(ts=ts, protocol=a.protocol, family=a.family, addr=a.addr, port=a.port,
                  opts=a.opts, uid=uid, netns=obs.found.netns, engine=engine,
-                 blockers=j.blockers, verdict=j.verdict if j.blockers else None,
+                 blockers=() if refused else j.blockers,
+                 verdict=j.verdict if j.blockers or refused else None,
                  sysctls=dict(obs.snapshot.sysctls), can_destroy=obs.can_destroy,
-                 blockers_total=j.total, blockers_by_state=j.by_state)
+                 blockers_total=None if refused else j.total,
+                 blockers_by_state=None if refused else j.by_state,
+                 address=obs.refusal.address, port_rule=obs.refusal.port_rule)

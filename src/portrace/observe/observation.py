@@ -10,6 +10,7 @@ a socket described rather than traced. Both feed portrace.judge.judgement.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,10 +141,25 @@ def observe(engine: Engine, attempt: SocketCall, binders: Binders,
     return _complete(found, process, binders, attempt.pid, refusal)
 
 
-def described(attempt: SocketCall, snap: Snapshot, netns: Netns, pid: int | None
-              ) -> Observation:
+def described(attempt: SocketCall, snap: Snapshot, netns: Netns, netns_fd: int | None,
+              pid: int | None) -> Observation:
     """``portrace check``'s observation: ``attempt`` describes the socket, the
-    port's ``snap`` was read in ``netns`` (reached through ``pid``, if any)."""
+    port's ``snap`` was read in ``netns`` (``netns_fd``; reached through
+    ``pid``, if any). Checked in the kernel's order (net/ipv4/af_inet.c:
+    __inet_bind): a specific address must be usable there, then, for
+    ``pid``'s socket, the port rule must allow it; either refusal becomes the
+    attempt's errno, as the bind() would get it."""
+    refusal = Refusal()
+    if attempt.addr not in ("0.0.0.0", "::"):
+        state = addresses.address_state(attempt.addr, netns_fd, netns.inode)
+        if not state.assigned or state.tentative or state.dadfailed:
+            refusal = Refusal(address=state)
+            attempt = dataclasses.replace(attempt, errno=errno.EADDRNOTAVAIL)
+    if pid is not None and not refusal.address:
+        rule = privilege.port_rule(pid, netns_fd)
+        if rule.allows(attempt.port) is False:
+            refusal = Refusal(port_rule=rule)
+            attempt = dataclasses.replace(attempt, errno=errno.EACCES)
     found = lookup.Lookup(attempt=attempt, netns=netns, own_inode=None, snapshot=snap,
                           closers={}, fd_opts={}, binder_pids={}, recent=())
-    return _complete(found, None, {}, pid)
+    return _complete(found, None, {}, pid, refusal)
