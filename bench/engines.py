@@ -13,6 +13,9 @@ run, interleaved (figures, not pass/fail; root): `make bench`.
 3. failure -> verdict (``verdict_ms``: kernel timestamp to the finished event,
    process facts included), median and p99 over FAILURES failures, with 0, 20k
    and 50k TCP sockets in the namespace, beside `ss -tanp 'sport = :P'` there.
+4. the same for a bind() refused before any socket counts (EACCES by the port
+   rule, EPERM by a seccomp filter, EADDRNOTAVAIL for an address in DAD),
+   beside an EADDRINUSE on the same run.
 
 Issue 8's targets for the CO-RE engine are printed beside the figures.
 """
@@ -265,6 +268,57 @@ def latency() -> None:
             print(f"   {n:>8} {cells[0]:>18} {cells[1]:>18} {median(ss):>13.1f} ms   {target}")
 
 
+REFUSALS = 20  # failures per cause in part 4
+
+
+def refusals() -> None:
+    """Issue 18's causes beside a conflict, on one run: each engine, each cause
+    staged in a throwaway netns and failed REFUSALS times."""
+    print(f"4. failure -> verdict (verdict_ms) by cause, median / p99 of {REFUSALS} failures")
+    print(f"   {'cause':>20} {'core':>18} {'bcc':>18}   target (core)")
+    setups = {
+        "EADDRINUSE": ("", "127.0.0.1"),
+        "EACCES": ("import os; os.setgroups([]); os.setgid(65534); os.setuid(65534)\n",
+                   "127.0.0.1"),
+        "EPERM": ("from portrace.commands.stage import _seccomp_refuse_bind\n"
+                  "_seccomp_refuse_bind()\n", "127.0.0.1"),
+        "EADDRNOTAVAIL (DAD)": ("", "2001:db8::9"),
+    }
+    for cause, (setup, addr) in setups.items():
+        with ScratchNetns(f"portrace-bench-refuse-{os.getpid()}") as ns:
+            holder = None
+            if cause == "EADDRINUSE":
+                holder = Staged("listen", "127.0.0.1", WATCHED, "--hold", name="holder",
+                                netns=ns)
+            if cause == "EACCES":
+                ns.sysctl("net.ipv4.ip_unprivileged_port_start", str(WATCHED + 1))
+            if cause.startswith("EADDRNOTAVAIL"):
+                ns.ip("link", "add", "va", "type", "veth", "peer", "name", "vb")
+                ns.ip("link", "set", "vb", "up")
+                ns.sysctl("net.ipv6.conf.va.dad_transmits", "100")  # tentative for 100 s
+                ns.ip("link", "set", "va", "up")
+                ns.ip("-6", "addr", "add", f"{addr}/64", "dev", "va")
+            cells = []
+            for engine in ENGINES:
+                p = Portrace(engine, "--coalesce", "0", str(WATCHED))
+                family = "socket.AF_INET6" if ":" in addr else "socket.AF_INET"
+                loop = (f"import socket, time\n{setup}"
+                        f"for _ in range({REFUSALS}):\n"
+                        f"    s = socket.socket({family})\n"
+                        f"    try: s.bind(('{addr}', {WATCHED}))\n"
+                        "    except OSError: pass\n"
+                        "    s.close(); time.sleep(0.05)\n")
+                subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop])
+                p.wait_count("bind_error", REFUSALS, 120)
+                ms = [e["verdict_ms"] for e in p.events if e["type"] == "bind_error"]
+                p.stop()
+                cells.append(f"{median(ms):>8.1f} / {p99(ms):>6.1f}" if ms else f"{'-':>17}")
+            if holder is not None:
+                holder.release()
+            target = "median <= 10 ms" if cause != "EADDRINUSE" else "(the anchor)"
+            print(f"   {cause:>20} {cells[0]:>18} {cells[1]:>18}   {target}")
+
+
 if __name__ == "__main__":
     if os.geteuid() != 0:
         sys.exit("bench: run as root (make bench)")
@@ -273,3 +327,4 @@ if __name__ == "__main__":
     with ScratchNetns(f"portrace-churn-{os.getpid()}") as churn_ns:
         churn_ratios(churn_ns)
     latency()
+    refusals()
