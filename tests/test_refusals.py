@@ -334,3 +334,14 @@ def test_check_pid_without_the_capability(plain_scratch):
     assert code == 1 and ans["free"] is False
     assert ans["verdict"]["cause"] == "privileged_port"
     assert ans["port_rule"]["cap_net_bind_service"] is False
+
+
+def test_a_link_local_address_on_another_interface(tracer, scratch):
+    """fe80::a is on va; the bind() names vb (SO_BINDTODEVICE)."""
+    veth(scratch, "va", "vb")
+    scratch.ip("link", "set", "va", "up")
+    scratch.ip("-6", "addr", "add", "fe80::a/64", "dev", "va", "nodad")
+    ev = refused(tracer, "fe80::a", "--device", "vb", netns=scratch, errno="EADDRNOTAVAIL")
+    assert ev["verdict"]["cause"] == "address_not_local", ev["verdict"]
+    assert ev["address"]["interface"] == "va"
+    assert "named another interface" in ev["verdict"]["summary"]

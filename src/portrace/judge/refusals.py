@@ -66,6 +66,13 @@ def address(attempt: SocketCall, a: AddressState, run_in: str) -> Verdict:
                     f"In code: retry bind() on EADDRNOTAVAIL, or {ways}.",
                     f"Where no duplicate can exist (an address this host alone owns), add it "
                     f"with `nodad`, or set net.ipv6.conf.{a.interface}.accept_dad = 0."))
+    if a.assigned:  # neither tentative nor dadfailed: the bind() named another interface
+        return Verdict(
+            cause="address_not_local",
+            summary=(f"{at}, but the bind() named another interface (its scope id, or "
+                     f"SO_BINDTODEVICE), where it is not assigned {cite('v6_local')}"),
+            advice=(f"In code: bind it on {a.interface} (`{a.addr}%{a.interface}`, or "
+                    f"SO_BINDTODEVICE {a.interface}), or assign it on the interface named.",))
     where = (f"; it is assigned in netns {', '.join(a.elsewhere)}" if a.elsewhere
              else "; no named netns has it either")
     rule = "v6_local" if attempt.family == "inet6" else "v4_local"
