@@ -74,6 +74,8 @@ def format_check(ev: Check) -> list[str]:
     lines = [_styled(f"{target}: blocked{waited}", fg="red", bold=True)
              + _styled(f"  ({where})", dim=True)]
     lines += _blocker_lines(ev)
+    if ev.verdict is not None and not ev.blockers:  # refused: the summary says by what
+        lines.append("  " + _styled(ev.verdict.summary, fg="yellow"))
     if ev.verdict is not None:
         lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}")
         lines.extend(f"  - {phrases.for_terminal(line)}" for line in ev.verdict.advice)
