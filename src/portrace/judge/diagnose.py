@@ -136,9 +136,10 @@ RULES: dict[str, Rule] = {
     "lsm_bind": Rule(
         "net/socket.c: __sys_bind_socket, security_socket_bind",
         "every active LSM is asked before the address family's bind; a refusal is EACCES"),
-    "seccomp_errno": Rule(
-        "kernel/seccomp.c: __seccomp_filter (SECCOMP_RET_ERRNO)",
-        "a seccomp filter may answer a system call with an errno of its choosing"),
+    "seccomp_first": Rule(
+        "kernel/entry/common.c: syscall_trace_enter",
+        "a seccomp filter decides before the sys_enter tracepoint: a call it refuses "
+        "(SECCOMP_RET_ERRNO) is never traced, so portrace does not see it"),
     "bound_once": Rule(
         "net/ipv4/af_inet.c: __inet_bind; net/ipv6/af_inet6.c: __inet6_bind",
         "a socket already bound (inet_num set) or no longer in TCP_CLOSE gets EINVAL"),
@@ -171,7 +172,6 @@ CAUSES = (
     "link_local_scope",
     "cgroup_bpf",
     "lsm",
-    "seccomp",
 )
 
 TCP_TIMEWAIT_LEN_S = 60

@@ -157,12 +157,6 @@ def _programs_phrase(progs: tuple[Any, ...]) -> str:
                      for p in progs)
 
 
-def _unit_of(process: Mapping[str, Any] | None) -> str | None:
-    owner = (process or {}).get("owner") or {}
-    unit = owner.get("unit")
-    return unit if isinstance(unit, str) else None
-
-
 def _cgroup_bpf(attempt: SocketCall, progs: tuple[Any, ...], how: str) -> Verdict:
     systemd = [p for p in progs if p.name.startswith("sd_bind")]
     advice = []
@@ -190,32 +184,16 @@ def _cgroup_bpf(attempt: SocketCall, progs: tuple[Any, ...], how: str) -> Verdic
 def policy(attempt: SocketCall, pol: Policy, process: Mapping[str, Any] | None
            ) -> Verdict | None:
     """EPERM on bind(), or EACCES the port rule does not explain: a cgroup
-    program, an LSM or seccomp, where the facts leave one; where more than
-    one remain, a verdict that names them and why they cannot be told apart."""
+    program or an LSM, where the facts leave one; where both remain, a verdict
+    that names them and why they cannot be told apart."""
     progs = pol.cgroup_programs
     name = "EPERM" if attempt.errno == EPERM else "EACCES"
-    if attempt.errno == EPERM:  # a program's default, or a seccomp filter's errno
-        filtered = pol.seccomp == 2
-        if progs and not filtered:
+    if attempt.errno == EPERM:
+        # Not seccomp: a call its filter refuses never reaches the tracepoints
+        # that saw this one (RULES seccomp_first).
+        if progs:
             return _cgroup_bpf(attempt, progs, "(a program that returns 0 gives EPERM)")
-        if filtered and progs == ():
-            unit = _unit_of(process)
-            return Verdict(
-                cause="seccomp",
-                summary=(f"no cgroup program runs on this bind(), and the process runs under "
-                         f"{pol.seccomp_filters or 'a'} seccomp filter(s), which can answer "
-                         f"bind() with EPERM {cite('seccomp_errno')}"),
-                advice=((f"Now: `systemctl show -p SystemCallFilter -p "
-                         f"RestrictAddressFamilies {unit}`: allow bind() (and the address "
-                         f"family) there." if unit else
-                         "Now: find what installed the filter (the process's launcher, its "
-                         "container runtime's seccomp profile) and allow bind() there."),))
-        remain = [x for x, on in (("a cgroup program (" + _programs_phrase(progs or ())
-                                   + ")", bool(progs)),
-                                  (f"seccomp ({pol.seccomp_filters} filter(s))", filtered)) if on]
-        if not remain:
-            return None
-        return _undecided(name, remain, "each answers EPERM from outside the socket")
+        return None
     tcp = attempt.protocol != "udp"
     lsms = [x for x in pol.lsms if x in BIND_LSMS and (tcp or BIND_LSMS[x])]
     if progs and not lsms:
@@ -245,4 +223,4 @@ def _undecided(name: str, remain: list[str], why: str) -> Verdict:
         summary=(f"bind() failed with {name}, not a port conflict: {' or '.join(remain)} "
                  f"refused it; which, portrace cannot tell: {why}"),
         advice=("Now: ask each in turn: `bpftool cgroup tree` for the programs, the audit "
-                "and kernel logs for an LSM's denial, the process's seccomp profile.",))
+                "and kernel logs for an LSM's denial.",))
