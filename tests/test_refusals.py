@@ -229,13 +229,13 @@ def refusing_cgroup(program: str) -> Iterator[str]:
 
 def refused_in(tracer: TracerProcess, cgroup: str, netns: ScratchNetns,
                errno: str) -> dict[str, Any]:
-    """A process moved into ``cgroup`` before its bind() of 127.0.0.1:REFUSED_PORT."""
-    mount = policy.cgroup2_mount()
+    """A process moved into ``cgroup`` before it makes its socket (a socket
+    keeps the cgroup it was made in), then binds 127.0.0.1:REFUSED_PORT."""
     mark = tracer.mark()
-    binder = Staged("bind", "127.0.0.1", REFUSED_PORT, "--wait", "--hold", name="refused",
-                    netns=netns, first="waiting")
+    binder = Staged("bind", "127.0.0.1", REFUSED_PORT, "--pause", "--hold", name="refused",
+                    netns=netns, first="paused")
     try:
-        with open(f"{mount}{cgroup}/cgroup.procs", "w") as f:
+        with open(f"{policy.cgroup2_mount()}{cgroup}/cgroup.procs", "w") as f:
             f.write(str(binder.pid))
         info = binder.go()
         assert info == errno, f"the kernel answered {info}, not {errno}"

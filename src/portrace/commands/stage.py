@@ -435,9 +435,14 @@ def role_bind(a: argparse.Namespace) -> None:
     --userns: enter a user namespace of its own first (CAP_NET_BIND_SERVICE
     held there, not in the netns's owner). --seccomp-refuse-bind,
     --landlock-refuse-bind: put itself under a seccomp filter (bind(): EPERM)
-    or a Landlock domain (TCP bind(): EACCES) first.
+    or a Landlock domain (TCP bind(): EACCES) first. --pause: print
+    ``paused`` and wait for a line before anything else (a socket keeps the
+    cgroup it was made in: the stager moves the process first).
     --euid: create the socket under that effective uid only (its sk_uid), then
     switch back before bind(). --port-range LO-HI: IP_LOCAL_PORT_RANGE."""
+    if a.pause:  # the stager may move it (into a cgroup) before any socket exists
+        print("paused", flush=True)
+        sys.stdin.readline()
     if a.uid is not None:
         _drop_to(a.uid)
     if a.userns:
@@ -525,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--userns", action="store_true")
     p.add_argument("--seccomp-refuse-bind", action="store_true")
     p.add_argument("--landlock-refuse-bind", action="store_true")
+    p.add_argument("--pause", action="store_true")
     p.add_argument("--port-range")
     p.add_argument("--orphan", action="store_true")
     p.add_argument("--einval", action="store_true")
