@@ -228,6 +228,19 @@ def churn_ratios(ns: ScratchNetns) -> None:
         bpf_ns.clear()
 
 
+def fail_binds(ns: ScratchNetns, addr: str, n: int, setup: str = "") -> None:
+    """``n`` bind()s of addr:WATCHED in ``ns``, 50 ms apart, each expected to
+    fail; ``setup``: Python run first in the same process."""
+    family = "socket.AF_INET6" if ":" in addr else "socket.AF_INET"
+    loop = (f"import socket, time\n{setup}"
+            f"for _ in range({n}):\n"
+            f"    s = socket.socket({family})\n"
+            f"    try: s.bind(('{addr}', {WATCHED}))\n"
+            "    except OSError: pass\n"
+            "    s.close(); time.sleep(0.05)\n")
+    subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop])
+
+
 def latency() -> None:
     print(f"3. failure -> verdict (verdict_ms), median / p99 of {FAILURES} failures, "
           "by TCP sockets in the namespace")
@@ -244,13 +257,7 @@ def latency() -> None:
             cells = []
             for engine in ENGINES:
                 p = Portrace(engine, "--coalesce", "0", str(WATCHED))
-                loop = ("import socket, time\n"
-                        f"for _ in range({FAILURES}):\n"
-                        "    s = socket.socket()\n"
-                        f"    try: s.bind(('127.0.0.1', {WATCHED}))\n"
-                        "    except OSError: pass\n"
-                        "    s.close(); time.sleep(0.05)\n")
-                subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop])
+                fail_binds(ns, "127.0.0.1", FAILURES)
                 p.wait_count("bind_error", FAILURES, 120)
                 ms = [e["verdict_ms"] for e in p.events if e["type"] == "bind_error"]
                 p.stop()
@@ -301,14 +308,7 @@ def refusals() -> None:
             cells = []
             for engine in ENGINES:
                 p = Portrace(engine, "--coalesce", "0", str(WATCHED))
-                family = "socket.AF_INET6" if ":" in addr else "socket.AF_INET"
-                loop = (f"import socket, time\n{setup}"
-                        f"for _ in range({REFUSALS}):\n"
-                        f"    s = socket.socket({family})\n"
-                        f"    try: s.bind(('{addr}', {WATCHED}))\n"
-                        "    except OSError: pass\n"
-                        "    s.close(); time.sleep(0.05)\n")
-                subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop])
+                fail_binds(ns, addr, REFUSALS, setup)
                 p.wait_count("bind_error", REFUSALS, 120)
                 ms = [e["verdict_ms"] for e in p.events if e["type"] == "bind_error"]
                 p.stop()

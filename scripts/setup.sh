@@ -65,32 +65,29 @@ if [ -n "$need" ]; then
     apt_install $need
 fi
 
-# 2. The CO-RE object (shipped prebuilt in a wheel or a copied checkout)
-if ! make -s -q core-object 2>/dev/null; then
-    # shellcheck disable=SC2046
+# Build a make target with clang, installing clang, llvm and libbpf's headers
+# for the build only when missing: build TARGET WHAT
+build() {
+    local need
     need=$(missing clang llvm libbpf-dev)
     if [ -n "$need" ]; then
-        say "installing $need (to build bpf/core.bpf.o)"
+        say "installing $need (to build $2)"
         # shellcheck disable=SC2086
         apt_install $need
     fi
-    make -s core-object
-    say "built bpf/core.bpf.o"
+    make -s "$1"
+    say "built $2"
+}
+
+# 2. The CO-RE object (shipped prebuilt in a wheel or a copied checkout)
+if ! make -s -q core-object 2>/dev/null; then
+    build core-object bpf/core.bpf.o
 else
     say "CO-RE object: bpf/core.bpf.o"
 fi
-
-# The tests' own BPF programs (tests/bpf/): clang and libbpf's headers.
+# The tests' own BPF programs (tests/bpf/)
 if [ "$WITH_TESTS" -eq 1 ] && ! make -s -q test-objects 2>/dev/null; then
-    # shellcheck disable=SC2046
-    need=$(missing clang llvm libbpf-dev)
-    if [ -n "$need" ]; then
-        say "installing $need (to build the tests' BPF programs)"
-        # shellcheck disable=SC2086
-        apt_install $need
-    fi
-    make -s test-objects
-    say "built the tests' BPF programs (tests/bpf/)"
+    build test-objects "the tests' BPF programs (tests/bpf/)"
 fi
 
 # 3. Kernel headers

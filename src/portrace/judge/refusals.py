@@ -23,6 +23,10 @@ def cite(rule: str) -> str:
     return f"({RULES[rule].source})"
 
 
+def _verdict(cause: str, summary: str, *advice: str) -> Verdict:
+    return Verdict(cause=cause, summary=summary, advice=advice)
+
+
 def _nonlocal_ways(family: str, addr: str, run_in: str) -> str:
     """The ways around the locality check, in the address's own family."""
     v6 = family == "inet6" and not addr.startswith("::ffff:")
@@ -67,12 +71,11 @@ def address(attempt: SocketCall, a: AddressState, run_in: str) -> Verdict:
                     f"Where no duplicate can exist (an address this host alone owns), add it "
                     f"with `nodad`, or set net.ipv6.conf.{a.interface}.accept_dad = 0."))
     if a.assigned:  # neither tentative nor dadfailed: the bind() named another interface
-        return Verdict(
-            cause="address_not_local",
-            summary=(f"{at}, but the bind() named another interface (its scope id, or "
-                     f"SO_BINDTODEVICE), where it is not assigned {cite('v6_local')}"),
-            advice=(f"In code: bind it on {a.interface} (`{a.addr}%{a.interface}`, or "
-                    f"SO_BINDTODEVICE {a.interface}), or assign it on the interface named.",))
+        return _verdict("address_not_local",
+                        f"{at}, but the bind() named another interface (its scope id, or "
+                        f"SO_BINDTODEVICE), where it is not assigned {cite('v6_local')}",
+                        f"In code: bind it on {a.interface} (`{a.addr}%{a.interface}`, or "
+                        f"SO_BINDTODEVICE {a.interface}), or assign it on the interface named.")
     where = (f"; it is assigned in netns {', '.join(a.elsewhere)}" if a.elsewhere
              else "; no named netns has it either")
     rule = "v6_local" if attempt.family == "inet6" else "v4_local"
@@ -137,12 +140,11 @@ def invalid(attempt: SocketCall, bound: Endpoint | None) -> Verdict | None:
     except ValueError:
         link_local = False
     if link_local:
-        return Verdict(
-            cause="link_local_scope",
-            summary=(f"{attempt.addr} is link-local, and the bind() named no interface "
-                     f"{cite('v6_scope')}"),
-            advice=(f"In code: give the interface: sin6_scope_id (`{attempt.addr}%IFNAME` "
-                    f"where the address is text), or SO_BINDTODEVICE before bind().",))
+        return _verdict("link_local_scope",
+                        f"{attempt.addr} is link-local, and the bind() named no interface "
+                        f"{cite('v6_scope')}",
+                        f"In code: give the interface: sin6_scope_id (`{attempt.addr}%IFNAME` "
+                        f"where the address is text), or SO_BINDTODEVICE before bind().")
     return None
 
 
