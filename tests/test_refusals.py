@@ -358,3 +358,20 @@ def test_a_link_local_address_on_another_interface(tracer, scratch):
     assert ev["verdict"]["cause"] == "address_not_local", ev["verdict"]
     assert ev["address"]["interface"] == "va"
     assert "named another interface" in ev["verdict"]["summary"]
+
+
+def test_check_names_the_cgroup_programs_that_will_decide(plain_scratch):
+    """check cannot run a cgroup program: it says one will decide, and which."""
+    with refusing_cgroup("refuse_eperm") as cgroup:
+        holder = Staged("bind", "127.0.0.1", 0, "--pause", "--hold", name="in-cgroup",
+                        netns=plain_scratch, first="paused")
+        try:
+            with open(f"{policy.cgroup2_mount()}{cgroup}/cgroup.procs", "w") as f:
+                f.write(str(holder.pid))
+            code, [ans], _ = check("--engine", "sock_diag", "--pid", str(holder.pid),
+                                   "--addr", "127.0.0.1", str(REFUSED_PORT))
+        finally:
+            holder.release()
+    assert code == 0 and ans["free"] is True
+    [prog] = ans["policy"]["cgroup_programs"]
+    assert prog["name"] == "refuse_eperm" and prog["cgroup"] == cgroup

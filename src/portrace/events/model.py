@@ -672,6 +672,9 @@ class Check:
     address: AddressState | None = on_wire(None, kinds=OPT_DICT, absent=None,
                                            **_one(AddressState))
     port_rule: PortRule | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(PortRule))
+    # With --pid: the cgroup programs that would run on its bind(), which
+    # decide only when run (None: none, or not asked).
+    policy: Policy | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(Policy))
     type: str = on_wire("check", init=False)
 
     def __post_init__(self) -> None:

@@ -126,4 +126,5 @@ def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,
                  sysctls=dict(obs.snapshot.sysctls), can_destroy=obs.can_destroy,
                  blockers_total=None if refused else j.total,
                  blockers_by_state=None if refused else j.by_state,
-                 address=obs.refusal.address, port_rule=obs.refusal.port_rule)
+                 address=obs.refusal.address, port_rule=obs.refusal.port_rule,
+                 policy=obs.refusal.policy)

@@ -148,7 +148,9 @@ def described(attempt: SocketCall, snap: Snapshot, netns: Netns, netns_fd: int |
     ``pid``, if any). Checked in the kernel's order (net/ipv4/af_inet.c:
     __inet_bind): a specific address must be usable there, then, for
     ``pid``'s socket, the port rule must allow it; either refusal becomes the
-    attempt's errno, as the bind() would get it."""
+    attempt's errno, as the bind() would get it. The cgroup programs that
+    would run on ``pid``'s bind() are named: what they answer is known only
+    when they run."""
     refusal = Refusal()
     if attempt.addr not in ("0.0.0.0", "::"):
         state = addresses.address_state(attempt.addr, netns_fd, netns.inode)
@@ -160,6 +162,10 @@ def described(attempt: SocketCall, snap: Snapshot, netns: Netns, netns_fd: int |
         if rule.allows(attempt.port) is False:
             refusal = Refusal(port_rule=rule)
             attempt = dataclasses.replace(attempt, errno=errno.EACCES)
+        else:  # a cgroup program may still refuse: it decides only when run
+            pol = policy.policy(pid, attempt.family)
+            if pol.cgroup_programs:
+                refusal = Refusal(policy=pol)
     found = lookup.Lookup(attempt=attempt, netns=netns, own_inode=None, snapshot=snap,
                           closers={}, fd_opts={}, binder_pids={}, recent=())
     return _complete(found, None, {}, pid, refusal)

@@ -64,12 +64,17 @@ def format_check(ev: Check) -> list[str]:
     """``portrace check``'s answer for one socket."""
     target = f"{ev.protocol} {format_endpoint(ev.addr, ev.port)}"
     where = f"netns {ev.netns.name or ev.netns.inode}, engine {ev.engine}"
+    programs = ev.policy.cgroup_programs if ev.policy is not None else None
+    note = ([_styled("  but cgroup BPF programs decide when the bind() runs, which portrace "
+                     "cannot: " + ", ".join(f"{p.name} (id {p.id}, {p.hook}, at {p.cgroup})"
+                                             for p in programs), fg="yellow")]
+            if programs else [])
     if ev.free:
         waited = ""
         if ev.waited_for:
             waited = f" after {ev.waited_s:.1f} s; waited for: " + "; ".join(ev.waited_for)
         return [_styled(f"{target}: free{waited}", fg="green", bold=True)
-                + _styled(f"  ({where})", dim=True)]
+                + _styled(f"  ({where})", dim=True)] + note
     waited = f" after waiting {ev.waited_s:.1f} s" if ev.waited_s is not None else ""
     lines = [_styled(f"{target}: blocked{waited}", fg="red", bold=True)
              + _styled(f"  ({where})", dim=True)]
