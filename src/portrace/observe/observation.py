@@ -99,8 +99,9 @@ def _refusal(place: lookup.Place) -> Refusal:
     a = place.attempt
     if a.call != "bind":
         return Refusal()
-    if a.errno == errno.EINVAL:
-        return Refusal(already_bound=bound.bound_address(a.pid, a.fd))
+    if a.errno == errno.EINVAL:  # port 0: not bound (bind() sets a port, even an ephemeral one)
+        mine = bound.bound_address(a.pid, a.fd)
+        return Refusal(already_bound=mine if mine is not None and mine.port else None)
     if a.errno == errno.EPERM:
         return Refusal(policy=policy.policy(a.pid, a.family))
     if not place.netns.searchable:
