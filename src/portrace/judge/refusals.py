@@ -154,9 +154,21 @@ BIND_LSMS = {"selinux": True, "apparmor": True, "smack": True, "tomoyo": True,
              "landlock": False}
 
 
+def _whose(cgroup: str | None) -> str:
+    """The unit, container or pod a cgroup path names, as ", unit X"."""
+    if not cgroup:
+        return ""
+    n = parse_cgroup(cgroup)
+    if n.container_id:
+        return f", container {n.container_id[:12]}"
+    if n.pod_uid:
+        return f", pod uid {n.pod_uid}"
+    return f", {'user unit' if n.user else 'unit'} {n.unit}" if n.unit else ""
+
+
 def _programs_phrase(progs: tuple[Any, ...]) -> str:
-    return ", ".join(f"{p.name} (id {p.id}, {p.hook}, attached at {p.cgroup or '?'})"
-                     for p in progs)
+    return ", ".join(f"{p.name} (id {p.id}, {p.hook}, attached at {p.cgroup or '?'}"
+                     f"{_whose(p.cgroup)})" for p in progs)
 
 
 def _cgroup_bpf(attempt: SocketCall, progs: tuple[Any, ...], how: str) -> Verdict:
