@@ -28,7 +28,6 @@ import os
 from collections.abc import Iterator
 
 from portrace.events import CgroupProgram, Policy
-from portrace.kernel import libbpf
 
 # include/uapi/linux/bpf.h: enum bpf_attach_type
 HOOKS = {"inet": (("bind4", 8), ("post_bind4", 12)),
@@ -73,6 +72,8 @@ def _ancestors(path: str) -> Iterator[str]:
 
 
 def _query(directory: str, hook: int, effective: bool) -> list[int]:
+    from portrace.kernel import libbpf  # ~10 ms: paid by a refused bind(), not at start-up
+
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         return libbpf.prog_ids(fd, hook, effective)
@@ -98,13 +99,19 @@ def bind_programs(pid: int, family: str) -> tuple[CgroupProgram, ...] | None:
                         else _query(mount, hook, effective=False):
                     where.setdefault(i, cg)
             for i in ids:
-                info = libbpf.prog_info(i)
+                info = _prog_info(i)
                 if info is not None:
                     found.append(CgroupProgram(id=i, name=info[0], tag=info[1], hook=name,
                                                cgroup=where.get(i)))
-    except (OSError, libbpf.LibbpfMissing):
+    except (OSError, ImportError):  # libbpf.LibbpfMissing is an ImportError
         return None
     return tuple(found)
+
+
+def _prog_info(prog_id: int) -> tuple[str, str] | None:
+    from portrace.kernel import libbpf  # see _query
+
+    return libbpf.prog_info(prog_id)
 
 
 def _listed_lsms() -> tuple[str, ...]:
