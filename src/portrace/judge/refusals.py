@@ -15,12 +15,8 @@ from typing import Any
 
 from portrace.events import AddressState, Endpoint, Policy, PortRule, SocketCall, Verdict
 from portrace.judge import phrases
-from portrace.judge.diagnose import RULES
+from portrace.judge.advice import cite
 from portrace.observe.owners import parse_cgroup
-
-
-def cite(rule: str) -> str:
-    return f"({RULES[rule].source})"
 
 
 def _verdict(cause: str, summary: str, *advice: str) -> Verdict:

@@ -133,7 +133,8 @@ def active_lsms() -> tuple[str, ...]:
         return _listed_lsms()
 
 
-def _status(pid: int) -> dict[str, str]:
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as name -> value; empty once the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
@@ -151,7 +152,7 @@ def _label(pid: int) -> str | None:
 
 def policy(pid: int, family: str) -> Policy:
     """What may refuse ``pid``'s bind() of ``family`` besides the port rule."""
-    status = _status(pid)
+    status = proc_status(pid)
     mode, filters = status.get("Seccomp"), status.get("Seccomp_filters")
     return Policy(cgroup_programs=bind_programs(pid, family), lsms=active_lsms(),
                   lsm_label=_label(pid),

@@ -21,6 +21,7 @@ import os
 
 from portrace.events import PortRule
 from portrace.kernel import namespaces
+from portrace.observe.policy import proc_status
 
 CAP_NET_BIND_SERVICE = 10  # include/uapi/linux/capability.h
 # include/uapi/linux/nsfs.h: _IO(0xb7, 1) and _IO(0xb7, 2)
@@ -29,14 +30,11 @@ MAX_USER_NS_DEPTH = 33  # kernel/user_namespace.c: 32 levels below the initial o
 
 
 def _cap_effective(pid: int) -> bool | None:
+    value = proc_status(pid).get("CapEff")
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
-    except (OSError, ValueError):
+        return None if value is None else bool(int(value, 16) >> CAP_NET_BIND_SERVICE & 1)
+    except ValueError:
         return None
-    return None
 
 
 def _relation(user_ns: int, owner_fd: int) -> str:
