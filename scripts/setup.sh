@@ -160,7 +160,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # PIP_* settings pass through (e.g. PIP_NO_INDEX/PIP_FIND_LINKS for an offline VM).
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import portrace.cli, bcc, pyroute2, psutil, click, elftools'
+    .venv/bin/python -c 'import portrace.launch, portrace.commands.cli, bcc, pyroute2, psutil, click, elftools'
     touch "$stamp"
 fi
 say "ready: .venv/bin/portrace"
