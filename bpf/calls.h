@@ -3,7 +3,7 @@
  * What both kernel sides do the same way at a bind(), listen() or connect():
  * name the task, read the address the caller passed, and keep a watched
  * port's failures within its rate. Included by
- * portrace.bpf.c (bcc) and core.bpf.c (CO-RE) after their own headers, which
+ * bcc.bpf.c (bcc) and core.bpf.c (CO-RE) after their own headers, which
  * provide AF_INET/AF_INET6, struct sockaddr_in/_in6 and the helpers.
  */
 #ifndef PORTRACE_CALLS_H

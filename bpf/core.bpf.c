@@ -537,7 +537,35 @@ static __always_inline void fill_sock(struct pt_sock *r, struct sock_common *skc
 		bpf_probe_read_kernel(r->daddr, 4, &skc->skc_daddr);
 }
 
-/* A full socket (not a minisock): also its state, owner and inode. */
+/* The references to a file: fds in every fd table, an iterator visiting it,
+ * a syscall of a multithreaded process using it (fs/file.c: __fget_light),
+ * an fd in flight over SCM_RIGHTS. 0: none, or a count being released. Each
+ * layout is read in its own subprogram, so the relocation of the field this
+ * kernel lacks stays where the verifier sees it is never reached. */
+static __noinline __u32 refs_f_ref(__u64 file)
+{
+	long c = -1;
+	bpf_core_read(&c, sizeof(c), &((struct file *)file)->f_ref.refcnt.counter);
+	return c < 0 ? 0 : (__u32)c + 1;	/* include/linux/file_ref.h: file_ref_read */
+}
+
+static __noinline __u32 refs_f_count(__u64 file)
+{
+	long c = 0;
+	bpf_core_read(&c, sizeof(c), &((struct file *)file)->f_count.counter);
+	return c < 0 ? 0 : (__u32)c;
+}
+
+static __always_inline __u32 file_refs(struct file *f)
+{
+	if (!f)
+		return 0;
+	if (bpf_core_field_exists(struct file, f_ref))
+		return refs_f_ref((__u64)f);
+	return refs_f_count((__u64)f);
+}
+
+/* A full socket (not a minisock): also its state, owner, inode and file references. */
 static __always_inline void fill_full_sock(struct pt_sock *r, struct sock *sk, __u16 family,
 					   __u8 protocol)
 {
@@ -546,6 +574,7 @@ static __always_inline void fill_full_sock(struct pt_sock *r, struct sock *sk, _
 	r->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	r->uid = BPF_CORE_READ(sk, sk_uid.val);
 	r->inode = sock_inode(sk);
+	r->file_refs = file_refs(BPF_CORE_READ(sk, sk_socket, file));
 }
 
 /* The iterators' filter runs on every socket (or fd) of the host, so it reads
@@ -554,6 +583,25 @@ static __always_inline void fill_full_sock(struct pt_sock *r, struct sock *sk, _
 static __always_inline bool in_query(struct pt_query *q, __u16 family, __u16 port)
 {
 	return (family == AF_INET || family == AF_INET6) && port >= q->lo && port <= q->hi;
+}
+
+/* A TCP socket of the port: a minisock with its own timer, or a full socket. */
+static __always_inline void fill_tcp(struct pt_sock *r, struct sock_common *skc, __u16 family,
+				     __u8 state)
+{
+	if (state == TCP_TIME_WAIT) {
+		struct inet_timewait_sock *tw = (struct inet_timewait_sock *)skc;
+		fill_sock(r, skc, family);
+		r->protocol = IPPROTO_TCP;
+		r->minisock = 1;
+		r->state = BPF_CORE_READ(tw, tw_substate);
+		__u64 expires = BPF_CORE_READ(tw, tw_timer.expires), now = bpf_jiffies64();
+		__u64 hz = CONFIG_HZ > 0 ? (__u64)CONFIG_HZ : 0;
+		if (hz)
+			r->expires_ms = expires > now ? (expires - now) * 1000 / hz : 0;
+	} else {
+		fill_full_sock(r, (struct sock *)skc, family, IPPROTO_TCP);
+	}
 }
 
 SEC("iter/tcp")
@@ -570,19 +618,7 @@ int iter_tcp(struct bpf_iter__tcp *ctx)
 	__u8 state = skc->skc_state;
 	if (state == TCP_NEW_SYN_RECV)
 		return 0;	/* a request socket: its listener holds the port */
-	if (state == TCP_TIME_WAIT) {
-		struct inet_timewait_sock *tw = (struct inet_timewait_sock *)skc;
-		fill_sock(&r, skc, family);
-		r.protocol = IPPROTO_TCP;
-		r.minisock = 1;
-		r.state = BPF_CORE_READ(tw, tw_substate);
-		__u64 expires = BPF_CORE_READ(tw, tw_timer.expires), now = bpf_jiffies64();
-		__u64 hz = CONFIG_HZ > 0 ? (__u64)CONFIG_HZ : 0;
-		if (hz)
-			r.expires_ms = expires > now ? (expires - now) * 1000 / hz : 0;
-	} else {
-		fill_full_sock(&r, (struct sock *)skc, family, IPPROTO_TCP);
-	}
+	fill_tcp(&r, skc, family, state);
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }
@@ -633,4 +669,160 @@ int iter_task_file(struct bpf_iter__task_file *ctx)
 	BPF_CORE_READ_STR_INTO(&r.comm, task, comm);
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
+}
+
+/* -- walk_port: one port's sockets from the kernel's own hash ---------------
+ *
+ * Never attached: the frontend runs it with BPF_PROG_TEST_RUN in a thread
+ * that has entered the failing netns, so it costs what the port holds, where
+ * the iterators cost what the netns (and the host) holds. TCP: the bind hash
+ * bucket bhash[(port + net->hash_mix) & (bhash_size - 1)]
+ * (include/net/inet_hashtables.h: inet_bhashfn), whose inet_bind_buckets of
+ * this net and port list every socket bound to it: listeners, bound-only,
+ * connected, accepted children, TIME_WAIT and FIN_WAIT2 minisocks. UDP
+ * (6.2+): udp_table->hash[(port + hash_mix) & mask] (include/net/udp.h:
+ * udp_hashfn). The lists are read without their locks, under the RCU read
+ * lock the test run holds: each socket's net and port are checked again, the
+ * walk is capped, and a node that cannot be read ends it with a status, never
+ * with a silently short list. Returns the sockets written to `found`, or a
+ * PT_WALK_* status. */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);	/* the frontend reads it in place */
+	__uint(max_entries, 16384);	/* resized before load */
+	__type(key, __u32);
+	__type(value, struct pt_sock);
+} found SEC(".maps");
+
+struct walk {
+	__u64 net;
+	__u64 tb;	/* next inet_bind_bucket node of the bucket's chain */
+	__u64 tb2;	/* next inet_bind2_bucket node of the port (6.8+) */
+	__u64 sk;	/* next socket node */
+	__u64 link;	/* offset of that node in sock_common */
+	__u32 n;	/* sockets written */
+	int status;
+	__u16 port;
+	__u8 protocol;
+	__u8 done;
+};
+
+static __noinline __u64 tb_owners(__u64 tb)	/* 6.1-6.7 */
+{
+	return (__u64)BPF_CORE_READ((struct inet_bind_bucket *)tb, owners.first);
+}
+
+static __noinline __u64 tb_bhash2(__u64 tb)	/* 6.8+ */
+{
+	return (__u64)BPF_CORE_READ((struct inet_bind_bucket *)tb, bhash2.first);
+}
+
+static __noinline __u64 tb2_owners(__u64 node)	/* 6.8+ */
+{
+	__u64 tb2 = node - bpf_core_field_offset(struct inet_bind2_bucket, bhash_node);
+	return (__u64)BPF_CORE_READ((struct inet_bind2_bucket *)tb2, owners.first);
+}
+
+static __noinline __u64 udp_slot(__u64 net, __u16 port)	/* 6.2+ */
+{
+	struct udp_table *t = BPF_CORE_READ((struct net *)net, ipv4.udp_table);
+	__u32 mask = BPF_CORE_READ(t, mask);
+	__u32 h = (port + BPF_CORE_READ((struct net *)net, hash_mix)) & mask;
+	__u64 slot = (__u64)BPF_CORE_READ(t, hash) + (__u64)h * bpf_core_type_size(struct udp_hslot);
+	return (__u64)BPF_CORE_READ((struct udp_hslot *)slot, head.first);
+}
+
+/* One hlist node's successor; a node that cannot be read ends the walk. */
+static __always_inline __u64 next_node(struct walk *w, __u64 node)
+{
+	__u64 next = 0;
+	if (bpf_core_read(&next, sizeof(next), &((struct hlist_node *)node)->next))
+		w->status = PT_WALK_FAULT;
+	return next;
+}
+
+static __always_inline void walked_sock(struct walk *w, struct sock_common *skc)
+{
+	/* A socket may move while the lock is not held: keep only this port's. */
+	if (BPF_CORE_READ(skc, skc_num) != w->port || (__u64)BPF_CORE_READ(skc, skc_net.net) != w->net)
+		return;
+	__u16 family = BPF_CORE_READ(skc, skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return;
+	__u32 key = w->n;
+	struct pt_sock *r = bpf_map_lookup_elem(&found, &key);
+	if (!r) {
+		w->status = PT_WALK_FULL;
+		return;
+	}
+	__builtin_memset(r, 0, sizeof(*r));
+	if (w->protocol == IPPROTO_TCP)
+		fill_tcp(r, skc, family, BPF_CORE_READ(skc, skc_state));
+	else
+		fill_full_sock(r, (struct sock *)skc, family, IPPROTO_UDP);
+	w->n++;
+}
+
+static long walk_step(__u32 i, void *ctx)
+{
+	struct walk *w = ctx;
+	if (w->sk) {
+		__u64 node = w->sk;
+		w->sk = next_node(w, node);
+		walked_sock(w, (struct sock_common *)(node - w->link));
+	} else if (w->tb2 && bpf_core_field_exists(struct inet_bind2_bucket, bhash_node)) {
+		__u64 node = w->tb2;
+		w->tb2 = next_node(w, node);
+		w->sk = tb2_owners(node);
+	} else if (w->tb) {
+		__u64 node = w->tb;
+		__u64 tb = node - bpf_core_field_offset(struct inet_bind_bucket, node);
+		w->tb = next_node(w, node);
+		/* One bucket per (net, port, l3mdev): walk each of ours. */
+		if (BPF_CORE_READ((struct inet_bind_bucket *)tb, port) == w->port &&
+		    (__u64)BPF_CORE_READ((struct inet_bind_bucket *)tb, ib_net.net) == w->net) {
+			if (bpf_core_field_exists(struct inet_bind_bucket, bhash2))
+				w->tb2 = tb_bhash2(tb);
+			else if (bpf_core_field_exists(struct inet_bind_bucket, owners))
+				w->sk = tb_owners(tb);
+		}
+	} else {
+		w->done = 1;
+	}
+	return w->done || w->status ? 1 : 0;
+}
+
+SEC("raw_tp")
+int walk_port(void *ctx)
+{
+	struct pt_query *q = get_query();
+	if (!q)
+		return PT_WALK_NO_LAYOUT;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct net *net = BPF_CORE_READ(task, nsproxy, net_ns);
+	struct walk w = { .net = (__u64)net, .port = q->lo, .protocol = q->protocol };
+	if (q->protocol == IPPROTO_TCP) {
+		bool layout = bpf_core_field_exists(struct inet_bind_bucket, bhash2) ?
+			bpf_core_field_exists(struct inet_bind2_bucket, bhash_node) :
+			bpf_core_field_exists(struct inet_bind_bucket, owners);
+		if (!layout)
+			return PT_WALK_NO_LAYOUT;
+		struct inet_hashinfo *h = BPF_CORE_READ(net, ipv4.tcp_death_row.hashinfo);
+		__u32 size = BPF_CORE_READ(h, bhash_size);
+		__u32 idx = (w.port + BPF_CORE_READ(net, hash_mix)) & (size - 1);
+		__u64 bucket = (__u64)BPF_CORE_READ(h, bhash) +
+			(__u64)idx * bpf_core_type_size(struct inet_bind_hashbucket);
+		w.tb = (__u64)BPF_CORE_READ((struct inet_bind_hashbucket *)bucket, chain.first);
+		w.link = bpf_core_field_offset(struct sock_common, skc_bind_node);
+	} else {
+		if (!bpf_core_field_exists(struct netns_ipv4, udp_table))
+			return PT_WALK_NO_LAYOUT;
+		w.sk = udp_slot(w.net, w.port);
+		w.link = bpf_core_field_offset(struct sock_common, skc_node);
+	}
+	bpf_loop(q->max_steps, walk_step, &w, 0);
+	if (w.status)
+		return w.status;
+	return w.done ? (int)w.n : PT_WALK_STEP_CAP;
 }

@@ -34,7 +34,7 @@ enum bpf_map_type {
 };
 
 enum { BPF_ANY = 0, BPF_NOEXIST = 1, BPF_EXIST = 2 };
-enum { BPF_F_NO_COMMON_LRU = 1U << 1 };
+enum { BPF_F_NO_COMMON_LRU = 1U << 1, BPF_F_MMAPABLE = 1U << 10 };
 
 #define PRESERVE __attribute__((preserve_access_index))
 
@@ -47,13 +47,70 @@ struct ns_common {
 	unsigned int inum;
 } PRESERVE;
 
-struct net {
-	struct ns_common ns;
-} PRESERVE;
+struct net;
 
 typedef struct {
 	struct net *net;
 } possible_net_t;
+
+struct hlist_node {
+	struct hlist_node *next;
+} PRESERVE;
+
+struct hlist_head {
+	struct hlist_node *first;
+} PRESERVE;
+
+/* The port's bind hash (include/net/inet_hashtables.h). 6.1-6.7 chain every
+ * socket of the port on inet_bind_bucket.owners; 6.8+ chain the port's
+ * inet_bind2_buckets (one per address) on inet_bind_bucket.bhash2, each with
+ * its sockets on owners. Both link sockets and minisocks by skc_bind_node. */
+struct inet_bind_bucket {
+	possible_net_t ib_net;
+	unsigned short port;
+	struct hlist_node node;
+	struct hlist_head owners;	/* 6.1-6.7 */
+	struct hlist_head bhash2;	/* 6.8+ */
+} PRESERVE;
+
+struct inet_bind2_bucket {
+	struct hlist_node bhash_node;	/* 6.8+ */
+	struct hlist_head owners;
+} PRESERVE;
+
+struct inet_bind_hashbucket {
+	struct hlist_head chain;
+} PRESERVE;
+
+struct inet_hashinfo {
+	struct inet_bind_hashbucket *bhash;
+	unsigned int bhash_size;
+} PRESERVE;
+
+struct inet_timewait_death_row {
+	struct inet_hashinfo *hashinfo;
+} PRESERVE;
+
+/* Per-netns UDP hash (6.2+; before, one global udp_table with no BTF VAR). */
+struct udp_hslot {
+	struct hlist_head head;
+} PRESERVE;
+
+struct udp_table {
+	struct udp_hslot *hash;
+	unsigned int mask;
+} PRESERVE;
+
+struct netns_ipv4 {
+	struct inet_timewait_death_row tcp_death_row;
+	struct udp_table *udp_table;	/* 6.2+ */
+} PRESERVE;
+
+struct net {
+	struct ns_common ns;
+	__u32 hash_mix;
+	struct netns_ipv4 ipv4;
+} PRESERVE;
 
 struct sock_common {
 	__be32 skc_daddr;
@@ -66,6 +123,8 @@ struct sock_common {
 	unsigned char skc_reuseport:1;
 	unsigned char skc_ipv6only:1;
 	int skc_bound_dev_if;
+	struct hlist_node skc_bind_node;	/* TCP: on the port's bind bucket */
+	struct hlist_node skc_node;	/* UDP: on the port's udp_table slot */
 	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
@@ -90,9 +149,20 @@ struct inode {
 	unsigned long i_ino;
 } PRESERVE;
 
+typedef struct {
+	long counter;
+} atomic_long_t;
+
+/* include/linux/file_ref.h (6.13+): the count of references minus one. */
+typedef struct {
+	atomic_long_t refcnt;
+} file_ref_t;
+
 struct file {
 	void *private_data;
 	struct inode *f_inode;
+	atomic_long_t f_count;	/* before 6.13 */
+	file_ref_t f_ref;	/* 6.13+ */
 } PRESERVE;
 
 struct sock;

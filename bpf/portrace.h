@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Records shared by both engines' kernel sides (portrace.bpf.c for bcc,
+ * Records shared by both engines' kernel sides (bcc.bpf.c for bcc,
  * core.bpf.c for libbpf CO-RE) and the frontend's decoders. The frontend
  * never mirrors these by hand: the bcc engine reads their compiled layout from
  * the `pt_layout` map's value type, the CO-RE engine from the object's own BTF,
@@ -144,7 +144,7 @@ struct pt_sock {
 	__u32 pid;		/* iter/task_file: the holder's tgid */
 	__u32 ppid;		/* iter/task_file: its parent's tgid */
 	__s32 fd;		/* iter/task_file: the holder's fd */
-	__u32 pad2;
+	__u32 file_refs;	/* references to the socket's file (0: none, or unknown) */
 	__s64 expires_ms;	/* minisocks: ms until the timer fires; -1 otherwise */
 	__u64 inode;		/* 0 for minisocks */
 	__u64 skaddr;
@@ -158,6 +158,18 @@ struct pt_query {
 	__u32 netns;		/* inode; iter/task_file filters by it (tcp/udp list the creator's) */
 	__u16 lo;
 	__u16 hi;
+	__u8 protocol;		/* walk_port: IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[3];
+	__u32 max_steps;	/* walk_port: list nodes it may visit */
+};
+
+/* What walk_port returns when it has no complete answer (>= 0: the number of
+ * sockets it wrote to the found map). */
+enum pt_walk {
+	PT_WALK_NO_LAYOUT = -1,	/* this kernel's hash has a layout the walk cannot read */
+	PT_WALK_STEP_CAP = -2,	/* the bucket holds more nodes than max_steps */
+	PT_WALK_FULL = -3,	/* more sockets on the port than the found map holds */
+	PT_WALK_FAULT = -4,	/* a list node could not be read (freed under the walk) */
 };
 
 /* The last transitions seen on a watched port, kept in the kernel (CO-RE). */

@@ -463,6 +463,27 @@ class Netns:
 
 
 @dataclass(frozen=True)
+class SnapshotSource:
+    """Where a port's snapshot came from, and what it cost the host.
+
+    ``sockets``, per protocol: ``bind_hash`` (TCP: the port's bucket of the
+    bind hash, include/net/inet_hashtables.h: inet_bhashfn), ``udp_hash`` (the
+    port's slot of the netns's udp_table, 6.2+), ``iterators`` (iter/tcp or
+    iter/udp over every socket of the netns) or ``sock_diag`` (bcc engine).
+    ``holders``: ``binder`` (the fds of the processes the kernel saw bind or
+    listen, which account for every reference to each socket's file),
+    ``host`` (every fd of the host, iter/task_file), ``proc`` (bcc:
+    /proc/PID/fd) or ``none`` (no socket on the port has a file).
+    ``fallback``: why a cheaper path was not taken (None: none was left out).
+    """
+
+    sockets: dict[str, str] = on_wire(kinds=DICT, encode=dict,
+                                      decode=lambda v, where: dict(v))
+    holders: str = on_wire(kinds=STR)
+    fallback: str | None = on_wire(None, kinds=OPT_STR, absent=None)
+
+
+@dataclass(frozen=True)
 class AddressState:
     """A bind()'s address as the failing namespace has it, for a bind()
     refused with EADDRNOTAVAIL (portrace.observe.addresses): ``interface``
@@ -615,6 +636,9 @@ class CallError:
     # The engine's own time for the port's snapshot (sockets and holders), without
     # the wait before it that lookup_ms includes; None when no snapshot was taken.
     snapshot_ms: float | None = on_wire(None, after="verdict_ms", **MS)
+    # How that snapshot was taken (None: none was).
+    snapshot_source: SnapshotSource | None = on_wire(None, kinds=OPT_DICT, absent=None,
+                                                     after="snapshot_ms", **_one(SnapshotSource))
     type: str = on_wire("", init=False)  # bind_error | listen_error | connect_error
     # connect() only: the destination again, and the port the socket was bound to.
     destination: Endpoint | None = on_wire(
@@ -675,6 +699,10 @@ class Check:
     # With --pid: the cgroup programs that would run on its bind(), which
     # decide only when run (None: none, or not asked).
     policy: Policy | None = on_wire(None, kinds=OPT_DICT, absent=None, **_one(Policy))
+    # How the port's snapshot was taken (None: none was, the address or port
+    # rule refused first).
+    snapshot_source: SnapshotSource | None = on_wire(None, kinds=OPT_DICT, absent=None,
+                                                     **_one(SnapshotSource))
     type: str = on_wire("check", init=False)
 
     def __post_init__(self) -> None:

@@ -105,6 +105,7 @@ def failure_event(obs: Observation, j: Judgement, host: dict[str, str],
                      netns=found.netns, blockers=j.blockers, verdict=j.verdict,
                      blockers_total=j.total, blockers_by_state=j.by_state,
                      lookup_ms=found.lookup_ms, snapshot_ms=found.snapshot_ms,
+                     snapshot_source=found.snapshot.source,
                      last_seen=j.last_seen, usage=obs.usage, sysctls=found.snapshot.sysctls,
                      process=obs.process, host=host, recent=found.recent,
                      verdict_ms=verdict_ms, address=obs.refusal.address,
@@ -127,4 +128,4 @@ def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,
                  blockers_total=None if refused else j.total,
                  blockers_by_state=None if refused else j.by_state,
                  address=obs.refusal.address, port_rule=obs.refusal.port_rule,
-                 policy=obs.refusal.policy)
+                 policy=obs.refusal.policy, snapshot_source=obs.snapshot.source)

@@ -17,7 +17,9 @@ Records are decoded with the layout read from the object's own BTF.
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import mmap
 import os
 import socket
 import threading
@@ -31,12 +33,13 @@ from portrace.events import (
     PROTOCOLS,
     Closer,
     Endpoint,
+    SnapshotSource,
     SockOpts,
     StateChange,
     Task,
     tcp_state_name,
 )
-from portrace.kernel import engine, libbpf, namespaces
+from portrace.kernel import engine, header, libbpf, namespaces
 from portrace.kernel.btf import BtfError
 from portrace.kernel.records import (
     PT_OPT_ALL,
@@ -56,6 +59,18 @@ TRACEPOINTS = ("sock/inet_sock_set_state",) + tuple(
 PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_enter",
             "connect_exit", "set_state")
 ITERATORS = {"tcp": "iter_tcp", "udp": "iter_udp", "holders": "iter_task_file"}
+WALK = "walk_port"  # the port's own hash bucket, run by BPF_PROG_TEST_RUN
+WALK_SOURCE = {"tcp": "bind_hash", "udp": "udp_hash"}  # SnapshotSource.sockets
+WALK_TABLE = {"tcp": "bind hash", "udp": "per-netns udp_table (Linux 6.2+)"}
+FOUND_CAP = 16384  # sockets one walk returns; a port with more is listed by the iterators
+WALK_STEPS = 4 * FOUND_CAP  # list nodes one walk visits: sockets plus the port's buckets
+WALK_STATUS = header.enum("pt_walk")
+WALK_WHY = {
+    WALK_STATUS["PT_WALK_NO_LAYOUT"]: "this kernel's {table} has no layout the walk reads",
+    WALK_STATUS["PT_WALK_STEP_CAP"]: "the port's bucket holds more than {steps} list nodes",
+    WALK_STATUS["PT_WALK_FULL"]: "more than {cap} sockets on the port",
+    WALK_STATUS["PT_WALK_FAULT"]: "the bucket changed under the walk twice",
+}
 LOG_DIR = Path("/run/portrace")  # root-only: the verifier's log of a refused load
 PAGE = 4096
 
@@ -71,7 +86,8 @@ class CoreEngine:
     name = "core"
 
     def __init__(self, ports: Iterable[int], on_event: Callable[[Any], None],
-                 ringbuf_pages: int = 64, states: bool = True, attach: bool = True) -> None:
+                 ringbuf_pages: int = 64, states: bool = True, attach: bool = True,
+                 walk: bool = True, walk_steps: int = WALK_STEPS) -> None:
         self.ports = sorted(set(ports))
         self.attach = attach  # False: only the iterators (portrace check), nothing attached
         self.on_event = on_event
@@ -82,6 +98,12 @@ class CoreEngine:
         self._rb = 0
         self._iters: dict[str, int] = {}
         self._budget = engine.PollBudget()
+        # walk=False: the iterators alone (the path this engine had before
+        # walk_port, kept as the benchmarks' anchor and the tests' reference).
+        self.walk = walk
+        self.walk_steps = walk_steps
+        self.walk_fallback: str | None = None  # why walk_port cannot run here
+        self._found: mmap.mmap | None = None
 
     def open(self) -> None:
         if self.attach:
@@ -89,28 +111,34 @@ class CoreEngine:
         else:
             engine.require_bpf()
         path = str(engine.core_object())
+        obj = self._obj = _open_object(path)
+        walk = self.walk and obj.has_program(WALK)
+        if self.walk and not walk:
+            self.walk_fallback = f"{path} has no {WALK} program"
         try:
-            obj = libbpf.BpfObject(path)
-        except libbpf.LibbpfMissing as exc:
-            raise errors.NoLibbpf(str(exc)) from None
-        except libbpf.LibbpfError as exc:
-            raise errors.NoLibbpf(f"cannot open the CO-RE object {path}: {exc}") from None
-        self._obj = obj
-        try:
-            n = max(1, len(self.ports))
-            obj.set_max_entries("watched_ports", n)
-            obj.set_max_entries("recent", n)
-            obj.set_max_entries("port_rate", n)
-            obj.set_max_entries("events", self.ringbuf_pages * PAGE)
-            obj.set_rodata({"all_ports": 0 if self.ports else 1,
-                            "stream_states": 1 if self.states else 0})
-            obj.load()
+            try:
+                self._configure(obj, walk)
+                obj.load()
+            except libbpf.LibbpfError as exc:
+                if not walk:
+                    raise
+                # Only the walk reads the hash tables' layouts: without it
+                # the iterators answer, as they do on a kernel it cannot read.
+                obj.close()
+                obj = self._obj = _open_object(path)
+                self._configure(obj, walk=False)
+                obj.load()
+                walk = False
+                self.walk_fallback = (f"the kernel refused {WALK} ({exc.strerror}; "
+                                      f"verifier log: {_save_log(exc.log)})")
             self.event_t = obj.btf.layout("pt_event")
             self.sock_t = obj.btf.layout("pt_sock")
             self.query_t = obj.btf.layout("pt_query")
             self.task_t = obj.btf.layout("pt_task")
             self.tuple_t = obj.btf.layout("pt_tuple")
             self.recent_t = obj.btf.layout("pt_recent")
+            if walk:
+                self._found = obj.map("found").mapped(ctypes.sizeof(self.sock_t), FOUND_CAP)
             watched = obj.map("watched_ports")
             for port in self.ports:
                 watched.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
@@ -133,6 +161,19 @@ class CoreEngine:
             raise errors.CoreLoadFailed(
                 f"the CO-RE object {path} does not match this portrace ({exc}); `sudo make "
                 "setup` rebuilds it; `--engine bcc` does without it") from None
+
+    def _configure(self, obj: libbpf.BpfObject, walk: bool) -> None:
+        n = max(1, len(self.ports))
+        obj.set_max_entries("watched_ports", n)
+        obj.set_max_entries("recent", n)
+        obj.set_max_entries("port_rate", n)
+        obj.set_max_entries("events", self.ringbuf_pages * PAGE)
+        obj.set_rodata({"all_ports": 0 if self.ports else 1,
+                        "stream_states": 1 if self.states else 0})
+        if walk:
+            obj.set_max_entries("found", FOUND_CAP)
+        elif obj.has_program(WALK):
+            obj.skip(WALK)
 
     def _on_record(self, data: int, _size: int) -> int:
         ev = decode_event(self.event_t.from_address(data), self.clock)
@@ -195,59 +236,119 @@ class CoreEngine:
     def snapshot(self, port: int, protocols: Iterable[str], netns_fd: int | None,
                  netns_inode: int, sysctls: Iterable[str], holders: bool
                  ) -> engine.Snapshot:
-        """The sockets on ``port`` (0: every port) in the namespace, from the
-        iterators, with their holders, and the named sysctls as it sees them."""
+        """The sockets on ``port`` (0: every port) in the namespace, with their
+        holders, and the named sysctls as it sees them.
+
+        Sockets: from the port's own hash bucket (walk_port) where this kernel
+        lets it be read, else from the iterators over the whole netns.
+        Holders: from the fds of the processes the kernel saw bind or listen
+        on the port, when those account for every reference to each socket's
+        file; else from every fd of the host. ``source`` says which, and why
+        a cheaper path was left. Raises LibbpfError."""
         assert self._obj is not None
+        obj = self._obj
+        protos = tuple(protocols)
         q = self.query_t()
         q.netns, q.lo, q.hi = netns_inode, port or 1, port or 65535
-        self._obj.map("query").update(ctypes.c_uint32(0), q)
-        protos = tuple(protocols)
-        obj = self._obj
-        # Run even without holders wanted: bound-only sockets are only found
-        # here. Both walks cost the kernel ~0.4 us per socket or fd, so the
-        # fd walk runs beside the socket walk (read() releases the GIL).
-        walked: list[bytes] = []
-        failed: list[Exception] = []
-
-        def walk() -> None:
-            try:
-                walked.append(obj.iterate(self._iters["holders"]))
-            except Exception as exc:  # raised below, in the diagnosing thread
-                failed.append(exc)
-
-        walker = threading.Thread(target=walk)
-        walker.start()
+        obj.map("query").update(ctypes.c_uint32(0), q)
+        fallback = [] if port else ["every port: the iterators list them"]
+        # Without the bucket, TCP's bound-only sockets are found only through
+        # the fds that hold them: the host walk then runs beside the socket
+        # walk (read() releases the GIL), as both cost ~0.4 us per item.
+        side = _HostWalk(obj, self._iters["holders"], self.sock_t)
         try:
             with namespaces.entered(netns_fd):
                 values = namespaces.read_sysctls(sysctls)
+                walked, why = self._walk(q, protos) if port else ({}, [])
+                fallback += why
+                if "tcp" in protos and "tcp" not in walked:
+                    side.start()
                 # bpf_iter_init_seq_net: tcp/udp iterators list the creator's netns.
-                raw = {p: obj.iterate(self._iters[p]) for p in protos}
+                listed = {p: walked[p] if p in walked else
+                          list(libbpf.records(obj.iterate(self._iters[p]), self.sock_t))
+                          for p in protos}
         finally:
-            walker.join()
-        if failed:
-            raise failed[0]
-        entries: list[engine.SocketEntry] = []
-        seen: set[int] = set()
+            host = side.join()
+        socks = [r for p in protos for r in listed[p]]
+        seen = {r.skaddr for r in socks}
+        for r in host or ():
+            if r.skaddr not in seen and PROTOCOLS.get(r.protocol) in protos:
+                seen.add(r.skaddr)  # bound-only: only the bind hash and fds know it
+                socks.append(r)
+        held_by, rows = "none", []
+        if holders and any(r.inode for r in socks):
+            if host is None:
+                found, why_host = self._binders_rows(socks)
+                if found is None:
+                    fallback.append(why_host)
+                    host = list(libbpf.records(obj.iterate(self._iters["holders"]), self.sock_t))
+                else:
+                    held_by, rows = "binder", found
+            if host is not None:
+                held_by, rows = "host", host
+        source = SnapshotSource(
+            sockets={p: WALK_SOURCE[p] if p in walked else "iterators" for p in protos},
+            holders=held_by, fallback="; ".join(fallback) or None)
+        return engine.Snapshot(sockets=[_entry(r) for r in socks],
+                               holders=_holders(rows, protos), sysctls=values, source=source)
+
+    def _walk(self, q: Any, protos: tuple[str, ...]) -> tuple[dict[str, list[Any]], list[str]]:
+        """Each protocol's sockets on the queried port from walk_port, in
+        the calling thread's netns; and why a protocol was not walked."""
+        if self._found is None:
+            return {}, [self.walk_fallback or f"{WALK} is off"]
+        obj = self._obj
+        assert obj is not None
+        out: dict[str, list[Any]] = {}
+        why: list[str] = []
+        elem = (ctypes.sizeof(self.sock_t) + 7) & ~7
         for p in protos:
-            for r in libbpf.records(raw[p], self.sock_t):
-                entries.append(_entry(r))
-                seen.add(r.skaddr)
-        # (inode, pid) -> (ppid, comm, fds): one holder per process and socket
-        held: dict[tuple[int, int], tuple[int, str, list[int]]] = {}
-        for r in libbpf.records(walked[0], self.sock_t):
-            if PROTOCOLS.get(r.protocol) not in protos:
+            q.protocol = socket.IPPROTO_TCP if p == "tcp" else socket.IPPROTO_UDP
+            q.max_steps = self.walk_steps
+            obj.map("query").update(ctypes.c_uint32(0), q)
+            n = obj.test_run(WALK)
+            if n == WALK_STATUS["PT_WALK_FAULT"]:
+                n = obj.test_run(WALK)  # a node freed under the walk: once more
+            if n < 0:
+                why.append(f"{p}: " + WALK_WHY[n].format(
+                    table=WALK_TABLE[p], steps=self.walk_steps, cap=FOUND_CAP))
                 continue
-            if r.skaddr not in seen:  # bound-only: only the bind hash and fds know it
-                seen.add(r.skaddr)
-                entries.append(_entry(r))
-            if holders:
-                comm = r.comm.decode(errors="replace")
-                held.setdefault((r.inode, r.pid), (r.ppid, comm, []))[2].append(r.fd)
-        found: dict[int, list[engine.Holder]] = {}
-        for (inode, pid), (ppid, comm, nums) in held.items():
-            found.setdefault(inode, []).append(
-                engine.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
-        return engine.Snapshot(sockets=entries, holders=found, sysctls=values)
+            out[p] = [self.sock_t.from_buffer_copy(self._found, i * elem) for i in range(n)]
+        return out, why
+
+    def _binders_rows(self, socks: list[Any]) -> tuple[list[Any] | None, str]:
+        """The fds holding the port's sockets, read from only the processes
+        the kernel saw bind or listen on the port: None, and why, unless they
+        account for every reference to each socket's file, so that no holder
+        the host walk would find is missed."""
+        obj = self._obj
+        assert obj is not None
+        pids = sorted({t.pid for r in socks if r.inode and (t := self.owner(r.skaddr))})
+        if not pids:
+            return None, "no process was seen binding the port's sockets"
+        rows: list[Any] = []
+        for pid in pids:
+            try:
+                link = obj.iterator_link(ITERATORS["holders"], pid=pid)
+            except libbpf.LibbpfError:
+                return None, f"binder {pid} is gone"
+            try:
+                rows += libbpf.records(obj.iterate(link), self.sock_t)
+            finally:
+                obj.drop_link(link)
+        fds = collections.Counter(r.inode for r in rows)
+        refs = {r.inode: r.file_refs for r in rows}
+        for r in socks:
+            if not r.inode:
+                continue
+            if r.inode not in refs:
+                return None, f"socket inode {r.inode} is not held by binders {_pids(pids)}"
+            # The iterator holds one reference of its own while it visits a file.
+            extra = refs[r.inode] - 1 - fds[r.inode]
+            if extra:
+                return None, (f"socket inode {r.inode} has {extra} reference(s) beyond "
+                              f"binders {_pids(pids)}")
+        return rows, ""
 
     def detach(self) -> None:
         """Stop the probes; the maps stay readable until close()."""
@@ -255,9 +356,69 @@ class CoreEngine:
             self._obj.detach()
 
     def close(self) -> None:
+        if self._found is not None:
+            self._found.close()
+            self._found = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
+
+
+def _open_object(path: str) -> libbpf.BpfObject:
+    try:
+        return libbpf.BpfObject(path)
+    except libbpf.LibbpfMissing as exc:
+        raise errors.NoLibbpf(str(exc)) from None
+    except libbpf.LibbpfError as exc:
+        raise errors.NoLibbpf(f"cannot open the CO-RE object {path}: {exc}") from None
+
+
+class _HostWalk:
+    """iter/task_file over every fd of the host, in a thread of its own once
+    started; :meth:`join` returns its rows (None: not started) or raises what
+    it raised."""
+
+    def __init__(self, obj: libbpf.BpfObject, link: int, layout: Any) -> None:
+        self._obj, self._link, self._layout = obj, link, layout
+        self._rows: list[Any] = []
+        self._failed: list[Exception] = []
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        try:
+            self._rows = list(libbpf.records(self._obj.iterate(self._link), self._layout))
+        except Exception as exc:  # raised by join(), in the diagnosing thread
+            self._failed.append(exc)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def join(self) -> list[Any] | None:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if self._failed:
+            raise self._failed[0]
+        return self._rows
+
+
+def _holders(rows: list[Any], protos: tuple[str, ...]) -> dict[int, list[engine.Holder]]:
+    """iter/task_file rows -> socket inode -> one Holder per process."""
+    held: dict[tuple[int, int], tuple[int, str, list[int]]] = {}
+    for r in rows:
+        if PROTOCOLS.get(r.protocol) in protos:
+            comm = r.comm.decode(errors="replace")
+            held.setdefault((r.inode, r.pid), (r.ppid, comm, []))[2].append(r.fd)
+    found: dict[int, list[engine.Holder]] = {}
+    for (inode, pid), (ppid, comm, nums) in held.items():
+        found.setdefault(inode, []).append(
+            engine.Holder(pid=pid, ppid=ppid, comm=comm, fds=tuple(sorted(nums))))
+    return found
+
+
+def _pids(pids: list[int]) -> str:
+    return ", ".join(map(str, pids))
 
 
 def _entry(r: Any) -> engine.SocketEntry:

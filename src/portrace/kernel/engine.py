@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from portrace import errors
-from portrace.events import Closer, Endpoint, SockOpts, StateChange, Task
+from portrace.events import Closer, Endpoint, SnapshotSource, SockOpts, StateChange, Task
 from portrace.kernel import header
 
 ENGINES = ("auto", "core", "bcc")
@@ -93,6 +93,7 @@ class Snapshot:
     # False when some process's fds could not be read (not root): then a
     # socket listed with no holder may still have one.
     holders_complete: bool = True
+    source: SnapshotSource | None = None  # how the engine took it
 
 
 class Engine(Protocol):

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
-_NUMBER = r"(0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*"
+_NUMBER = r"(-?(?:0[xX][0-9a-fA-F]+|[0-9]+))[uUlL]*"
 _DEFINE = re.compile(rf"^#define\s+(PT_\w+)\s+{_NUMBER}\s*$", re.M)
 _ENUM = re.compile(r"\benum\s+(\w+)\s*\{(.*?)\}\s*;", re.S)
 _ENUMERATOR = re.compile(rf"^\s*(\w+)\s*=\s*{_NUMBER}\s*$")
@@ -29,7 +29,8 @@ def bpf_dir() -> Path:
 
 
 def _int(text: str) -> int:
-    return int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text)
+    return sign * (int(digits, 16) if digits[:2] in ("0x", "0X") else int(digits, 10))
 
 
 def parse_enums(text: str) -> dict[str, dict[str, int]]:

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -48,6 +49,9 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__initial_value": (_p, [_p, ctypes.POINTER(ctypes.c_size_t)]),
     "bpf_program__attach": (_p, [_p]),
     "bpf_program__attach_iter": (_p, [_p, _p]),
+    "bpf_program__fd": (ctypes.c_int, [_p]),
+    "bpf_program__set_autoload": (ctypes.c_int, [_p, ctypes.c_bool]),
+    "bpf_prog_test_run_opts": (ctypes.c_int, [ctypes.c_int, _p]),
     "bpf_link__fd": (ctypes.c_int, [_p]),
     "bpf_link__destroy": (ctypes.c_int, [_p]),
     "bpf_iter_create": (ctypes.c_int, [ctypes.c_int]),
@@ -69,6 +73,34 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32)]),
 }
 BPF_F_QUERY_EFFECTIVE = 1  # include/uapi/linux/bpf.h
+PAGE = 4096
+
+
+class _TestRunOpts(ctypes.Structure):
+    """tools/lib/bpf/bpf.h: struct bpf_test_run_opts (libbpf 0.7+)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", _p), ("data_out", _p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", _p), ("ctx_out", _p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+class _IterTask(ctypes.Structure):
+    """include/uapi/linux/bpf.h: union bpf_iter_link_info, its task member
+    (6.1+), padded to the union's 16 bytes."""
+
+    _fields_ = [("tid", ctypes.c_uint32), ("pid", ctypes.c_uint32),
+                ("pid_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class _IterAttachOpts(ctypes.Structure):
+    """tools/lib/bpf/libbpf.h: struct bpf_iter_attach_opts."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("link_info", _p), ("link_info_len", ctypes.c_uint32)]
+
 MAX_QUERIED = 64  # programs one query lists: more than any cgroup chain holds
 
 
@@ -217,6 +249,14 @@ class Map:
             _check(f"look up map {self.name}", ret)
         return True
 
+    def mapped(self, value_size: int, entries: int) -> mmap.mmap:
+        """An array map made with BPF_F_MMAPABLE, mapped read-only: element i
+        at ``i * round_up(value_size, 8)`` (kernel/bpf/arraymap.c:
+        array_map_alloc)."""
+        elem = (value_size + 7) & ~7
+        size = (elem * entries + PAGE - 1) // PAGE * PAGE
+        return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+
     def percpu_sum(self, key: Any) -> int:
         """The sum of a per-CPU array's u64 slots at ``key``."""
         ncpu = load().libbpf_num_possible_cpus()
@@ -270,18 +310,48 @@ class BpfObject:
 
     def attach(self, program: str) -> None:
         """Attach by the program's SEC() (tracepoints); detached by close()."""
-        prog = _nonnull(f"find program {program}",
-                        self.lib.bpf_object__find_program_by_name(self._obj, program.encode()))
-        self._links.append(_nonnull(f"attach {program}", self.lib.bpf_program__attach(prog)))
+        self._links.append(_nonnull(f"attach {program}",
+                                    self.lib.bpf_program__attach(self._program(program))))
 
-    def iterator_link(self, program: str) -> int:
-        """Attach an ``iter/*`` program; the link makes iterators (see iterate)."""
-        prog = _nonnull(f"find program {program}",
+    def _program(self, program: str) -> int:
+        return _nonnull(f"find program {program}",
                         self.lib.bpf_object__find_program_by_name(self._obj, program.encode()))
-        link = _nonnull(f"attach iterator {program}",
-                        self.lib.bpf_program__attach_iter(prog, None))
+
+    def has_program(self, program: str) -> bool:
+        return bool(self.lib.bpf_object__find_program_by_name(self._obj, program.encode()))
+
+    def skip(self, program: str) -> None:
+        """Before load: leave ``program`` out of the load (its object stays usable)."""
+        _check(f"skip {program}", self.lib.bpf_program__set_autoload(self._program(program), False))
+
+    def iterator_link(self, program: str, pid: int = 0) -> int:
+        """Attach an ``iter/*`` program; the link makes iterators (see
+        iterate). ``pid``: a task iterator visits only that process's tasks
+        (kernel 6.1+: bpf_iter_link_info.task); the link lives until close()
+        or :meth:`drop_link`."""
+        opts = None
+        if pid:
+            info = _IterTask(pid=pid)
+            opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts),
+                                   link_info=ctypes.addressof(info),
+                                   link_info_len=ctypes.sizeof(info))
+        link = _nonnull(f"attach iterator {program}", self.lib.bpf_program__attach_iter(
+            self._program(program), ctypes.byref(opts) if opts is not None else None))
         self._iter_links.append(link)
         return link
+
+    def drop_link(self, link: int) -> None:
+        self._iter_links.remove(link)
+        self.lib.bpf_link__destroy(link)
+
+    def test_run(self, program: str) -> int:
+        """Run an unattached program once in the calling thread
+        (BPF_PROG_TEST_RUN, no context) and return what it returned, as a
+        signed 32-bit value. Raises LibbpfError."""
+        fd = _check(f"program fd {program}", self.lib.bpf_program__fd(self._program(program)))
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts))
+        _check(f"run {program}", self.lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts)))
+        return ctypes.c_int32(opts.retval).value
 
     def iterate(self, link: int, chunk: int = 1 << 16) -> bytes:
         """Run an iterator once and return what it wrote. The iterator sees

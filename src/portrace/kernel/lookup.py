@@ -135,9 +135,10 @@ def _bound_listen(attempt: SocketCall, snap: Snapshot, own: int | None
     attempt = dataclasses.replace(attempt, addr=mine.local.addr, port=mine.local.port,
                                   family=mine.family)
     on_port = [s for s in snap.sockets if s.local.port == mine.local.port]
+    source = dataclasses.replace(snap.source, holders="proc") if snap.source else None
     return attempt, Snapshot(sockets=on_port,
                              holders=sockdiag.holders_of(s.inode for s in on_port),
-                             sysctls=snap.sysctls)
+                             sysctls=snap.sysctls, source=source)
 
 
 def _closers(engine: Engine, socks: Sequence[SocketEntry]

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from portrace.events import FAMILIES, Endpoint, tcp_state_name
+from portrace.events import FAMILIES, Endpoint, SnapshotSource, tcp_state_name
 from portrace.kernel.engine import UDP_STATE, Holder, Snapshot, SocketEntry, is_minisock
 from portrace.kernel.namespaces import entered, read_sysctls
 
@@ -149,7 +149,10 @@ def snapshot(port: int, protocols: Iterable[str], netns_fd: int | None,
         ds.close()
     denied: set[int] = set()
     held = holders_of((s.inode for s in socks), denied) if holders else {}
-    return Snapshot(sockets=socks, holders=held, sysctls=values, holders_complete=not denied)
+    source = SnapshotSource(sockets={p: "sock_diag" for p in protocols},
+                            holders="proc" if holders else "none")
+    return Snapshot(sockets=socks, holders=held, sysctls=values, holders_complete=not denied,
+                    source=source)
 
 
 NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h
