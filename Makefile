@@ -14,15 +14,21 @@ BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 core-object: $(CORE_OBJ)
 
-$(CORE_OBJ): bpf/core.bpf.c bpf/kernel_types.h bpf/portrace.h bpf/calls.h
-	clang -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(BPF_ARCH) -Wall -Werror \
-		-Ibpf -c bpf/core.bpf.c -o $@.tmp
+CORE_SRC := bpf/core.bpf.c bpf/kernel_types.h bpf/portrace.h bpf/calls.h
+CORE_CFLAGS := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(BPF_ARCH) -Wall -Werror -Ibpf
+
+$(CORE_OBJ): $(CORE_SRC)
+	clang $(CORE_CFLAGS) -c bpf/core.bpf.c -o $@.tmp
 	llvm-strip -g $@.tmp 2>/dev/null || true
 	mv $@.tmp $@
 
 # The tests' own BPF programs (cgroup bind4 refusals), built by setup-test.
 TEST_OBJS := $(patsubst %.c,%.o,$(wildcard tests/bpf/*.bpf.c))
 test-objects: $(TEST_OBJS)
+
+# Variants of the CO-RE object (tests/bpf/core_*.bpf.c include bpf/core.bpf.c).
+tests/bpf/core_%.bpf.o: tests/bpf/core_%.bpf.c $(CORE_SRC)
+	clang $(CORE_CFLAGS) -c $< -o $@
 
 tests/bpf/%.bpf.o: tests/bpf/%.bpf.c
 	clang -g -O2 -target bpf -I/usr/include/$(shell uname -m)-linux-gnu -Wall -Werror \

@@ -15,8 +15,10 @@ from typing import Any
 import contract
 import pytest
 from conftest import PORTS, TracerProcess
+from test_walk import view
 
 from portrace.commands.stage import ScratchNetns, Staged
+from portrace.kernel.core import CoreEngine
 
 MATRIX_PORTS = PORTS[-6:]  # watched by the session tracer, unused by other modules
 
@@ -36,6 +38,37 @@ def scratch() -> Iterator[ScratchNetns]:
         yield ns
 
 
+# The port's own bucket (walk_port) and the iterators, unattached, as `portrace
+# check` has them: while a row holds its sockets, both must name the same.
+_LOOKUPS: dict[bool, CoreEngine] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lookups() -> Iterator[None]:
+    yield
+    for e in _LOOKUPS.values():
+        e.close()
+    _LOOKUPS.clear()
+
+
+def same_lookup(ns: ScratchNetns, port: int, protocol: str) -> None:
+    if not _LOOKUPS:
+        for walk in (True, False):
+            e = CoreEngine(MATRIX_PORTS, lambda ev: None, attach=False, walk=walk)
+            e.open()
+            _LOOKUPS[walk] = e
+    fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        inode = os.fstat(fd).st_ino
+        walk, it = (_LOOKUPS[w].snapshot(port, (protocol,), fd, inode, (), True)
+                    for w in (True, False))
+    finally:
+        os.close(fd)
+    assert view(walk) == view(it), "the walk and the iterators disagree"
+    assert walk.source is not None and walk.source.sockets == {
+        protocol: "bind_hash" if protocol == "tcp" else "udp_hash"}, walk.source
+
+
 def await_error(tracer: TracerProcess, pid: int, mark: int, timeout: float = 15.0
                 ) -> Event | None:
     return tracer.wait_for(lambda e: e["type"].endswith("_error") and e["pid"] == pid,
@@ -50,6 +83,8 @@ def attempt(tracer: TracerProcess, ns: ScratchNetns, addr: str, port: int, *args
     p = Staged("bind", addr, port, *args, "--hold", name="new-server", netns=ns)
     try:
         assert p.info == expect, f"staging gave {p.info!r}, wanted {expect!r}"
+        if port and tracer.engine == "core":
+            same_lookup(ns, port, "udp" if "--udp" in args else "tcp")
         if "EADDRINUSE" in expect or "EADDRNOTAVAIL" in expect:
             return await_error(tracer, p.pid, mark), p
         seen = tracer.wait_for(lambda e: e["pid"] == p.pid, start=mark)

@@ -3,8 +3,9 @@
 matching headers, so two more kernel versions in CI) and packed as Vagrant
 boxes for libvirt. `vagrant up` of vagrant/Vagrantfile, the user-facing one,
 provisions one VM per release with vagrant/provision.sh (the README's `make
-setup`); through `vagrant ssh` it runs `portrace demo` on both engines and a
-lab comparison, then vagrant/validate-sysctl.sh judges each sysctl file before
+setup`); through `vagrant ssh` it runs `portrace demo` on both engines, the
+CO-RE engine's port lookup on each kernel's hash layouts and a lab
+comparison, then vagrant/validate-sysctl.sh judges each sysctl file before
 against after, putting back what each changed before the next
 (scripts/vm/vagrant-run.sh).
 
@@ -97,6 +98,31 @@ def test_vm_demo_diagnoses_both_staged_conflicts_on_each_engine(console):
     bcc = section(console, "demo-bcc")
     assert "portrace demo: engine bcc (asked for with --engine bcc)" in bcc
     assert "portrace demo: 2 of 2 staged conflicts diagnosed" in bcc
+
+
+# The hash layouts each release's kernel has (kernel/core.py: walk_port): TCP's
+# bind bucket lists its sockets itself on 6.1 (tb->owners), through per-address
+# buckets on 6.12 (bhash2); UDP's table is per netns only from 6.2.
+UDP_PATH = {"bookworm": "iterators", "trixie": "udp_hash"}
+
+
+def test_vm_lookup_walks_the_ports_own_bucket_on_each_kernel(console, suite):
+    rows = {r["protocol"]: r for r in map(json.loads, (
+        line for line in section(console, "lookup").splitlines() if line.startswith("{")))}
+    assert set(rows) == {"tcp", "udp"}, rows
+    for r in rows.values():
+        assert r["kernel"].startswith(SUITES[suite]), r
+        assert r["same"], f"the walk and the iterators disagree: {r}"
+        assert r["sockets"] == 2 and r["source"]["holders"] == "binder", r
+    assert rows["tcp"]["source"]["sockets"] == {"tcp": "bind_hash"}, rows["tcp"]
+    assert rows["udp"]["source"]["sockets"] == {"udp": UDP_PATH[suite]}, rows["udp"]
+    if UDP_PATH[suite] == "iterators":
+        assert "udp_table" in rows["udp"]["source"]["fallback"], rows["udp"]
+    else:
+        assert rows["udp"]["source"]["fallback"] is None, rows["udp"]
+    demo = section(console, "demo")
+    assert "sockets from the port's bind-hash bucket" in demo
+    assert "sockets from sock_diag" in section(console, "demo-bcc")
 
 
 def test_vm_lab_agrees_with_the_kernel(console):

@@ -356,8 +356,9 @@ def lab(scenarios: Sequence[str], engine_name: str, sysctls: Sequence[str],
               "(docs/events.md, type check).")
 @click.option("--engine", "engine_name", type=click.Choice(check_mod.ENGINES), default="auto",
               show_default=True,
-              help="core: BPF iterators, every socket's own options (root); sock_diag: no BPF, "
-                   "no root needed (options of live sockets unknown); auto: core where it runs.")
+              help="core: BPF, the port's own hash bucket, every socket's own options (root); "
+                   "sock_diag: no BPF, no root needed (options of live sockets unknown); auto: "
+                   "core where it runs.")
 def check(ports: Sequence[int], addr: str, udp: bool, reuseaddr: bool, reuseport: bool,
           v6only: bool, uid: int | None, netns_name: str | None, pid: int | None, wait: bool,
           timeout: float | None, as_json: bool, engine_name: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 
-from portrace.events import Blocker, ProcessRef, printable
+from portrace.events import Blocker, ProcessRef, SnapshotSource, printable
 
 HOLDERS_UNREADABLE = "other users' fds are readable by root only"
 
@@ -50,6 +50,27 @@ def blocker(b: Blocker) -> str:
         parts.append("held by no process (orphaned)" if b.holders_known else
                      f"holders not named ({HOLDERS_UNREADABLE})")
     return ", ".join(parts)
+
+
+# SnapshotSource's values, as a reader of the kernel source names them.
+SOCKETS_FROM = {"bind_hash": "the port's bind-hash bucket", "udp_hash": "the port's udp_table slot",
+                "iterators": "every socket of the netns", "sock_diag": "sock_diag"}
+HOLDERS_FROM = {"binder": "the binders' fds", "host": "every fd of the host",
+                "proc": "/proc/PID/fd", "none": ""}
+
+
+def lookup_path(src: SnapshotSource) -> str:
+    """``sockets from the port's bind-hash bucket, holders from the binders' fds``,
+    with per-protocol sources when they differ, and why a cheaper path was left."""
+    kinds = sorted(set(src.sockets.values()))
+    where = " and ".join(
+        SOCKETS_FROM.get(k, k) + ("" if len(kinds) == 1 else
+                                  f" ({'/'.join(p for p, v in src.sockets.items() if v == k)})")
+        for k in kinds)
+    text = f"sockets from {where}"
+    if HOLDERS_FROM.get(src.holders):
+        text += f", holders from {HOLDERS_FROM[src.holders]}"
+    return text + (f" ({src.fallback})" if src.fallback else "")
 
 
 def moment(ts: datetime) -> str:

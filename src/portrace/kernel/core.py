@@ -328,10 +328,12 @@ class CoreEngine:
             return None, "no process was seen binding the port's sockets"
         rows: list[Any] = []
         for pid in pids:
+            if not os.path.exists(f"/proc/{pid}"):
+                return None, f"binder {pid} has exited"
             try:
                 link = obj.iterator_link(ITERATORS["holders"], pid=pid)
-            except libbpf.LibbpfError:
-                return None, f"binder {pid} is gone"
+            except libbpf.LibbpfError as exc:  # a kernel before 6.1 has no per-pid task iterator
+                return None, f"binder {pid}'s fds cannot be walked alone ({exc.strerror})"
             try:
                 rows += libbpf.records(obj.iterate(link), self.sock_t)
             finally:

@@ -103,8 +103,10 @@ def format_failure(ev: CallError) -> list[str]:
     lines += _blocker_lines(ev)
     if not ev.blockers:  # exhaustion, gone, or another errno: the summary says it
         lines.append("  " + _styled(ev.verdict.summary, fg="yellow"))
+    how = f"; {phrases.lookup_path(ev.snapshot_source)}" if ev.snapshot_source else ""
     lines.append(f"  cause: {_styled(ev.verdict.cause, bold=True)}"
-                 + _styled(f"  (looked up {ev.lookup_ms:.1f} ms after the failure)", dim=True))
+                 + _styled(f"  (looked up {ev.lookup_ms:.1f} ms after the failure{how})",
+                           dim=True))
     lines.extend(f"  - {phrases.for_terminal(line)}" for line in ev.verdict.advice)
     return lines
 
