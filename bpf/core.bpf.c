@@ -565,7 +565,8 @@ static __always_inline __u32 file_refs(struct file *f)
 	return refs_f_count((__u64)f);
 }
 
-/* A full socket (not a minisock): also its state, owner, inode and file references. */
+/* A full socket (not a minisock): also its state, owner, inode, file references
+ * and cgroup (net/core/sock.c: sk_alloc -> cgroup_sk_alloc, its creator's). */
 static __always_inline void fill_full_sock(struct pt_sock *r, struct sock *sk, __u16 family,
 					   __u8 protocol)
 {
@@ -575,6 +576,7 @@ static __always_inline void fill_full_sock(struct pt_sock *r, struct sock *sk, _
 	r->uid = BPF_CORE_READ(sk, sk_uid.val);
 	r->inode = sock_inode(sk);
 	r->file_refs = file_refs(BPF_CORE_READ(sk, sk_socket, file));
+	r->cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
 }
 
 /* The iterators' filter runs on every socket (or fd) of the host, so it reads

@@ -172,8 +172,21 @@ struct socket {
 	struct file *file;
 } PRESERVE;
 
+struct kernfs_node {
+	__u64 id;
+} PRESERVE;
+
+struct cgroup {
+	struct kernfs_node *kn;
+} PRESERVE;
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup;	/* the default (v2) hierarchy's */
+} PRESERVE;
+
 struct sock {
 	struct sock_common __sk_common;
+	struct sock_cgroup_data sk_cgrp_data;
 	struct socket *sk_socket;
 	kuid_t sk_uid;
 	__u16 sk_protocol;

@@ -148,6 +148,7 @@ struct pt_sock {
 	__s64 expires_ms;	/* minisocks: ms until the timer fires; -1 otherwise */
 	__u64 inode;		/* 0 for minisocks */
 	__u64 skaddr;
+	__u64 cgroup_id;	/* full sockets: the v2 cgroup they were created in */
 	char comm[PT_COMM_LEN];	/* iter/task_file: the holder's comm */
 	__u8 saddr[16];
 	__u8 daddr[16];

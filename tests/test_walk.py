@@ -25,8 +25,8 @@ import pytest
 from conftest import PORTS, bpf_unavailable, need_root
 
 from portrace import errors
-from portrace.commands.stage import ScratchNetns
-from portrace.kernel import namespaces
+from portrace.commands.stage import ScratchNetns, Staged
+from portrace.kernel import cgroups, namespaces
 from portrace.kernel.core import WALK, CoreEngine
 from portrace.kernel.engine import Snapshot
 
@@ -146,7 +146,7 @@ def test_a_forked_holder_sends_the_lookup_over_the_host(lookups):
         time.sleep(0.2)
         walk, _ = lk.both()
         assert walk.source is not None and walk.source.holders == "host"
-        assert "reference(s) beyond binders" in (walk.source.fallback or "")
+        assert f"1 reference(s) beyond the fds of {os.getpid()}" in (walk.source.fallback or "")
         assert holder_pids(walk) == {os.getpid(), child.pid}
     finally:
         child.kill()
@@ -277,3 +277,38 @@ def test_the_iterators_answer_when_the_walk_cannot_and_the_event_says_why(how, m
         finally:
             for s in (c, child, lst):
                 s.close()
+
+
+@contextlib.contextmanager
+def cgroup_of_its_own() -> Iterator[str]:
+    """A v2 cgroup of the test's own; yields its cgroup.procs path."""
+    mount = cgroups.cgroup2_mount()
+    assert mount is not None, "no cgroup2 mount"
+    path = f"{mount}/portrace-walk-{os.getpid()}"
+    os.mkdir(path)
+    try:
+        yield f"{path}/cgroup.procs"
+    finally:
+        for _ in range(50):  # its processes are gone once the kernel reaped them
+            try:
+                os.rmdir(path)
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_a_forked_holder_in_its_binders_cgroup_is_found_there_not_on_the_host(lookups):
+    lk = lookups
+    with cgroup_of_its_own() as procs:
+        p = Staged("listen-forks", "127.0.0.1", WALK_PORT, "--count", "2", "--pause",
+                   name="master", netns=lk.ns, first="paused")
+        try:
+            with open(procs, "w") as f:
+                f.write(str(p.pid))
+            pids = {int(x) for x in p.go().split()}
+            walk, _ = lk.both()
+            assert walk.source is not None and walk.source.holders == "cgroup", walk.source
+            assert "reference(s) beyond the fds of" in (walk.source.fallback or "")
+            assert holder_pids(walk) == pids and len(pids) == 3
+        finally:
+            p.release()

@@ -80,6 +80,12 @@ class BadNamespace(PortraceError):
     exit_code = ExitStatus.USAGE
 
 
+class BadEnvironment(PortraceError):
+    """An environment variable portrace reads has a value it does not take."""
+
+    exit_code = ExitStatus.USAGE
+
+
 class NeedsRoot(PortraceError):
     exit_code = ExitStatus.NEEDS_ROOT
 

@@ -435,14 +435,9 @@ def role_bind(a: argparse.Namespace) -> None:
     --userns: enter a user namespace of its own first (CAP_NET_BIND_SERVICE
     held there, not in the netns's owner). --seccomp-refuse-bind,
     --landlock-refuse-bind: put itself under a seccomp filter (bind(): EPERM)
-    or a Landlock domain (TCP bind(): EACCES) first. --pause: print
-    ``paused`` and wait for a line before anything else (a socket keeps the
-    cgroup it was made in: the stager moves the process first).
+    or a Landlock domain (TCP bind(): EACCES) first.
     --euid: create the socket under that effective uid only (its sk_uid), then
     switch back before bind(). --port-range LO-HI: IP_LOCAL_PORT_RANGE."""
-    if a.pause:  # the stager may move it (into a cgroup) before any socket exists
-        print("paused", flush=True)
-        sys.stdin.readline()
     if a.uid is not None:
         _drop_to(a.uid)
     if a.userns:
@@ -542,6 +537,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.v6only is not None:
         a.v6only = bool(a.v6only)
     _set_comm(a.name)
+    # --pause, any role: print ``paused`` and wait for a line before anything
+    # else (a socket keeps the cgroup it was made in: the stager moves us first).
+    if a.pause:
+        print("paused", flush=True)
+        sys.stdin.readline()
     ROLES[a.role](a)
 
 

@@ -472,8 +472,9 @@ class SnapshotSource:
     iter/udp over every socket of the netns) or ``sock_diag`` (bcc engine).
     ``holders``: ``binder`` (the fds of the processes the kernel saw bind or
     listen, which account for every reference to each socket's file),
-    ``host`` (every fd of the host, iter/task_file), ``proc`` (bcc:
-    /proc/PID/fd) or ``none`` (no socket on the port has a file).
+    ``cgroup`` (those and the fds of the processes in each socket's cgroup,
+    which account for them), ``host`` (every fd of the host, iter/task_file),
+    ``proc`` (bcc: /proc/PID/fd) or ``none`` (no socket on the port has a file).
     ``fallback``: why a cheaper path was not taken (None: none was left out).
     """
 

@@ -55,7 +55,8 @@ def blocker(b: Blocker) -> str:
 # SnapshotSource's values, as a reader of the kernel source names them.
 SOCKETS_FROM = {"bind_hash": "the port's bind-hash bucket", "udp_hash": "the port's udp_table slot",
                 "iterators": "every socket of the netns", "sock_diag": "sock_diag"}
-HOLDERS_FROM = {"binder": "the binders' fds", "host": "every fd of the host",
+HOLDERS_FROM = {"binder": "the binders' fds", "cgroup": "the fds of the sockets' cgroups",
+                "host": "every fd of the host",
                 "proc": "/proc/PID/fd", "none": ""}
 
 

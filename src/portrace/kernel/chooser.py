@@ -7,6 +7,7 @@ and says why in the ``ready`` event."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,11 +57,27 @@ def choose(requested: str) -> Choice:
     return Choice("core", f"kernel BTF at {KERNEL_BTF}")
 
 
+LOOKUPS = ("walk", "iterators")
+
+
+def core_lookup() -> bool:
+    """Whether the CO-RE engine walks a failing port's own hash bucket
+    (``PORTRACE_LOOKUP=walk``, the default) or only runs the iterators over
+    the netns and the host (``iterators``: the path before walk_port, kept as
+    the benchmarks' anchor). Raises BadEnvironment for another value."""
+    value = os.environ.get("PORTRACE_LOOKUP", "walk")
+    if value not in LOOKUPS:
+        raise errors.BadEnvironment(
+            f"PORTRACE_LOOKUP={value!r}: expected one of {', '.join(LOOKUPS)}")
+    return value == "walk"
+
+
 def make(choice: Choice, ports: Iterable[int], on_event: Callable[[Any], None],
          ringbuf_pages: int = 64, states: bool = True, attach: bool = True) -> Engine:
     """The chosen engine, not yet opened. ``attach=False``: attach no probe
-    (core only: ``check`` reads sockets through the object's iterators)."""
+    (core only: ``check`` reads sockets through the object's iterators).
+    Raises BadEnvironment (core_lookup)."""
     if choice.name == "core":
         return CoreEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states,
-                          attach=attach)
+                          attach=attach, walk=core_lookup())
     return BccEngine(ports, on_event, ringbuf_pages=ringbuf_pages, states=states)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import mmap
 import os
 import socket
@@ -39,7 +40,7 @@ from portrace.events import (
     Task,
     tcp_state_name,
 )
-from portrace.kernel import engine, header, libbpf, namespaces
+from portrace.kernel import cgroups, engine, header, libbpf, namespaces
 from portrace.kernel.btf import BtfError
 from portrace.kernel.records import (
     PT_OPT_ALL,
@@ -62,6 +63,9 @@ ITERATORS = {"tcp": "iter_tcp", "udp": "iter_udp", "holders": "iter_task_file"}
 WALK = "walk_port"  # the port's own hash bucket, run by BPF_PROG_TEST_RUN
 WALK_SOURCE = {"tcp": "bind_hash", "udp": "udp_hash"}  # SnapshotSource.sockets
 WALK_TABLE = {"tcp": "bind hash", "udp": "per-netns udp_table (Linux 6.2+)"}
+# Processes of one socket's cgroup whose fds are walked before the host's:
+# a cgroup with more (the root cgroup of a host without systemd) is the host.
+CGROUP_PROCS_MAX = 64
 FOUND_CAP = 16384  # sockets one walk returns; a port with more is listed by the iterators
 WALK_STEPS = 4 * FOUND_CAP  # list nodes one walk visits: sockets plus the port's buckets
 WALK_STATUS = header.enum("pt_walk")
@@ -278,12 +282,12 @@ class CoreEngine:
         held_by, rows = "none", []
         if holders and any(r.inode for r in socks):
             if host is None:
-                found, why_host = self._binders_rows(socks)
+                found, why_not_near, near = self._near_rows(socks)
+                fallback += [why_not_near] if why_not_near else []
                 if found is None:
-                    fallback.append(why_host)
                     host = list(libbpf.records(obj.iterate(self._iters["holders"]), self.sock_t))
                 else:
-                    held_by, rows = "binder", found
+                    held_by, rows = near, found
             if host is not None:
                 held_by, rows = "host", host
         source = SnapshotSource(
@@ -316,41 +320,56 @@ class CoreEngine:
             out[p] = [self.sock_t.from_buffer_copy(self._found, i * elem) for i in range(n)]
         return out, why
 
-    def _binders_rows(self, socks: list[Any]) -> tuple[list[Any] | None, str]:
-        """The fds holding the port's sockets, read from only the processes
-        the kernel saw bind or listen on the port: None, and why, unless they
-        account for every reference to each socket's file, so that no holder
-        the host walk would find is missed."""
+    def _near_rows(self, socks: list[Any]) -> tuple[list[Any] | None, str, str]:
+        """The fds holding the port's sockets, read from the processes most
+        likely to hold them: first those the kernel saw bind or listen on the
+        port (``binder``), then also those of each socket's cgroup
+        (``cgroup``, at most CGROUP_PROCS_MAX), with why the binders were not
+        enough. (None, why, "") unless they account for every reference to
+        each socket's file: then the host walk finds no holder more."""
+        held = [r for r in socks if r.inode]
+        binders = sorted({t.pid for r in held if (t := self.owner(r.skaddr))})
+        rows: dict[int, list[Any]] = {}
+        why = "no process was seen binding the port's sockets"
+        if binders:
+            why = self._walk_pids(binders, rows) or _unaccounted(held, rows, binders)
+            if not why:
+                return _flat(rows), "", "binder"
+        found: set[int] = set()
+        for cg in sorted({r.cgroup_id for r in held}):
+            pids = cgroups.procs(cg)
+            if pids is None or len(pids) > CGROUP_PROCS_MAX:
+                many = "unreadable" if pids is None else f"{len(pids)} processes"
+                return None, f"{why}; cgroup {cg} of the port's sockets: {many}", ""
+            found.update(pids)
+        members = sorted(found - set(rows))
+        if not members:
+            return None, why, ""
+        walked = sorted(set(rows) | set(members))
+        fault = self._walk_pids(members, rows)
+        more = fault or _unaccounted(held, rows, walked)
+        if more:
+            return None, f"{why}; {more}", ""
+        return _flat(rows), why, "cgroup"
+
+    def _walk_pids(self, pids: list[int], rows: dict[int, list[Any]]) -> str:
+        """Add each process's rows of iter/task_file restricted to it (6.1+);
+        a process that exited has none. Returns why the walk cannot be used."""
         obj = self._obj
         assert obj is not None
-        pids = sorted({t.pid for r in socks if r.inode and (t := self.owner(r.skaddr))})
-        if not pids:
-            return None, "no process was seen binding the port's sockets"
-        rows: list[Any] = []
         for pid in pids:
-            if not os.path.exists(f"/proc/{pid}"):
-                return None, f"binder {pid} has exited"
             try:
                 link = obj.iterator_link(ITERATORS["holders"], pid=pid)
-            except libbpf.LibbpfError as exc:  # a kernel before 6.1 has no per-pid task iterator
-                return None, f"binder {pid}'s fds cannot be walked alone ({exc.strerror})"
+            except libbpf.LibbpfError as exc:
+                if exc.errno == errno.ESRCH:  # exited: it holds nothing
+                    rows[pid] = []
+                    continue
+                return f"the fds of process {pid} cannot be walked alone ({exc.strerror})"
             try:
-                rows += libbpf.records(obj.iterate(link), self.sock_t)
+                rows[pid] = list(libbpf.records(obj.iterate(link), self.sock_t))
             finally:
                 obj.drop_link(link)
-        fds = collections.Counter(r.inode for r in rows)
-        refs = {r.inode: r.file_refs for r in rows}
-        for r in socks:
-            if not r.inode:
-                continue
-            if r.inode not in refs:
-                return None, f"socket inode {r.inode} is not held by binders {_pids(pids)}"
-            # The iterator holds one reference of its own while it visits a file.
-            extra = refs[r.inode] - 1 - fds[r.inode]
-            if extra:
-                return None, (f"socket inode {r.inode} has {extra} reference(s) beyond "
-                              f"binders {_pids(pids)}")
-        return rows, ""
+        return ""
 
     def detach(self) -> None:
         """Stop the probes; the maps stay readable until close()."""
@@ -419,8 +438,26 @@ def _holders(rows: list[Any], protos: tuple[str, ...]) -> dict[int, list[engine.
     return found
 
 
-def _pids(pids: list[int]) -> str:
-    return ", ".join(map(str, pids))
+def _flat(rows: dict[int, list[Any]]) -> list[Any]:
+    return [r for pid in sorted(rows) for r in rows[pid]]
+
+
+def _unaccounted(held: list[Any], rows: dict[int, list[Any]], pids: list[int]) -> str:
+    """Why the fds walked in ``pids`` may miss a holder of a socket in
+    ``held``: a reference to its file none of them holds ('' if none). Each
+    row's ``file_refs`` counts the fds of every fd table, the iterator's own
+    reference while it visits the file, and any other (a thread inside a
+    syscall on it, an fd in flight over SCM_RIGHTS)."""
+    fds = collections.Counter(r.inode for pid in pids for r in rows.get(pid, ()))
+    refs = {r.inode: r.file_refs for pid in pids for r in rows.get(pid, ())}
+    who = ", ".join(map(str, pids))
+    for r in held:
+        if r.inode not in refs:
+            return f"socket inode {r.inode} is held by none of {who}"
+        extra = refs[r.inode] - 1 - fds[r.inode]
+        if extra:
+            return f"socket inode {r.inode} has {extra} reference(s) beyond the fds of {who}"
+    return ""
 
 
 def _entry(r: Any) -> engine.SocketEntry:

@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterator
 
 from portrace.events import CgroupProgram, Policy
+from portrace.kernel.cgroups import cgroup2_mount
 
 # include/uapi/linux/bpf.h: enum bpf_attach_type
 HOOKS = {"inet": (("bind4", 8), ("post_bind4", 12)),
@@ -37,19 +38,6 @@ SYS_LSM_LIST_MODULES = 461  # the unified syscall table (x86_64, arm64); 6.8+
 LSM_IDS = {100: "capability", 101: "selinux", 102: "smack", 103: "tomoyo", 104: "apparmor",
            105: "yama", 106: "loadpin", 107: "safesetid", 108: "lockdown", 109: "bpf",
            110: "landlock", 111: "ima", 112: "evm", 113: "ipe"}  # include/uapi/linux/lsm.h
-
-
-def cgroup2_mount() -> str | None:
-    """Where the unified (v2) hierarchy is mounted, from our mountinfo."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split()[4]
-    except OSError:
-        return None
-    return None
 
 
 def unified_path(pid: int) -> str | None:
