@@ -67,6 +67,7 @@ check: $(CHECK_VENV)/.installed
 bench: setup
 	bash scripts/setup.sh --bench
 	$(VENV)/bin/python bench/engines.py
+	$(VENV)/bin/python bench/lookup.py
 	$(VENV)/bin/python bench/flood.py
 	$(VENV)/bin/python bench/hostile.py
 	$(VENV)/bin/python bench/check.py

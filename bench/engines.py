@@ -89,11 +89,12 @@ def vm_hwm_mib(pid: int) -> float:
 class Portrace:
     """`portrace --json ...` as a child; JSON lines read in the background."""
 
-    def __init__(self, engine: str, *args: str) -> None:
+    def __init__(self, engine: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "portrace", "--json", "--engine", engine, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, **(env or {})})
         self.events: list[dict[str, Any]] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
