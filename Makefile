@@ -26,6 +26,10 @@ $(CORE_OBJ): $(CORE_SRC)
 TEST_OBJS := $(patsubst %.c,%.o,$(wildcard tests/bpf/*.bpf.c))
 test-objects: $(TEST_OBJS)
 
+# The churn's load generator, in C: a Python client hides a tracer's cost.
+bench/churn: bench/churn.c
+	cc -O2 -Wall -Werror -o $@ $<
+
 # Variants of the CO-RE object (tests/bpf/core_*.bpf.c include bpf/core.bpf.c).
 tests/bpf/core_%.bpf.o: tests/bpf/core_%.bpf.c $(CORE_SRC)
 	clang $(CORE_CFLAGS) -c $< -o $@
@@ -64,7 +68,7 @@ check: $(CHECK_VENV)/.installed
 	$(CHECK_VENV)/bin/python -m mypy --strict $(STRICT)
 	$(CHECK_VENV)/bin/python -m pytest -m "not root and not vm"
 
-bench: setup
+bench: setup bench/churn
 	bash scripts/setup.sh --bench
 	$(VENV)/bin/python bench/engines.py
 	$(VENV)/bin/python bench/lookup.py

@@ -3,13 +3,14 @@ run, interleaved (figures, not pass/fail; root): `make bench`.
 
 1. start-up to `ready` (median of RUNS) and peak RSS after one diagnosed
    failure, per engine; tcpstates: to its header line.
-2. churn ratio, traced / untraced connections per second (bench/churn.py in a
-   throwaway netns), median of REPS interleaved pairs: (a) a watched port the
-   churn does not use, (b) the churn's own port watched, (c) all ports; with
-   the records lost. Beside it, the same ratio of host CPU time per connection
-   (all CPUs' busy time, the tracer's included), which is less noisy on a
-   2-CPU VM than the rate, and the CO-RE programs' own run time per
-   connection (kernel.bpf_stats_enabled, which adds a little itself).
+2. churn ratio, traced / untraced connections per second (bench/churn, a C
+   client and server, in a throwaway netns), median of REPS interleaved
+   pairs: (a) a watched port the churn does not use, (b) the churn's own port
+   watched, (c) all ports; with the records lost. Beside it, the same ratio
+   of host CPU time per connection (all CPUs' busy time, the tracer's
+   included), which is less noisy on a 2-CPU VM than the rate, and each CO-RE
+   program's own run time per connection (kernel.bpf_stats_enabled, which
+   adds a little itself).
 3. failure -> verdict (``verdict_ms``: kernel timestamp to the finished event,
    process facts included), median and p99 over FAILURES failures, with 0, 20k
    and 50k TCP sockets in the namespace, beside `ss -tanp 'sport = :P'` there.
@@ -43,6 +44,7 @@ FAILURES = 50
 WATCHED, CHURN_PORT, CROWD_PORT = 19490, 19491, 19492
 ENGINES = ("core", "bcc")
 TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
+CHURN = Path(__file__).resolve().parent / "churn"  # make bench/churn
 
 
 def median(xs: list[float]) -> float:
@@ -57,13 +59,16 @@ CORE_PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "conn
                  "connect_exit", "set_state")
 
 
-def core_bpf_ns() -> int:
-    """Run time of the CO-RE engine's programs so far (kernel.bpf_stats_enabled)."""
+def core_bpf_ns() -> dict[str, int]:
+    """Run time of each CO-RE program so far (kernel.bpf_stats_enabled), by name."""
     out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True)
     if out.returncode:
-        return 0
-    return sum(p.get("run_time_ns", 0) for p in json.loads(out.stdout)
-               if p.get("name") in CORE_PROGRAMS)
+        return {}
+    found: dict[str, int] = {}
+    for p in json.loads(out.stdout):
+        if p.get("name") in CORE_PROGRAMS:
+            found[p["name"]] = found.get(p["name"], 0) + p.get("run_time_ns", 0)
+    return found
 
 
 def bpf_stats(on: bool) -> None:
@@ -184,8 +189,7 @@ def churn_ratios(ns: ScratchNetns) -> None:
     def run_churn() -> tuple[float, float]:
         """(connections per second, host CPU seconds per connection)."""
         busy0 = busy_s()
-        r = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable,
-                            str(Path(__file__).resolve().parent / "churn.py"),
+        r = subprocess.run(["ip", "netns", "exec", ns.name, str(CHURN),
                             str(CHURN_PORT), str(CHURN_S)], capture_output=True, text=True)
         rate = float(r.stdout.strip() or 0)
         return rate, (busy_s() - busy0) / max(1.0, rate * CHURN_S)
@@ -196,7 +200,7 @@ def churn_ratios(ns: ScratchNetns) -> None:
         ("(c) all ports", [], ">= 0.95x"),
     ]
     print("   rate ratio (CPU-per-connection ratio: host busy time, all CPUs)")
-    bpf_ns: list[float] = []
+    bpf_ns: dict[str, list[float]] = {}
     print(f"   {'':26} {'core':>24} {'bcc':>24} {'tcpstates -L':>24}   target (core)")
     for title, args, target in cases:
         cells = []
@@ -216,7 +220,8 @@ def churn_ratios(ns: ScratchNetns) -> None:
                 traced, traced_cost = run_churn()
                 if tracer == "core":
                     bpf_stats(False)
-                    bpf_ns.append(core_bpf_ns() / max(1.0, traced * CHURN_S))
+                    for name, ns_run in core_bpf_ns().items():
+                        bpf_ns.setdefault(name, []).append(ns_run / max(1.0, traced * CHURN_S))
                 if tracer != "tcpstates":
                     lost += t.lost()
                 t.stop()
@@ -225,7 +230,10 @@ def churn_ratios(ns: ScratchNetns) -> None:
             lost_txt = f" lost {lost}" if tracer != "tcpstates" else ""
             cells.append(f"{median(ratios):.2f}x ({median(cpu):.2f}x){lost_txt}".rjust(24))
         print(f"   {title:26} {' '.join(cells)}   {target}, 0 lost")
-        print(f"   {'':26} core's programs: {median(bpf_ns):.0f} ns of BPF per connection")
+        own = ", ".join(f"{name} {median(v):.0f}" for name, v in sorted(bpf_ns.items())
+                        if median(v) >= 1)
+        total = sum(median(v) for v in bpf_ns.values())
+        print(f"   {'':26} core's programs, ns of BPF per connection: {total:.0f} ({own})")
         bpf_ns.clear()
 
 
