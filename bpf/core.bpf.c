@@ -24,6 +24,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 #include "portrace.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -297,26 +298,25 @@ static __always_inline void remember_owner(struct sock *sk)
 	bpf_map_update_elem(&owners, &key, &t, BPF_ANY);
 }
 
-SEC("tracepoint/syscalls/sys_enter_bind")
-int bind_enter(struct trace_event_raw_sys_enter *ctx)
+/* -- bind(), listen(), connect() ------------------------------------------
+ *
+ * Each call is seen either through its syscall tracepoints (enter keeps the
+ * arguments per thread, exit judges), or, where the kernel has BPF
+ * trampolines, through one fexit program on the syscall's body, which has
+ * the arguments and the result at once. Attached syscall tracepoints put
+ * every syscall of every process on the tracepoint slow path
+ * (SYSCALL_WORK_SYSCALL_TRACEPOINT, set on every task); fexit costs only the
+ * three calls it is on. The frontend attaches one set (kernel/core.py). */
+
+/* Whether a bind() to this port is worth following: a watched port, or port
+ * 0 (autobind), whose failure is ephemeral exhaustion. */
+static __always_inline bool bind_followed(struct pt_pending *p)
 {
-	struct pt_pending p = { .fd = (int)ctx->args[0] };
-	if (read_sockaddr((const void *)ctx->args[1], &p.family, &p.port, p.addr))
-		return 0;
-	/* Port 0 (autobind) is kept too: its failure is ephemeral exhaustion. */
-	if (p.port != 0 && !watched(p.port))
-		return 0;
-	return stash(&p);
+	return p->port == 0 || watched(p->port);
 }
 
-SEC("tracepoint/syscalls/sys_exit_bind")
-int bind_exit(struct trace_event_raw_sys_exit *ctx)
+static __always_inline void bind_done(struct pt_pending *p, long ret)
 {
-	__u32 tid = cur_tid();
-	struct pt_pending *p = bpf_map_lookup_elem(&pending, &tid);
-	if (!p)
-		return 0;
-	long ret = ctx->ret;
 	if (ret == 0) {
 		if (p->port != 0) {
 			struct sock *sk = fd_sock(p->fd);
@@ -333,6 +333,108 @@ int bind_exit(struct trace_event_raw_sys_exit *ctx)
 		 * unprivileged EINVAL loop must not reach userspace. */
 		emit_call(PT_BIND_ERROR, p, ret, fd_sock(p->fd));
 	}
+}
+
+/* listen() keeps its port after a failure (inet_csk_listen_start only resets
+ * the state); port 0: unbound, and listen() could not autobind. */
+static __always_inline void listen_done(struct pt_pending *p, long ret)
+{
+	struct sock *sk = NULL;
+	/* Only EADDRINUSE leaves the kernel from a failure; a success only
+	 * for a watched port. */
+	if (ret == -EADDRINUSE || (ret == 0 && !all_ports))
+		sk = fd_sock(p->fd);
+	if (!sk)
+		return;
+	struct sock_common *skc = &sk->__sk_common;
+	p->family = BPF_CORE_READ(skc, skc_family);
+	p->port = BPF_CORE_READ(skc, skc_num);
+	read_local(skc, p->family, p->addr);
+	if (ret < 0 && (p->port == 0 || watched(p->port)))
+		emit_call(PT_LISTEN_ERROR, p, ret, sk);
+	else if (ret == 0 && p->port != 0 && watched(p->port))
+		emit_call(PT_LISTEN_OK, p, 0, sk);	/* recovery is visible */
+}
+
+static __always_inline void connect_done(struct pt_pending *p, long ret)
+{
+	if (ret == -EADDRNOTAVAIL || ret == -EADDRINUSE)
+		emit_call(PT_CONNECT_ERROR, p, ret, fd_sock(p->fd));
+}
+
+/* The arguments the enter tracepoint kept for this thread, then dropped. */
+static __always_inline struct pt_pending *kept(__u32 *tid)
+{
+	*tid = cur_tid();
+	return bpf_map_lookup_elem(&pending, tid);
+}
+
+/* A socket's port before listen(): 0 (unbound, listen() will autobind) or a
+ * watched one is followed. */
+static __always_inline bool listen_followed(int fd)
+{
+	struct sock *sk = fd_sock(fd);
+	__u16 port = sk ? BPF_CORE_READ(sk, __sk_common.skc_num) : 0;
+	return port == 0 || watched(port);
+}
+
+/* First in the object: where the kernel refuses them, the load fails before
+ * the other programs are verified, and is retried without them.
+ *
+ * fexit on net/socket.c's __sys_bind, __sys_listen and __sys_connect (the
+ * syscalls' bodies; io_uring's bind/listen/connect bypass them, as they
+ * bypass the syscall tracepoints). The caller's sockaddr is read at exit: a
+ * failed bind() resets the socket's port, never the caller's buffer. */
+SEC("fexit/__sys_bind")
+int BPF_PROG(bind_fexit, int fd, void *uaddr, int addrlen, int ret)
+{
+	struct pt_pending p = { .fd = fd };
+	if (read_sockaddr(uaddr, &p.family, &p.port, p.addr) || !bind_followed(&p))
+		return 0;
+	bind_done(&p, ret);
+	return 0;
+}
+
+/* At exit the socket has its port whatever listen() did; a port that was 0
+ * before and autobound now is followed if watched, as at exit above. */
+SEC("fexit/__sys_listen")
+int BPF_PROG(listen_fexit, int fd, int backlog, int ret)
+{
+	struct pt_pending p = { .fd = fd };
+	if (!listen_followed(fd))
+		return 0;
+	listen_done(&p, ret);
+	return 0;
+}
+
+SEC("fexit/__sys_connect")
+int BPF_PROG(connect_fexit, int fd, void *uaddr, int addrlen, int ret)
+{
+	struct pt_pending p = { .fd = fd };
+	if (read_sockaddr(uaddr, &p.family, &p.port, p.addr) || !watched(p.port))
+		return 0;
+	connect_done(&p, ret);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_bind")
+int bind_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct pt_pending p = { .fd = (int)ctx->args[0] };
+	if (read_sockaddr((const void *)ctx->args[1], &p.family, &p.port, p.addr) ||
+	    !bind_followed(&p))
+		return 0;
+	return stash(&p);
+}
+
+SEC("tracepoint/syscalls/sys_exit_bind")
+int bind_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid;
+	struct pt_pending *p = kept(&tid);
+	if (!p)
+		return 0;
+	bind_done(p, ctx->ret);
 	bpf_map_delete_elem(&pending, &tid);
 	return 0;
 }
@@ -341,10 +443,7 @@ SEC("tracepoint/syscalls/sys_enter_listen")
 int listen_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	struct pt_pending p = { .fd = (int)ctx->args[0] };
-	/* Port 0: not bound yet, listen() will autobind (exhaustion). */
-	struct sock *sk = fd_sock(p.fd);
-	__u16 port = sk ? BPF_CORE_READ(sk, __sk_common.skc_num) : 0;
-	if (port != 0 && !watched(port))
+	if (!listen_followed(p.fd))
 		return 0;
 	return stash(&p);
 }
@@ -352,28 +451,11 @@ int listen_enter(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_listen")
 int listen_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	__u32 tid = cur_tid();
-	struct pt_pending *p = bpf_map_lookup_elem(&pending, &tid);
+	__u32 tid;
+	struct pt_pending *p = kept(&tid);
 	if (!p)
 		return 0;
-	long ret = ctx->ret;
-	struct sock *sk = NULL;
-	/* Only EADDRINUSE leaves the kernel from a failure; a success only
-	 * for a watched port. */
-	if (ret == -EADDRINUSE || (ret == 0 && !all_ports))
-		sk = fd_sock(p->fd);
-	if (sk) {
-		/* listen() keeps its port after a failure (inet_csk_listen_start
-		 * only resets the state); port 0: unbound, listen() autobound. */
-		struct sock_common *skc = &sk->__sk_common;
-		p->family = BPF_CORE_READ(skc, skc_family);
-		p->port = BPF_CORE_READ(skc, skc_num);
-		read_local(skc, p->family, p->addr);
-		if (ret < 0 && (p->port == 0 || watched(p->port)))
-			emit_call(PT_LISTEN_ERROR, p, ret, sk);
-		else if (ret == 0 && p->port != 0 && watched(p->port))
-			emit_call(PT_LISTEN_OK, p, 0, sk);	/* recovery is visible */
-	}
+	listen_done(p, ctx->ret);
 	bpf_map_delete_elem(&pending, &tid);
 	return 0;
 }
@@ -390,13 +472,11 @@ int connect_enter(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_connect")
 int connect_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	__u32 tid = cur_tid();
-	struct pt_pending *p = bpf_map_lookup_elem(&pending, &tid);
+	__u32 tid;
+	struct pt_pending *p = kept(&tid);
 	if (!p)
 		return 0;
-	long ret = ctx->ret;
-	if (ret == -EADDRNOTAVAIL || ret == -EADDRINUSE)
-		emit_call(PT_CONNECT_ERROR, p, ret, fd_sock(p->fd));
+	connect_done(p, ctx->ret);
 	bpf_map_delete_elem(&pending, &tid);
 	return 0;
 }

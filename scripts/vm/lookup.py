@@ -1,5 +1,6 @@
-"""In a VM: the paths the CO-RE engine takes to one port's sockets and holders
-on this kernel, and whether they agree with the iterators' answer. One JSON
+"""In a VM: how the CO-RE engine sees the calls on this kernel (fexit or the
+syscall tracepoints), the paths it takes to one port's sockets and holders,
+and whether they agree with the iterators' answer. One JSON
 line per protocol (scripts/vm/vagrant-run.sh; asserted by tests/test_vm.py).
 
 Both engines are attached before the sockets are made, so the bind() and
@@ -47,6 +48,7 @@ def main() -> None:
             snaps[walk] = e.snapshot(PORT, (proto,), None, netns, (), True)
         src = snaps[True].source
         print(json.dumps({"kernel": os.uname().release, "protocol": proto,
+                          "probes": engines[True].probes, "left_out": engines[True].off,
                           "source": dataclasses.asdict(src) if src else None,
                           "sockets": len(snaps[True].sockets),
                           "same": view(snaps[True]) == view(snaps[False])}))

@@ -109,6 +109,14 @@ class Ready:
     ports: list[int] = on_wire(kinds=LIST, decode=lambda v, where: list(v))  # empty: every port
     kernel: str = on_wire(kinds=STR)
     host: dict[str, str] = on_wire(factory=dict, read=_mapping("host"))
+    # How the calls are seen: fexit (only bind/listen/connect pay) or the syscall
+    # tracepoints (every syscall takes the slow path while attached).
+    probes: str = on_wire("tracepoints", kinds=STR, absent="tracepoints",
+                         after="engine_reason")
+    # The engine's optional parts this kernel did not take, and why: "fexit",
+    # "walk" (the port's own bucket; then the iterators answer).
+    left_out: dict[str, str] = on_wire(factory=dict, encode=dict, read=_mapping("left_out"),
+                                       after="probes")
     # What the recorder was started with; only recorders write it.
     options: dict[str, Any] | None = on_wire(
         None, kinds=OPT_DICT, absent=None,

@@ -83,6 +83,7 @@ class BccEngine:
     """
 
     name = "bcc"
+    probes = "tracepoints"  # the fallback engine keeps the syscall tracepoints everywhere
 
     def __init__(self, ports: Iterable[int], on_event: Callable[[Any], None],
                  ringbuf_pages: int = 64, states: bool = True) -> None:
@@ -93,6 +94,7 @@ class BccEngine:
         self._bpf: Any = None
         self._layout: Any = None
         self._budget = engine.PollBudget()
+        self.off: dict[str, str] = {}
 
     def open(self) -> None:
         """Compile, load and attach. Raises the errors of :func:`require_bcc`,

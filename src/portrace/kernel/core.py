@@ -22,6 +22,7 @@ import ctypes
 import errno
 import mmap
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -57,10 +58,17 @@ from portrace.kernel.records import (
 TRACEPOINTS = ("sock/inet_sock_set_state",) + tuple(
     f"syscalls/sys_{edge}_{call}" for call in ("bind", "listen", "connect")
     for edge in ("enter", "exit"))
-PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_enter",
-            "connect_exit", "set_state")
+# The calls' probes, one set attached: fexit where the kernel has BPF
+# trampolines, else the syscall tracepoints (bpf/core.bpf.c says why).
+SYSCALL_PROGRAMS = ("bind_enter", "bind_exit", "listen_enter", "listen_exit", "connect_enter",
+                    "connect_exit")
+FEXIT = ("bind_fexit", "listen_fexit", "connect_fexit")
+PROGRAMS = ("set_state",)  # always attached
 ITERATORS = {"tcp": "iter_tcp", "udp": "iter_udp", "holders": "iter_task_file"}
 WALK = "walk_port"  # the port's own hash bucket, run by BPF_PROG_TEST_RUN
+# Programs the engine can do without, by what they give: loaded only where
+# the kernel takes them (a refused one is left out and the load retried).
+OPTIONAL = {"walk": (WALK,), "fexit": FEXIT}
 WALK_SOURCE = {"tcp": "bind_hash", "udp": "udp_hash"}  # SnapshotSource.sockets
 WALK_TABLE = {"tcp": "bind hash", "udp": "per-netns udp_table (Linux 6.2+)"}
 # Processes of one socket's cgroup whose fds are walked before the host's:
@@ -106,7 +114,10 @@ class CoreEngine:
         # walk_port, kept as the benchmarks' anchor and the tests' reference).
         self.walk = walk
         self.walk_steps = walk_steps
-        self.walk_fallback: str | None = None  # why walk_port cannot run here
+        # OPTIONAL groups left out, and why: "walk" (then the iterators answer),
+        # "fexit" (then the syscall tracepoints see the calls).
+        self.off: dict[str, str] = {}
+        self.probes = ""  # once attached: "fexit" or "tracepoints"
         self._found: mmap.mmap | None = None
 
     def open(self) -> None:
@@ -115,33 +126,15 @@ class CoreEngine:
         else:
             engine.require_bpf()
         path = str(engine.core_object())
-        obj = self._obj = _open_object(path)
-        walk = self.walk and obj.has_program(WALK)
-        if self.walk and not walk:
-            self.walk_fallback = f"{path} has no {WALK} program"
         try:
-            try:
-                self._configure(obj, walk)
-                obj.load()
-            except libbpf.LibbpfError as exc:
-                if not walk:
-                    raise
-                # Only the walk reads the hash tables' layouts: without it
-                # the iterators answer, as they do on a kernel it cannot read.
-                obj.close()
-                obj = self._obj = _open_object(path)
-                self._configure(obj, walk=False)
-                obj.load()
-                walk = False
-                self.walk_fallback = (f"the kernel refused {WALK} ({exc.strerror}; "
-                                      f"verifier log: {_save_log(exc.log)})")
+            obj = self._obj = self._load(path)
             self.event_t = obj.btf.layout("pt_event")
             self.sock_t = obj.btf.layout("pt_sock")
             self.query_t = obj.btf.layout("pt_query")
             self.task_t = obj.btf.layout("pt_task")
             self.tuple_t = obj.btf.layout("pt_tuple")
             self.recent_t = obj.btf.layout("pt_recent")
-            if walk:
+            if "walk" not in self.off:
                 self._found = obj.map("found").mapped(ctypes.sizeof(self.sock_t), FOUND_CAP)
             watched = obj.map("watched_ports")
             for port in self.ports:
@@ -149,6 +142,7 @@ class CoreEngine:
             self._iters = {k: obj.iterator_link(v) for k, v in ITERATORS.items()}
             if not self.attach:
                 return
+            self._attach_calls(obj)
             for prog in PROGRAMS:
                 obj.attach(prog)
             # Failures of the watched ports come first and have their own
@@ -166,7 +160,51 @@ class CoreEngine:
                 f"the CO-RE object {path} does not match this portrace ({exc}); `sudo make "
                 "setup` rebuilds it; `--engine bcc` does without it") from None
 
-    def _configure(self, obj: libbpf.BpfObject, walk: bool) -> None:
+    def _load(self, path: str) -> libbpf.BpfObject:
+        """The object, loaded with every OPTIONAL group the kernel takes; why
+        each other one is off goes to ``self.off``. Raises LibbpfError when
+        a program the engine needs is refused."""
+        if not self.walk:
+            self.off["walk"] = f"{WALK} is off (PORTRACE_LOOKUP=iterators)"
+        if not self.attach:
+            self.off["fexit"] = "nothing is attached"
+        while True:
+            obj = _open_object(path)
+            for group, progs in OPTIONAL.items():
+                if group not in self.off and not all(map(obj.has_program, progs)):
+                    self.off[group] = f"{path} has no {' '.join(progs)} program"
+            try:
+                self._configure(obj, [p for g in self.off for p in OPTIONAL[g]
+                                      if obj.has_program(p)])
+                obj.load()
+                return obj
+            except libbpf.LibbpfError as exc:
+                obj.close()
+                failed = _refused_program(exc.log)
+                refused = next((g for g, progs in OPTIONAL.items()
+                                if failed in progs and g not in self.off), None)
+                if refused is None:
+                    raise
+                self.off[refused] = f"the kernel refused {failed} ({os.strerror(exc.errno or 0)})"
+
+    def _attach_calls(self, obj: libbpf.BpfObject) -> None:
+        """fexit on the calls where loaded and attachable, else their syscall
+        tracepoints; ``self.probes`` says which, ``self.off`` why not fexit."""
+        if "fexit" not in self.off:
+            try:
+                for prog in FEXIT:
+                    obj.attach(prog)
+                self.probes = "fexit"
+                return
+            except libbpf.LibbpfError as exc:  # a kernel without trampolines for them
+                obj.detach()
+                why = os.strerror(exc.errno or 0)
+                self.off["fexit"] = f"the kernel refused to attach fexit ({why})"
+        for prog in SYSCALL_PROGRAMS:
+            obj.attach(prog)
+        self.probes = "tracepoints"
+
+    def _configure(self, obj: libbpf.BpfObject, skip: list[str]) -> None:
         n = max(1, len(self.ports))
         obj.set_max_entries("watched_ports", n)
         obj.set_max_entries("recent", n)
@@ -174,10 +212,9 @@ class CoreEngine:
         obj.set_max_entries("events", self.ringbuf_pages * PAGE)
         obj.set_rodata({"all_ports": 0 if self.ports else 1,
                         "stream_states": 1 if self.states else 0})
-        if walk:
-            obj.set_max_entries("found", FOUND_CAP)
-        elif obj.has_program(WALK):
-            obj.skip(WALK)
+        obj.set_max_entries("found", FOUND_CAP)
+        for prog in skip:
+            obj.skip(prog)
 
     def _on_record(self, data: int, _size: int) -> int:
         ev = decode_event(self.event_t.from_address(data), self.clock)
@@ -300,7 +337,7 @@ class CoreEngine:
         """Each protocol's sockets on the queried port from walk_port, in
         the calling thread's netns; and why a protocol was not walked."""
         if self._found is None:
-            return {}, [self.walk_fallback or f"{WALK} is off"]
+            return {}, [self.off.get("walk", f"{WALK} is off")]
         obj = self._obj
         assert obj is not None
         out: dict[str, list[Any]] = {}
@@ -383,6 +420,16 @@ class CoreEngine:
         if self._obj is not None:
             self._obj.close()
             self._obj = None
+
+
+def _refused_program(log: list[str]) -> str:
+    """The program libbpf last said it could not load, from its log lines
+    (tools/lib/bpf/libbpf.c: "prog 'NAME': failed to load")."""
+    for line in reversed(log):
+        m = re.search(r"prog '(\w+)': failed to load", line)
+        if m:
+            return m.group(1)
+    return ""
 
 
 def _open_object(path: str) -> libbpf.BpfObject:

@@ -101,6 +101,10 @@ class Engine(Protocol):
     receives SocketCall and StateChange objects from :meth:`poll`."""
 
     name: str
+    # Once open: how the calls are seen ("fexit" or "tracepoints"), and the
+    # optional parts the kernel did not take, with why (CoreEngine.off).
+    probes: str
+    off: dict[str, str]
 
     def open(self) -> None: ...
     def poll(self, timeout_ms: int) -> None: ...

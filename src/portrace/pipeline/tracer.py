@@ -93,7 +93,8 @@ class Tracer:
             choice = engine.Choice("bcc", f"CO-RE engine could not load: {exc}")
             self._engine = self._open(choice)
         ready = Ready(ts=datetime.now(timezone.utc), engine=choice.name,
-                      engine_reason=choice.reason, ports=self.ports,
+                      engine_reason=choice.reason, probes=self._engine.probes,
+                      left_out=dict(self._engine.off), ports=self.ports,
                       kernel=os.uname().release, host=self.host, options=self.options)
         self._emit(ready)
         return ready
