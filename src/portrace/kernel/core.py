@@ -283,9 +283,10 @@ class CoreEngine:
         Sockets: from the port's own hash bucket (walk_port) where this kernel
         lets it be read, else from the iterators over the whole netns.
         Holders: from the fds of the processes the kernel saw bind or listen
-        on the port, when those account for every reference to each socket's
-        file; else from every fd of the host. ``source`` says which, and why
-        a cheaper path was left. Raises LibbpfError."""
+        on the port, then also of those in each socket's cgroup, when they
+        account for every reference to each socket's file; else from every fd
+        of the host. ``source`` says which, and why a cheaper path was left.
+        Raises LibbpfError."""
         assert self._obj is not None
         obj = self._obj
         protos = tuple(protocols)
