@@ -790,6 +790,24 @@ struct walk {
 	__u8 done;
 };
 
+/* The walk's state lives in a map value, not on the stack: before 6.7 the
+ * verifier checked a bpf_loop callback as if it ran once, from the stack it
+ * was handed, so a field that starts at 0 there (the next socket, while the
+ * walk is still on the buckets) made its branch dead code, removed at load:
+ * on 6.1 the walk found no socket. A map value's contents are unknown to
+ * every verifier. One portrace process runs one walk at a time, in its own
+ * object, so one entry serves. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct walk);
+} walking SEC(".maps");
+
+struct walk_ref {
+	struct walk *w;
+};
+
 static __noinline __u64 tb_owners(__u64 tb)	/* 6.1-6.7 */
 {
 	return (__u64)BPF_CORE_READ((struct inet_bind_bucket *)tb, owners.first);
@@ -848,7 +866,7 @@ static __always_inline void walked_sock(struct walk *w, struct sock_common *skc)
 
 static long walk_step(__u32 i, void *ctx)
 {
-	struct walk *w = ctx;
+	struct walk *w = ((struct walk_ref *)ctx)->w;
 	if (w->sk) {
 		__u64 node = w->sk;
 		w->sk = next_node(w, node);
@@ -883,7 +901,14 @@ int walk_port(void *ctx)
 		return PT_WALK_NO_LAYOUT;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct net *net = BPF_CORE_READ(task, nsproxy, net_ns);
-	struct walk w = { .net = (__u64)net, .port = q->lo, .protocol = q->protocol };
+	__u32 zero = 0;
+	struct walk *w = bpf_map_lookup_elem(&walking, &zero);
+	if (!w)
+		return PT_WALK_NO_LAYOUT;
+	__builtin_memset(w, 0, sizeof(*w));
+	w->net = (__u64)net;
+	w->port = q->lo;
+	w->protocol = q->protocol;
 	if (q->protocol == IPPROTO_TCP) {
 		bool layout = bpf_core_field_exists(struct inet_bind_bucket, bhash2) ?
 			bpf_core_field_exists(struct inet_bind2_bucket, bhash_node) :
@@ -892,19 +917,20 @@ int walk_port(void *ctx)
 			return PT_WALK_NO_LAYOUT;
 		struct inet_hashinfo *h = BPF_CORE_READ(net, ipv4.tcp_death_row.hashinfo);
 		__u32 size = BPF_CORE_READ(h, bhash_size);
-		__u32 idx = (w.port + BPF_CORE_READ(net, hash_mix)) & (size - 1);
+		__u32 idx = (q->lo + BPF_CORE_READ(net, hash_mix)) & (size - 1);
 		__u64 bucket = (__u64)BPF_CORE_READ(h, bhash) +
 			(__u64)idx * bpf_core_type_size(struct inet_bind_hashbucket);
-		w.tb = (__u64)BPF_CORE_READ((struct inet_bind_hashbucket *)bucket, chain.first);
-		w.link = bpf_core_field_offset(struct sock_common, skc_bind_node);
+		w->tb = (__u64)BPF_CORE_READ((struct inet_bind_hashbucket *)bucket, chain.first);
+		w->link = bpf_core_field_offset(struct sock_common, skc_bind_node);
 	} else {
 		if (!bpf_core_field_exists(struct netns_ipv4, udp_table))
 			return PT_WALK_NO_LAYOUT;
-		w.sk = udp_slot(w.net, w.port);
-		w.link = bpf_core_field_offset(struct sock_common, skc_node);
+		w->sk = udp_slot((__u64)net, q->lo);
+		w->link = bpf_core_field_offset(struct sock_common, skc_node);
 	}
-	bpf_loop(q->max_steps, walk_step, &w, 0);
-	if (w.status)
-		return w.status;
-	return w.done ? (int)w.n : PT_WALK_STEP_CAP;
+	struct walk_ref ref = { .w = w };
+	bpf_loop(q->max_steps, walk_step, &ref, 0);
+	if (w->status)
+		return w->status;
+	return w->done ? (int)w->n : PT_WALK_STEP_CAP;
 }
