@@ -111,8 +111,8 @@ def blocker(ns: ScratchNetns, kind: str) -> Staged:
     connections accepted on it (``crowd``), or a listener forked into two
     workers (``forks``), each in a cgroup of its own when it has a name."""
     if kind == "crowd":
-        return Staged("crowd", "127.0.0.1", WATCHED, "--count", "8000", "--hold",
-                      name="crowd", netns=ns, timeout=300)
+        return Staged("crowd", "127.0.0.1", WATCHED, "--count", "8000", "--reuseaddr",
+                      "--hold", name="crowd", netns=ns, timeout=300)
     Staged("timewait", "127.0.0.1", WATCHED, "--reuseaddr", name="old-server",
            netns=ns).release()
     role, args = ("listen-forks", ("--count", "2")) if kind == "forks" else ("listen", ())

@@ -770,8 +770,7 @@ int iter_task_file(struct bpf_iter__task_file *ctx)
  * PT_WALK_* status. */
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);	/* the frontend reads it in place */
+	__uint(type, BPF_MAP_TYPE_ARRAY);	/* read back in one BPF_MAP_LOOKUP_BATCH */
 	__uint(max_entries, 16384);	/* resized before load */
 	__type(key, __u32);
 	__type(value, struct pt_sock);

@@ -34,7 +34,7 @@ enum bpf_map_type {
 };
 
 enum { BPF_ANY = 0, BPF_NOEXIST = 1, BPF_EXIST = 2 };
-enum { BPF_F_NO_COMMON_LRU = 1U << 1, BPF_F_MMAPABLE = 1U << 10 };
+enum { BPF_F_NO_COMMON_LRU = 1U << 1 };
 
 #define PRESERVE __attribute__((preserve_access_index))
 

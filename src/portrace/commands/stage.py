@@ -309,7 +309,7 @@ def role_crowd(a: argparse.Namespace) -> None:
     want = a.count + 64
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    srv = _socket(a.addr)
+    srv = _socket(a.addr, reuseaddr=a.reuseaddr)
     srv.bind((a.addr, a.port))
     srv.listen(4096)
     rfd, wfd = os.pipe()

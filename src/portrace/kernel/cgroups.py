@@ -7,7 +7,6 @@ host's (portrace.kernel.core)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 
@@ -21,7 +20,8 @@ class _KernfsHandle(ctypes.Structure):
                 ("id", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The process's own symbols include libc's: no ldconfig run (find_library) at import.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import mmap
 import os
 import re
 import socket
@@ -84,6 +83,7 @@ WALK_WHY = {
     WALK_STATUS["PT_WALK_FAULT"]: "the bucket changed under the walk twice",
 }
 LOG_DIR = Path("/run/portrace")  # root-only: the verifier's log of a refused load
+FEXIT_REFUSED = LOG_DIR / "fexit-refused"  # boot id, then why: fexit is not tried again
 PAGE = 4096
 
 
@@ -118,7 +118,7 @@ class CoreEngine:
         # "fexit" (then the syscall tracepoints see the calls).
         self.off: dict[str, str] = {}
         self.probes = ""  # once attached: "fexit" or "tracepoints"
-        self._found: mmap.mmap | None = None
+        self._found: libbpf.Map | None = None
 
     def open(self) -> None:
         if self.attach:
@@ -135,7 +135,7 @@ class CoreEngine:
             self.tuple_t = obj.btf.layout("pt_tuple")
             self.recent_t = obj.btf.layout("pt_recent")
             if "walk" not in self.off:
-                self._found = obj.map("found").mapped(ctypes.sizeof(self.sock_t), FOUND_CAP)
+                self._found = obj.map("found")
             watched = obj.map("watched_ports")
             for port in self.ports:
                 watched.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
@@ -168,6 +168,8 @@ class CoreEngine:
             self.off["walk"] = f"{WALK} is off (PORTRACE_LOOKUP=iterators)"
         if not self.attach:
             self.off["fexit"] = "nothing is attached"
+        elif (refused := _refused_this_boot()) is not None:
+            self.off["fexit"] = refused
         while True:
             obj = _open_object(path)
             for group, progs in OPTIONAL.items():
@@ -186,6 +188,8 @@ class CoreEngine:
                 if refused is None:
                     raise
                 self.off[refused] = f"the kernel refused {failed} ({os.strerror(exc.errno or 0)})"
+                if refused == "fexit":
+                    _remember_refusal(self.off["fexit"])
 
     def _attach_calls(self, obj: libbpf.BpfObject) -> None:
         """fexit on the calls where loaded and attachable, else their syscall
@@ -343,7 +347,6 @@ class CoreEngine:
         assert obj is not None
         out: dict[str, list[Any]] = {}
         why: list[str] = []
-        elem = (ctypes.sizeof(self.sock_t) + 7) & ~7
         for p in protos:
             q.protocol = socket.IPPROTO_TCP if p == "tcp" else socket.IPPROTO_UDP
             q.max_steps = self.walk_steps
@@ -355,7 +358,7 @@ class CoreEngine:
                 why.append(f"{p}: " + WALK_WHY[n].format(
                     table=WALK_TABLE[p], steps=self.walk_steps, cap=FOUND_CAP))
                 continue
-            out[p] = [self.sock_t.from_buffer_copy(self._found, i * elem) for i in range(n)]
+            out[p] = self._found.first(n, self.sock_t)
         return out, why
 
     def _near_rows(self, socks: list[Any]) -> tuple[list[Any] | None, str, str]:
@@ -415,12 +418,37 @@ class CoreEngine:
             self._obj.detach()
 
     def close(self) -> None:
-        if self._found is not None:
-            self._found.close()
-            self._found = None
+        self._found = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _refused_this_boot() -> str | None:
+    """Why the kernel refused fexit, if it did since it booted: a kernel
+    does not learn trampolines without a reboot, and trying again costs a
+    second load of the object (~20 ms)."""
+    try:
+        with open(FEXIT_REFUSED) as f:
+            boot, _, why = f.read().partition("\n")
+        return why.strip() if boot == _boot_id() and why.strip() else None
+    except OSError:
+        return None
+
+
+def _remember_refusal(why: str) -> None:
+    try:
+        LOG_DIR.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(FEXIT_REFUSED, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_boot_id()}\n{why}, at the first start since boot\n")
+    except OSError:
+        pass  # the next start tries fexit again
 
 
 def _refused_program(log: list[str]) -> str:

@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import errno
 import functools
-import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -57,6 +56,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_iter_create": (ctypes.c_int, [ctypes.c_int]),
     "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _p, _p, ctypes.c_uint64]),
     "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _p, _p]),
+    "bpf_map_lookup_batch": (ctypes.c_int, [ctypes.c_int, _p, _p, _p, _p, _p, _p]),
     "ring_buffer__new": (_p, [ctypes.c_int, SAMPLE_FN, _p, _p]),
     "ring_buffer__add": (ctypes.c_int, [_p, ctypes.c_int, SAMPLE_FN, _p]),
     "ring_buffer__poll": (ctypes.c_int, [_p, ctypes.c_int]),
@@ -73,7 +73,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32)]),
 }
 BPF_F_QUERY_EFFECTIVE = 1  # include/uapi/linux/bpf.h
-PAGE = 4096
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -86,6 +85,13 @@ class _TestRunOpts(ctypes.Structure):
                 ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
                 ("batch_size", ctypes.c_uint32)]
+
+
+class _BatchOpts(ctypes.Structure):
+    """tools/lib/bpf/bpf.h: struct bpf_map_batch_opts."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
 
 
 class _IterTask(ctypes.Structure):
@@ -249,13 +255,19 @@ class Map:
             _check(f"look up map {self.name}", ret)
         return True
 
-    def mapped(self, value_size: int, entries: int) -> mmap.mmap:
-        """An array map made with BPF_F_MMAPABLE, mapped read-only: element i
-        at ``i * round_up(value_size, 8)`` (kernel/bpf/arraymap.c:
-        array_map_alloc)."""
-        elem = (value_size + 7) & ~7
-        size = (elem * entries + PAGE - 1) // PAGE * PAGE
-        return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    def first(self, n: int, layout: Any) -> list[Any]:
+        """An array map's elements 0 to n-1, copied in one BPF_MAP_LOOKUP_BATCH
+        (5.6+; an array's elements come in key order). Raises LibbpfError."""
+        if n <= 0:
+            return []
+        keys, values = (ctypes.c_uint32 * n)(), (layout * n)()
+        count, out = ctypes.c_uint32(n), ctypes.c_uint32(0)
+        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        ret = load().bpf_map_lookup_batch(self.fd, None, ctypes.byref(out), keys, values,
+                                          ctypes.byref(count), ctypes.byref(opts))
+        if ret < 0 and (ctypes.get_errno() or -ret) != errno.ENOENT:  # ENOENT: the map's end
+            _check(f"look up map {self.name}", ret)
+        return list(values[:count.value])
 
     def percpu_sum(self, key: Any) -> int:
         """The sum of a per-CPU array's u64 slots at ``key``."""
