@@ -23,7 +23,7 @@ def test_each_number_is_the_compilers(tmp_path: Path):
     found = header.parse((header.bpf_dir() / "portrace.h").read_text())
     assert {"PT_BIND_ERROR", "PT_OPT_V6ONLY", "PT_SRC_KERNEL", "PT_LOST_LIMITED",
             "PT_RATE_NS", "PT_UID_UNKNOWN"} <= set(found)
-    prints = "".join(f'printf("{name} %llu\\n", (unsigned long long)({name}));\n'
+    prints = "".join(f'printf("{name} %lld\\n", (long long)({name}));\n'
                      for name in found)
     src = tmp_path / "values.c"
     src.write_text(f'#include <stdio.h>\n#include <linux/types.h>\n#include "portrace.h"\n'
