@@ -18,6 +18,7 @@ Records are decoded with the layout read from the object's own BTF.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import os
@@ -442,13 +443,8 @@ def _refused_this_boot() -> str | None:
 
 
 def _remember_refusal(why: str) -> None:
-    try:
-        LOG_DIR.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(FEXIT_REFUSED, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{_boot_id()}\n{why}, at the first start since boot\n")
-    except OSError:
-        pass  # the next start tries fexit again
+    with contextlib.suppress(OSError):  # unwritable: the next start tries fexit again
+        _write_private(FEXIT_REFUSED, f"{_boot_id()}\n{why}, at the first start since boot\n")
 
 
 def _refused_program(log: list[str]) -> str:
@@ -561,14 +557,20 @@ def _entry(r: Any) -> engine.SocketEntry:
     )
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a root-only file under LOG_DIR (never through a
+    symlink). Raises OSError."""
+    LOG_DIR.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _save_log(lines: list[str]) -> str:
     """Write libbpf's last lines to a root-only file; returns its path."""
+    path = LOG_DIR / "verifier.log"
     try:
-        LOG_DIR.mkdir(mode=0o700, exist_ok=True)
-        path = LOG_DIR / "verifier.log"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        _write_private(path, "\n".join(lines) + "\n")
         return str(path)
     except OSError:
         return "(unwritable log)"
