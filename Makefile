@@ -68,7 +68,7 @@ check: $(CHECK_VENV)/.installed
 	$(CHECK_VENV)/bin/python -m mypy --strict $(STRICT)
 	$(CHECK_VENV)/bin/python -m pytest -m "not root and not vm"
 
-bench: setup bench/churn
+bench: setup bench/churn test-objects
 	bash scripts/setup.sh --bench
 	$(VENV)/bin/python bench/engines.py
 	$(VENV)/bin/python bench/lookup.py

@@ -15,14 +15,17 @@ run, interleaved (figures, not pass/fail; root): `make bench`.
    process facts included), median and p99 over FAILURES failures, with 0, 20k
    and 50k TCP sockets in the namespace, beside `ss -tanp 'sport = :P'` there.
 4. the same for a bind() refused before any socket counts (EACCES by the port
-   rule, EPERM by a seccomp filter, EADDRNOTAVAIL for an address in DAD),
-   beside an EADDRINUSE on the same run.
+   rule, EPERM by a cgroup bind4 program returning 0, EADDRNOTAVAIL for an
+   address in DAD), beside an EADDRINUSE on the same run. (A seccomp
+   filter's EPERM has no row: seccomp refuses before the sys_enter
+   tracepoint, so no engine sees that bind().)
 
 Issue 8's targets for the CO-RE engine are printed beside the figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portrace.commands.stage import ScratchNetns, Staged
+from portrace.commands.stage import ScratchNetns, Staged, refusing_cgroup
+from portrace.kernel.cgroups import cgroup2_mount
 
 RUNS = 5
 REPS = int(os.environ.get("BENCH_REPS", "3"))
@@ -45,6 +49,8 @@ WATCHED, CHURN_PORT, CROWD_PORT = 19490, 19491, 19492
 ENGINES = ("core", "bcc")
 TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
 CHURN = Path(__file__).resolve().parent / "churn"  # make bench/churn
+# make test-objects: cgroup bind4 programs that refuse (tests/bpf/refuse_bind.bpf.c)
+REFUSE_OBJ = Path(__file__).resolve().parent.parent / "tests" / "bpf" / "refuse_bind.bpf.o"
 
 
 def median(xs: list[float]) -> float:
@@ -125,10 +131,18 @@ class Portrace:
                 self.cond.wait(0.1)
 
     def wait_count(self, kind: str, n: int, timeout: float) -> None:
+        """Until ``n`` failures of ``kind`` are accounted for: each reported
+        one, and each a ``repeats`` event counted (a failure that came while
+        the last was being diagnosed is counted, not diagnosed again, even
+        with --coalesce 0)."""
         end = time.monotonic() + timeout
         with self.cond:
-            while sum(e["type"] == kind for e in self.events) < n and time.monotonic() < end:
+            while self._accounted(kind) < n and time.monotonic() < end:
                 self.cond.wait(0.1)
+
+    def _accounted(self, kind: str) -> int:
+        return sum(1 if e["type"] == kind else e["count"] if e["type"] == "repeats" else 0
+                   for e in self.events)
 
     def lost(self) -> int:
         with self.cond:
@@ -237,9 +251,11 @@ def churn_ratios(ns: ScratchNetns) -> None:
         bpf_ns.clear()
 
 
-def fail_binds(ns: ScratchNetns, addr: str, n: int, setup: str = "") -> None:
+def fail_binds(ns: ScratchNetns, addr: str, n: int, setup: str = "",
+               pass_fds: tuple[int, ...] = ()) -> None:
     """``n`` bind()s of addr:WATCHED in ``ns``, 50 ms apart, each expected to
-    fail; ``setup``: Python run first in the same process."""
+    fail; ``setup``: Python run first in the same process, which inherits
+    ``pass_fds``."""
     family = "socket.AF_INET6" if ":" in addr else "socket.AF_INET"
     loop = (f"import socket, time\n{setup}"
             f"for _ in range({n}):\n"
@@ -247,7 +263,8 @@ def fail_binds(ns: ScratchNetns, addr: str, n: int, setup: str = "") -> None:
             f"    try: s.bind(('{addr}', {WATCHED}))\n"
             "    except OSError: pass\n"
             "    s.close(); time.sleep(0.05)\n")
-    subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop])
+    subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", loop],
+                   pass_fds=pass_fds)
 
 
 def latency() -> None:
@@ -291,42 +308,53 @@ def refusals() -> None:
     """Issue 18's causes beside a conflict, on one run: each engine, each cause
     staged in a throwaway netns and failed REFUSALS times."""
     print(f"4. failure -> verdict (verdict_ms) by cause, median / p99 of {REFUSALS} failures")
-    print(f"   {'cause':>20} {'core':>18} {'bcc':>18}   target (core)")
+    print(f"   {'cause':>20} {'core':>18} {'bcc':>18}   {'target (core)':17} "
+          "verdict.cause seen (core, bcc)")
+    # setup: Python run by the failing process before its first socket.
     setups = {
         "EADDRINUSE": ("", "127.0.0.1"),
         "EACCES": ("import os; os.setgroups([]); os.setgid(65534); os.setuid(65534)\n",
                    "127.0.0.1"),
-        "EPERM": ("from portrace.commands.stage import _seccomp_refuse_bind\n"
-                  "_seccomp_refuse_bind()\n", "127.0.0.1"),
+        # Into the refusing cgroup through an fd the bench opened: `ip netns
+        # exec` mounts a sysfs of the netns's own, without the cgroup2 mount.
+        "EPERM": ("import os; os.write(int(os.environ['CGROUP_PROCS_FD']), b'%d' % os.getpid())\n",
+                  "127.0.0.1"),
         "EADDRNOTAVAIL (DAD)": ("", "2001:db8::9"),
     }
     for cause, (setup, addr) in setups.items():
-        with ScratchNetns(f"portrace-bench-refuse-{os.getpid()}") as ns:
-            holder = None
+        with contextlib.ExitStack() as stack:
+            ns = stack.enter_context(ScratchNetns(f"portrace-bench-refuse-{os.getpid()}"))
+            inherit: tuple[int, ...] = ()
             if cause == "EADDRINUSE":
                 holder = Staged("listen", "127.0.0.1", WATCHED, "--hold", name="holder",
                                 netns=ns)
+                stack.callback(holder.release)
             if cause == "EACCES":
                 ns.sysctl("net.ipv4.ip_unprivileged_port_start", str(WATCHED + 1))
+            if cause == "EPERM":
+                cgroup = stack.enter_context(refusing_cgroup(
+                    REFUSE_OBJ, "refuse_eperm", f"portrace-bench-{os.getpid()}"))
+                procs = os.open(f"{cgroup2_mount()}{cgroup}/cgroup.procs", os.O_WRONLY)
+                stack.callback(os.close, procs)
+                os.environ["CGROUP_PROCS_FD"], inherit = str(procs), (procs,)
             if cause.startswith("EADDRNOTAVAIL"):
                 ns.ip("link", "add", "va", "type", "veth", "peer", "name", "vb")
                 ns.ip("link", "set", "vb", "up")
                 ns.sysctl("net.ipv6.conf.va.dad_transmits", "100")  # tentative for 100 s
                 ns.ip("link", "set", "va", "up")
                 ns.ip("-6", "addr", "add", f"{addr}/64", "dev", "va")
-            cells = []
+            cells, seen = [], []
             for engine in ENGINES:
                 p = Portrace(engine, "--coalesce", "0", str(WATCHED))
-                fail_binds(ns, addr, REFUSALS, setup)
+                fail_binds(ns, addr, REFUSALS, setup, inherit)
                 p.wait_count("bind_error", REFUSALS, 120)
-                ms = [e["verdict_ms"] for e in p.events if e["type"] == "bind_error"]
+                errors = [e for e in p.events if e["type"] == "bind_error"]
                 p.stop()
+                ms = [e["verdict_ms"] for e in errors]
                 cells.append(f"{median(ms):>8.1f} / {p99(ms):>6.1f}" if ms else f"{'-':>17}")
-            if holder is not None:
-                holder.release()
+                seen.append("+".join(sorted({e["verdict"]["cause"] for e in errors})) or "-")
             target = "median <= 10 ms" if cause != "EADDRINUSE" else "(the anchor)"
-            print(f"   {cause:>20} {cells[0]:>18} {cells[1]:>18}   {target}")
-
+            print(f"   {cause:>20} {cells[0]:>18} {cells[1]:>18}   {target:17} {', '.join(seen)}")
 
 if __name__ == "__main__":
     if os.geteuid() != 0:

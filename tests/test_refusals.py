@@ -12,7 +12,6 @@ got, and the facts the event carries."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import subprocess
@@ -25,9 +24,9 @@ import pytest
 from conftest import IN_CI, PORTS, TracerProcess, need_root
 from test_check import check
 
+from portrace.commands import stage
 from portrace.commands.stage import ScratchNetns, Staged
 from portrace.judge import refusals
-from portrace.kernel import libbpf
 from portrace.observe import policy
 
 NOBODY = 65534
@@ -200,31 +199,12 @@ OBJ = Path(__file__).resolve().parent / "bpf" / "refuse_bind.bpf.o"
 
 @contextlib.contextmanager
 def refusing_cgroup(program: str) -> Iterator[str]:
-    """A cgroup of the test's own (under the cgroup2 mount) with one of
-    tests/bpf/refuse_bind.bpf.o's bind4 programs attached; yields its path
-    below the mount."""
-    mount = policy.cgroup2_mount()
-    assert mount is not None, "no cgroup2 mount"
+    """A cgroup of the test's own with one of tests/bpf/refuse_bind.bpf.o's
+    bind4 programs attached; yields its path below the cgroup2 mount."""
     assert OBJ.exists(), f"{OBJ} missing: `make setup-test` builds it"
-    rel = f"/portrace-test-{os.getpid()}-{next(_names)}"
-    os.mkdir(mount + rel)
-    lib = libbpf.load()
-    lib.bpf_program__attach_cgroup.restype = ctypes.c_void_p
-    lib.bpf_program__attach_cgroup.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    obj = lib.bpf_object__open_file(str(OBJ).encode(), None)
-    assert obj and lib.bpf_object__load(obj) == 0, libbpf.log_tail()
-    fd = os.open(mount + rel, os.O_RDONLY | os.O_DIRECTORY)
-    link = lib.bpf_program__attach_cgroup(
-        lib.bpf_object__find_program_by_name(obj, program.encode()), fd)
-    try:
-        assert link, f"cannot attach {program}: {libbpf.log_tail()}"
+    with stage.refusing_cgroup(OBJ, program, f"portrace-test-{os.getpid()}-{next(_names)}") \
+            as rel:
         yield rel
-    finally:
-        if link:
-            lib.bpf_link__destroy(link)
-        lib.bpf_object__close(obj)
-        os.close(fd)
-        os.rmdir(mount + rel)
 
 
 def refused_in(tracer: TracerProcess, cgroup: str, netns: ScratchNetns,

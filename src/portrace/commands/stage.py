@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from portrace.errors import StagingFailed
 
@@ -624,6 +626,43 @@ class Staged:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextmanager
+def refusing_cgroup(obj: Path, program: str, name: str) -> Iterator[str]:
+    """A cgroup v2 directory ``name`` made under the cgroup2 mount, with
+    ``program`` of the compiled object ``obj`` (a ``cgroup/bind4``-style
+    program) attached to it; yields the cgroup's path below the mount (the
+    form /proc/PID/cgroup gives). A process written to its ``cgroup.procs``
+    before it makes a socket meets the program at bind() (a socket keeps
+    the cgroup it was made in: ``sk_cgrp_data``). Removed on exit; it must
+    be empty by then. Raises StagingFailed."""
+    from portrace.kernel import libbpf  # only here: staging conflicts needs no libbpf
+    from portrace.kernel.cgroups import cgroup2_mount
+
+    mount = cgroup2_mount()
+    if mount is None:
+        raise StagingFailed("no cgroup2 mount to attach a cgroup program to")
+    rel = f"/{name}"
+    try:
+        os.mkdir(mount + rel)
+    except OSError as exc:
+        raise StagingFailed(f"mkdir {mount + rel}: {exc.strerror}") from None
+    fd = os.open(mount + rel, os.O_RDONLY | os.O_DIRECTORY)
+    bpf = None
+    try:
+        try:
+            bpf = libbpf.BpfObject(str(obj))
+            bpf.load()
+            bpf.attach_cgroup(program, fd)
+        except (libbpf.LibbpfError, libbpf.LibbpfMissing) as exc:
+            raise StagingFailed(f"{program} from {obj}: {exc}") from None
+        yield rel
+    finally:
+        if bpf is not None:
+            bpf.close()
+        os.close(fd)
+        os.rmdir(mount + rel)
 
 
 if __name__ == "__main__":

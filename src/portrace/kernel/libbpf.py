@@ -47,6 +47,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__set_max_entries": (ctypes.c_int, [_p, ctypes.c_uint32]),
     "bpf_map__initial_value": (_p, [_p, ctypes.POINTER(ctypes.c_size_t)]),
     "bpf_program__attach": (_p, [_p]),
+    "bpf_program__attach_cgroup": (_p, [_p, ctypes.c_int]),
     "bpf_program__attach_iter": (_p, [_p, _p]),
     "bpf_program__fd": (ctypes.c_int, [_p]),
     "bpf_program__set_autoload": (ctypes.c_int, [_p, ctypes.c_bool]),
@@ -324,6 +325,13 @@ class BpfObject:
         """Attach by the program's SEC() (tracepoints); detached by close()."""
         self._links.append(_nonnull(f"attach {program}",
                                     self.lib.bpf_program__attach(self._program(program))))
+
+    def attach_cgroup(self, program: str, cgroup_fd: int) -> None:
+        """Attach a ``cgroup/*`` program (its SEC() names the hook) to the
+        cgroup v2 directory open as ``cgroup_fd``; detached by close()."""
+        self._links.append(_nonnull(
+            f"attach {program} to a cgroup",
+            self.lib.bpf_program__attach_cgroup(self._program(program), cgroup_fd)))
 
     def _program(self, program: str) -> int:
         return _nonnull(f"find program {program}",
