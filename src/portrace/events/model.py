@@ -722,7 +722,8 @@ class Check:
 class Repeats:
     """Failures identical to a reported one (same process, call, address,
     errno) that came within the tracer's coalescing window, or while the one
-    before was still being diagnosed: counted, not diagnosed again. ``ts``: the last of them; ``since``: the report they repeat."""
+    before was still being diagnosed: counted, not diagnosed again. ``ts``:
+    the last of them; ``since``: the report they repeat."""
 
     ts: datetime = on_wire(**TIME)
     since: datetime = on_wire(**TIME)

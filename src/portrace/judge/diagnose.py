@@ -12,6 +12,7 @@ left out only when the rules say it certainly does not conflict.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -183,6 +184,10 @@ EADDRINUSE, EADDRNOTAVAIL = 98, 99
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
+# Parsed once per address: a port with 8k sockets has a handful of local
+# addresses, and parsing was a third of judging them.
+_ip4 = functools.lru_cache(maxsize=1024)(IPv4)
+_ip6 = functools.lru_cache(maxsize=1024)(IPv6)
 
 # (family, addr, port) a successful bind() asked for; the key of ``binders``,
 # whose values are the recent successful binds of that address, oldest first
@@ -236,13 +241,14 @@ def any3(*vals: bool | None) -> bool | None:
     return None if any(v is None for v in vals) else False
 
 
+@functools.lru_cache(maxsize=1024)
 def _v4_view(family: str, addr: str) -> IPv4 | None:
     """The IPv4 address a socket also answers for, None if it has none."""
     if family == "inet":
-        return IPv4(addr)
-    a = IPv6(addr)
+        return _ip4(addr)
+    a = _ip6(addr)
     if a.is_unspecified:
-        return IPv4("0.0.0.0")
+        return _ip4("0.0.0.0")
     return a.ipv4_mapped
 
 
@@ -252,14 +258,14 @@ def _overlaps(req: Request, req_v6only: bool, sock: SocketEntry) -> bool:
         # ipv4_rcv_saddr_equal(sk, sk2, sk2_ipv6only, true, true)
         if other_v6only:
             return False
-        mine, theirs = IPv4(req.addr), _v4_view(sock.family, sock.local.addr)
+        mine, theirs = _ip4(req.addr), _v4_view(sock.family, sock.local.addr)
         if theirs is None:
             return False
         return mine == theirs or mine.is_unspecified or theirs.is_unspecified
     # ipv6_rcv_saddr_equal(sk1 = request, sk2 = existing, ..., true, true)
-    mine6 = IPv6(req.addr)
+    mine6 = _ip6(req.addr)
     mine_mapped = mine6.ipv4_mapped is not None
-    theirs6 = IPv6(sock.local.addr) if sock.family == "inet6" else None
+    theirs6 = _ip6(sock.local.addr) if sock.family == "inet6" else None
     theirs_mapped = theirs6 is None or theirs6.ipv4_mapped is not None
     if mine_mapped and theirs_mapped:
         if other_v6only:
