@@ -118,6 +118,9 @@ class CoreEngine:
         # OPTIONAL groups left out, and why: "walk" (then the iterators answer),
         # "fexit" (then the syscall tracepoints see the calls).
         self.off: dict[str, str] = {}
+        # The binders read for the last snapshot's sockets, by struct sock:
+        # one map read per socket per diagnosis, not one per asker.
+        self._owners_read: dict[int, Task | None] = {}
         self.probes = ""  # once attached: "fexit" or "tracepoints"
         self._found: libbpf.Map | None = None
 
@@ -257,12 +260,17 @@ class CoreEngine:
         return None if task is None else Closer(pid=task.pid, comm=task.comm, ts=task.ts)
 
     def owner(self, skaddr: int) -> Task | None:
-        """The process that last bound, listened on or closed this socket."""
+        """The process that last bound, listened on or closed this socket
+        (as read since the last snapshot began)."""
         assert self._obj is not None
+        if skaddr in self._owners_read:
+            return self._owners_read[skaddr]
         raw = self.task_t()
-        if not skaddr or not self._obj.map("owners").lookup(ctypes.c_uint64(skaddr), raw):
-            return None
-        return decode_task(raw, self.clock)
+        found = None
+        if skaddr and self._obj.map("owners").lookup(ctypes.c_uint64(skaddr), raw):
+            found = decode_task(raw, self.clock)
+        self._owners_read[skaddr] = found
+        return found
 
     def recent(self, port: int) -> list[StateChange] | None:
         """The last transitions on a watched port, oldest first, from the kernel."""
@@ -294,6 +302,7 @@ class CoreEngine:
         Raises LibbpfError."""
         assert self._obj is not None
         obj = self._obj
+        self._owners_read = {}
         protos = tuple(protocols)
         q = self.query_t()
         q.netns, q.lo, q.hi = netns_inode, port or 1, port or 65535

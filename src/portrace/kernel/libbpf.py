@@ -293,6 +293,7 @@ class BpfObject:
         self._rings: list[int] = []  # ring_buffer managers
         self._samples: list[Any] = []  # their callbacks, kept alive
         self._iter_links: list[int] = []
+        self._maps: dict[str, Map] = {}  # after load a map's fd stays: asked once
         self.btf = btf.Btf(self.lib, _nonnull("read the object's BTF",
                                               self.lib.bpf_object__btf(self._obj)))
 
@@ -389,7 +390,10 @@ class BpfObject:
         return b"".join(parts)
 
     def map(self, name: str) -> Map:
-        return Map(_check(f"map fd {name}", self.lib.bpf_map__fd(self._map(name))), name)
+        if name not in self._maps:
+            self._maps[name] = Map(_check(f"map fd {name}",
+                                          self.lib.bpf_map__fd(self._map(name))), name)
+        return self._maps[name]
 
     def ring_buffer(self, rings: list[tuple[str, Callable[[int, int], int]]]) -> int:
         """One libbpf ring_buffer over the maps named in ``rings``, in that
@@ -441,6 +445,7 @@ class BpfObject:
         for link in self._iter_links:
             self.lib.bpf_link__destroy(link)
         self._iter_links.clear()
+        self._maps.clear()
         if self._obj:
             self.lib.bpf_object__close(self._obj)
             self._obj = 0
