@@ -187,12 +187,14 @@ def test_container_and_pod_named_from_cgroup_and_runtime_api(cgroups, docker_api
     finally:
         holder.release()
     owner = _blocker_process(ans)["owner"]
-    assert owner["container"] == {"id": CID, "runtime": "containerd", "name": "web-1"}
+    assert owner["container"] == {"id": CID, "runtime": "containerd", "name": "web-1",
+                                  "namespace": None, "sandbox": False}
     assert owner["pod"] == {"namespace": "shop", "name": "checkout-7d9", "uid": POD_UID,
                             "container": "web"}
-    assert (f"web[{holder.pid}] (container web-1, pod shop/checkout-7d9)"
+    assert (f"web[{holder.pid}] (pod shop/checkout-7d9, container web)"
             in ans["verdict"]["summary"])
-    assert "pod shop/checkout-7d9; the kubelet restarts" in ans["verdict"]["advice"][0]
+    assert "`kubectl -n shop delete pod checkout-7d9`" in ans["verdict"]["advice"][0]
+    assert "kill" not in ans["verdict"]["advice"][0].replace("never kill its pid", "")
 
 
 def test_container_without_a_reachable_runtime_is_named_by_id(cgroups):
@@ -204,7 +206,8 @@ def test_container_without_a_reachable_runtime_is_named_by_id(cgroups):
     finally:
         holder.release()
     owner = _blocker_process(ans)["owner"]
-    assert owner["container"] == {"id": CID, "runtime": "docker", "name": None}
+    assert owner["container"] == {"id": CID, "runtime": "docker", "name": None,
+                                  "namespace": None, "sandbox": False}
     assert f"web[{holder.pid}] (container {CID[:12]})" in ans["verdict"]["summary"]
 
 

@@ -285,8 +285,9 @@ class SocketCall:
 
 @dataclass(frozen=True)
 class Pod:
-    """A Kubernetes pod: namespace and name from the runtime's labels when its
-    API answers, uid from the cgroup; ``container``: the container's name in it."""
+    """A Kubernetes pod: namespace and name from the runtime's record (the
+    OCI bundle's annotations) or its API's labels, uid from either or the
+    cgroup; ``container``: the container's name in it."""
 
     namespace: str | None = on_wire(None, kinds=ANY, absent=None)
     name: str | None = on_wire(None, kinds=ANY, absent=None)
@@ -303,11 +304,13 @@ def _sub(key: str, name: str) -> Any:
 class Owner:
     """Who a process belongs to (portrace.observe.owners): its systemd ``unit``
     (``user_unit``: in a user's manager), its container (id and runtime from
-    the cgroup, ``container`` its name from the runtime's API), its pod; and
-    for the special holders, what they stand for: ``activates`` (systemd's
-    ``.socket`` unit, or the command systemd-socket-activate starts) and
-    ``forwards_to`` (docker-proxy's container end, with its container).
-    On the wire the container is one object (id, runtime, name), and so is
+    the cgroup or the runtime's own record, ``container`` its name from a
+    Docker-compatible API or nerdctl, ``runtime_namespace`` containerd's
+    namespace, ``sandbox`` a pod's sandbox container), its pod; and for the
+    special holders, what they stand for: ``activates`` (systemd's ``.socket``
+    unit, or the command systemd-socket-activate starts) and ``forwards_to``
+    (docker-proxy's container end, with its container). On the wire the
+    container is one object (id, runtime, name, namespace, sandbox), and so is
     forwards_to (addr, port, container)."""
 
     unit: str | None = on_wire(None, kinds=ANY, absent=None)
@@ -315,9 +318,15 @@ class Owner:
     container_id: str | None = on_wire(
         None, key="container", read=_sub("container", "id"),
         write=lambda o: None if o.container_id is None else {
-            "id": o.container_id, "runtime": o.runtime, "name": o.container})
+            "id": o.container_id, "runtime": o.runtime, "name": o.container,
+            "namespace": o.runtime_namespace, "sandbox": o.sandbox})
     runtime: str | None = on_wire(None, shown=False, read=_sub("container", "runtime"))
     container: str | None = on_wire(None, shown=False, read=_sub("container", "name"))
+    # containerd's namespace (k8s.io, default, moby); the pod's sandbox (pause).
+    runtime_namespace: str | None = on_wire(None, shown=False,
+                                            read=_sub("container", "namespace"))
+    sandbox: bool = on_wire(False, shown=False,
+                            read=lambda d, where: bool((d.get("container") or {}).get("sandbox")))
     pod: Pod | None = on_wire(None, kinds=ANY, absent=None, **_one(Pod))
     activates: str | None = on_wire(None, kinds=ANY, absent=None)
     forwards_to: Endpoint | None = on_wire(
@@ -328,7 +337,8 @@ class Owner:
                                                 read=_sub("forwards_to", "container"))
 
     def label(self) -> str:
-        """``checkout.service``, ``container web-1, pod shop/checkout-7d9``..."""
+        """``checkout.service``, ``pod shop/checkout-7d9, container web``,
+        ``container t1 in containerd namespace default``..."""
         parts = []
         if self.forwards_to is not None:
             into = f" in container {self.forwards_to_container}" \
@@ -336,11 +346,18 @@ class Owner:
             parts.append(f"docker-proxy to {self.forwards_to}{into}")
         if self.activates is not None:
             parts.append(f"socket activation: {self.activates}")
-        if self.container_id is not None:
-            parts.append(f"container {self.container or self.container_id[:12]}")
         if self.pod is not None:
             parts.append(f"pod {self.pod.namespace}/{self.pod.name}" if self.pod.name
                          else f"pod uid {self.pod.uid}")
+        if self.sandbox:
+            parts.append("its sandbox (pause) container")
+        elif self.pod is not None and self.pod.container is not None:
+            parts.append(f"container {self.pod.container}")
+        elif self.container_id is not None:
+            named = self.container or self.container_id[:12]
+            where = f" in containerd namespace {self.runtime_namespace}" \
+                if self.runtime_namespace and self.pod is None else ""
+            parts.append(f"container {named}{where}")
         if self.unit is not None:
             parts.append(f"user unit {self.unit}" if self.user_unit else self.unit)
         return ", ".join(parts)
@@ -620,6 +637,10 @@ class CallError:
     sysctls: dict[str, str] = on_wire(factory=dict, encode=dict, read=_mapping("sysctls"))
     # context.process_facts of the failing process:
     process: dict[str, Any] | None = on_wire(None, kinds=OPT_DICT, absent=None)
+    # When it had exited before they were read: its owner, as the cgroup the
+    # kernel saw it fail in names it.
+    exited_owner: Owner | None = on_wire(None, kinds=OPT_DICT, absent=None, after="process",
+                                         **_one(Owner))
     host: dict[str, str] = on_wire(factory=dict, read=_mapping("host"))
     # Transitions on the port shortly before:
     recent: tuple[StateChange, ...] = on_wire(

@@ -51,15 +51,44 @@ def _stop_owner(o: Owner) -> str | None:
         return (f"`docker stop {o.forwards_to_container}`, or publish another host port; "
                 f"docker-proxy holds it for that container's {o.forwards_to}")
     if o.pod is not None:
-        who = f"pod {o.pod.namespace}/{o.pod.name}" if o.pod.name else f"pod uid {o.pod.uid}"
-        return (f"scale down or move the workload of {who}; the kubelet restarts a killed "
-                "container")
+        return _stop_pod(o)
+    if o.runtime == "containerd" and o.container_id is not None:
+        ns = o.runtime_namespace or "default"
+        if o.container is not None:  # nerdctl named it
+            return f"`nerdctl -n {ns} stop {o.container}`"
+        return f"`ctr -n {ns} task kill {o.container_id}` (then `ctr -n {ns} task delete`)"
     if o.container is not None and o.runtime in RUNTIME_CLI:
         return f"`{RUNTIME_CLI[o.runtime]} stop {o.container}`"
     if o.unit is not None and o.unit.endswith(".service"):
         user = "--user " if o.user_unit else ""
         return f"`systemctl {user}stop {o.unit}`; a `kill` may be undone by its Restart="
     return None
+
+
+KUBE_PROXY = ("kube-system", "kube-proxy")  # its DaemonSet's namespace and container
+
+
+def _stop_pod(o: Owner) -> str:
+    """A pod's holder: through the API server, never by its pid (the kubelet
+    restarts a killed container; only the pod's owner decides where it runs)."""
+    assert o.pod is not None
+    p = o.pod
+    if (p.namespace, p.container) == KUBE_PROXY:
+        return ("kube-proxy holds it for a Service's NodePort (before 1.24 it held every "
+                "NodePort open: kubernetes#108496); find the Service in "
+                "`kubectl get svc -A -o wide` (PORT(S)) and give it, or what needs the port, "
+                "another one; do not stop kube-proxy")
+    if p.name is None:
+        return (f"find pod uid {p.uid}: `kubectl get pods -A -o custom-columns="
+                f"NS:.metadata.namespace,NAME:.metadata.name,UID:.metadata.uid | grep {p.uid}`; "
+                "then delete it or scale down its owner; the kubelet restarts a killed container")
+    pod = f"`kubectl -n {p.namespace} delete pod {p.name}`"
+    what = "its sandbox (pause) container holds the pod's namespaces; " if o.sandbox else ""
+    node = (f"; on the node, `crictl stop {o.container_id[:13]}` stops it until the kubelet "
+            "restarts it") if o.container_id and not o.sandbox else ""
+    return (f"{what}{pod} (its controller recreates it, perhaps on this node again), or "
+            f"scale down the pod's owner (`kubectl -n {p.namespace} get pod {p.name} -o "
+            f"jsonpath='{{.metadata.ownerReferences}}'`){node}; never kill its pid")
 
 
 def _itself(b: Blocker, attempt: SocketCall) -> str | None:
@@ -84,8 +113,9 @@ def _kill_advice(b: Blocker, attempt: SocketCall) -> str:
     if not b.processes:
         return "Now: no process holds it any more."
     stops = {_stop_owner(p.owner) if p.owner else None for p in b.processes}
-    if len(stops) == 1 and None not in stops:
-        return f"Now: {stops.pop()} (held by {_holders_phrase(b)})."
+    if None not in stops:  # each holder is stopped by what owns it: never by pid
+        return f"Now: {'; and '.join(sorted(s for s in stops if s))} (held by " \
+               f"{_holders_phrase(b)})."
     pids = " ".join(str(p.pid) for p in b.processes)
     text = f"Now: stop what holds it: `kill {pids}` ({_holders_phrase(b)})."
     if any(p.inherited for p in b.processes):

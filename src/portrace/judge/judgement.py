@@ -110,7 +110,7 @@ def failure_event(obs: Observation, j: Judgement, host: dict[str, str],
                      process=obs.process, host=host, recent=found.recent,
                      verdict_ms=verdict_ms, address=obs.refusal.address,
                      port_rule=obs.refusal.port_rule, already_bound=obs.refusal.already_bound,
-                     policy=obs.refusal.policy)
+                     policy=obs.refusal.policy, exited_owner=obs.exited_owner)
 
 
 def check_event(obs: Observation, j: Judgement, ts: datetime, engine: str,

@@ -39,11 +39,11 @@ def cgroup2_mount() -> str | None:
     return None
 
 
-def procs(cgroup_id: int) -> list[int] | None:
-    """The processes in the v2 cgroup ``cgroup_id`` (the id BPF reads as
-    ``cgroup->kn->id``), opened by its kernfs handle (fs/kernfs/mount.c:
-    kernfs_fh_to_dentry; needs CAP_DAC_READ_SEARCH). None when there is no
-    cgroup2 mount or the cgroup is gone."""
+def _open(cgroup_id: int) -> tuple[int, str] | None:
+    """The v2 cgroup ``cgroup_id`` (the id BPF reads as ``cgroup->kn->id``)
+    opened by its kernfs handle (fs/kernfs/mount.c: kernfs_fh_to_dentry;
+    needs CAP_DAC_READ_SEARCH), with the mount it was opened under. None when
+    there is no cgroup2 mount or the cgroup is gone."""
     mount = cgroup2_mount()
     if mount is None or not cgroup_id:
         return None
@@ -55,16 +55,44 @@ def procs(cgroup_id: int) -> list[int] | None:
         handle = _KernfsHandle(handle_bytes=8, handle_type=FILEID_KERNFS, id=cgroup_id)
         fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(handle),
                                      os.O_RDONLY | os.O_DIRECTORY)
-        if fd < 0:
-            return None
+    finally:
+        os.close(mount_fd)
+    return None if fd < 0 else (fd, mount)
+
+
+def procs(cgroup_id: int) -> list[int] | None:
+    """The processes in the v2 cgroup ``cgroup_id``; None when it cannot be
+    opened (see _open)."""
+    opened = _open(cgroup_id)
+    if opened is None:
+        return None
+    fd, _mount = opened
+    try:
         try:
             procs_fd = os.open("cgroup.procs", os.O_RDONLY, dir_fd=fd)
         finally:
             os.close(fd)
         with os.fdopen(procs_fd) as f:
-            pids = [int(line) for line in f]
+            return [int(line) for line in f]
     except (OSError, ValueError):
         return None
+
+
+def path(cgroup_id: int) -> str | None:
+    """The v2 cgroup ``cgroup_id``'s path below the mount, as /proc/PID/cgroup
+    writes it (``/kubepods/besteffort/pod<uid>/<id>``): it names a process's
+    container after the process has exited, while the cgroup lives. None when
+    it cannot be opened (see _open)."""
+    opened = _open(cgroup_id)
+    if opened is None:
+        return None
+    fd, mount = opened
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
     finally:
-        os.close(mount_fd)
-    return pids
+        os.close(fd)
+    if where == mount:
+        return "/"
+    return where[len(mount):] if where.startswith(mount + "/") else None

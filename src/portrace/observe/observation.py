@@ -27,7 +27,7 @@ from portrace.events import (
     SocketCall,
     StateChange,
 )
-from portrace.kernel import lookup, namespaces, sockdiag
+from portrace.kernel import cgroups, lookup, namespaces, sockdiag
 from portrace.kernel.engine import Engine, Snapshot
 from portrace.observe import addresses, bound, context, owners, policy, privilege, ranges
 
@@ -59,7 +59,9 @@ class Observation:
     ``can_destroy``: the kernel destroys sockets on request (None: not
     known); ``run_in``: the command prefix that reaches the namespace;
     ``refusal``: for a bind() refused before any socket was compared, the
-    facts that may decide it."""
+    facts that may decide it; ``exited_owner``: when the failing process was
+    gone before its facts were read, its owner as the cgroup it failed in
+    names it."""
 
     found: lookup.Lookup
     belongs: Mapping[tuple[int, int], Owner]
@@ -70,6 +72,7 @@ class Observation:
     run_in: str
     binders: Binders = field(default_factory=dict)
     refusal: Refusal = field(default_factory=Refusal)
+    exited_owner: Owner | None = None
 
     @property
     def attempt(self) -> SocketCall:
@@ -119,7 +122,8 @@ def _refusal(place: lookup.Place) -> Refusal:
 
 
 def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Binders,
-              pid: int | None, refusal: Refusal = Refusal()) -> Observation:
+              pid: int | None, refusal: Refusal = Refusal(),
+              exited_owner: Owner | None = None) -> Observation:
     """The rest of an observation around the kernel's lookup; ``pid``: a
     process in the namespace, for ``run_in`` when it has no name."""
     snap, attempt = found.snapshot, found.attempt
@@ -128,7 +132,8 @@ def _complete(found: lookup.Lookup, process: dict[str, Any] | None, binders: Bin
         found=found, belongs=belongs, holder_facts=context.holder_facts(snap.holders, belongs),
         process=process, usage=_usage(attempt, snap),
         can_destroy=sockdiag.can_destroy("udp" if attempt.protocol == "udp" else "tcp"),
-        run_in=namespaces.run_in(found.netns, pid), binders=binders, refusal=refusal)
+        run_in=namespaces.run_in(found.netns, pid), binders=binders, refusal=refusal,
+        exited_owner=exited_owner)
 
 
 def observe(engine: Engine, attempt: SocketCall, binders: Binders,
@@ -137,9 +142,14 @@ def observe(engine: Engine, attempt: SocketCall, binders: Binders,
     process's facts are read first, while it most likely still lives."""
     with lookup.failing_place(attempt) as place:
         process = context.process_facts(place.attempt.pid)
+        # A process that failed and exited at once (a container's entrypoint)
+        # is named by its cgroup while that lives (core: the kernel's cgroup id).
+        gone = None
+        if process is None and (path := cgroups.path(attempt.cgroup_id)) is not None:
+            gone = owners.owner_of_cgroup(path)
         refusal = _refusal(place)
         found = lookup.look_up(engine, place, history)
-    return _complete(found, process, binders, attempt.pid, refusal)
+    return _complete(found, process, binders, attempt.pid, refusal, gone)
 
 
 def described(attempt: SocketCall, snap: Snapshot, netns: Netns, netns_fd: int | None,

@@ -34,6 +34,7 @@ import psutil
 
 from portrace.events import Endpoint, Owner, Pod
 from portrace.kernel.engine import Holder, SocketEntry
+from portrace.observe import runtimes
 
 ID = r"[0-9a-f]{64}"
 SCOPES = (  # systemd cgroup driver: <prefix><id>.scope
@@ -240,19 +241,36 @@ def container_at(addr: str, sockets: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
+def _containers(names: CgroupNames, record: runtimes.RuntimeRecord | None
+                ) -> dict[str, Any]:
+    """The Owner fields of a container and its pod: from the runtime's record
+    when there is one, else from a Docker-compatible API by the cgroup's id."""
+    if record is not None:  # the runtime's own record: no API needed
+        pod = None
+        if record.pod_name or record.pod_uid or names.pod_uid:
+            pod = Pod(namespace=record.pod_namespace, name=record.pod_name,
+                      uid=record.pod_uid or names.pod_uid, container=record.container)
+        return {"container_id": record.container_id, "runtime": record.runtime,
+                "container": None if pod else record.container, "pod": pod,
+                "runtime_namespace": record.namespace, "sandbox": record.sandbox}
+    name, pod = None, None
+    if names.container_id is not None:
+        name, (ns, pod_name, in_pod) = container_names(names.container_id, api_sockets())
+        if names.pod_uid or pod_name:
+            pod = Pod(namespace=ns, name=pod_name, uid=names.pod_uid, container=in_pod)
+    return {"container_id": names.container_id, "runtime": names.runtime, "container": name,
+            "pod": pod}
+
+
 def owner_of(pid: int, comm: str, cgroup: str | None, argv: Sequence[str] | None,
              local: Endpoint | None = None) -> Owner | None:
     """The unit, container and pod of a process, and what it stands for when
     it is systemd holding a socket-activated ``local`` or a docker-proxy;
-    None when nothing names it."""
+    None when nothing names it. A container's names come from its runtime's
+    own record (containerd, CRI-O: portrace.observe.runtimes) where one is
+    above the process, else from a Docker-compatible API."""
     names = parse_cgroup(cgroup or "")
-    apis = api_sockets()
-    name = None
-    pod = None
-    if names.container_id is not None:
-        name, (ns, pod_name, in_pod) = container_names(names.container_id, apis)
-        if names.pod_uid or pod_name:
-            pod = Pod(namespace=ns, name=pod_name, uid=names.pod_uid, container=in_pod)
+    containers = _containers(names, runtimes.record_of(pid, names.container_id))
     activates = None
     if local is not None and comm == "systemd" and pid == 1:
         activates = socket_unit(local)
@@ -262,11 +280,21 @@ def owner_of(pid: int, comm: str, cgroup: str | None, argv: Sequence[str] | None
     forwards_to = None
     if forwards is not None:
         end, _host = forwards
-        forwards_to = (end, container_at(end.addr, apis))
-    owner = Owner(unit=names.unit, user_unit=names.user, container_id=names.container_id,
-                  runtime=names.runtime, container=name, pod=pod, activates=activates,
+        forwards_to = (end, container_at(end.addr, api_sockets()))
+    owner = Owner(unit=names.unit, user_unit=names.user, **containers, activates=activates,
                   forwards_to=forwards_to[0] if forwards_to else None,
                   forwards_to_container=forwards_to[1] if forwards_to else None)
+    return None if owner == Owner() else owner
+
+
+def owner_of_cgroup(cgroup: str) -> Owner | None:
+    """The unit, container and pod a cgroup path names, for a process that
+    is gone: its runtime's record found by the container id (runtimes.record_in),
+    else a Docker-compatible API. None when nothing names it."""
+    names = parse_cgroup(cgroup)
+    record = runtimes.record_in(names.container_id, names.pod_uid) \
+        if names.container_id else None
+    owner = Owner(unit=names.unit, user_unit=names.user, **_containers(names, record))
     return None if owner == Owner() else owner
 
 

@@ -95,7 +95,8 @@ def format_failure(ev: CallError) -> list[str]:
     elif a.port == 0:
         target = "(ephemeral port)" if a.call == "listen" else target
     owner = (ev.process or {}).get("owner")
-    label = f" ({read(Owner, owner).label()})" if owner else ""
+    named = read(Owner, owner) if owner else ev.exited_owner
+    label = f" ({named.label()})" if named else ""
     head = (f"{phrases.clock(ev.ts)} {phrases.task(a.comm, a.pid)}{label} {a.call} {target} "
             f"{errno_name(a.errno)}")
     ns = f"netns {ev.netns.name or ev.netns.inode}" + NETNS_NOTES.get(ev.netns.source, "")
