@@ -7,7 +7,9 @@
 #     validate), pipx (the README's install line), shellcheck,
 #     debootstrap + e2fsprogs + qemu-utils (the VM test's boxes) and
 #     vagrant-libvirt + libvirt-daemon-system + libvirt-daemon-driver-qemu +
-#     qemu-system-x86 (the VM test's `vagrant up`), and clang + libbpf-dev to
+#     qemu-system-x86 (the VM test's `vagrant up`), containerd + runc +
+#     busybox-static (a Kubernetes node's runtime and the pods' images,
+#     tests/cri.py), and clang + libbpf-dev to
 #     build the tests' own BPF programs (tests/bpf/); with --bench,
 #     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor) and bpftool;
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
@@ -17,7 +19,8 @@
 #     has it, else its generic headers package linked as /lib/modules/$(uname -r)/build;
 #  4. tracefs (and debugfs) mounted;
 #  5. .venv from the interpreter bcc belongs to, with --system-site-packages,
-#     and portrace installed into it with its test extras.
+#     and portrace installed into it with its test extras (with --test, also
+#     the CRI API's stubs the Kubernetes tests drive containerd with).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -56,7 +59,7 @@ missing() {
 packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
 # tcpstates (the anchor) and bpftool (programs' run time)
 [ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools bpftool"
-[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx qemu-utils vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu"
+[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx qemu-utils vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu containerd runc busybox-static"
 # shellcheck disable=SC2086
 need=$(missing $packages)
 if [ -n "$need" ]; then
@@ -154,13 +157,16 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
     rm -rf .venv
     "$SYS_PY" -m venv --system-site-packages .venv
 fi
-stamp=.venv/.portrace-installed
+extras="test"
+[ "$WITH_TESTS" -eq 1 ] && extras="test,cri"
+stamp=.venv/.portrace-installed-${extras/,/-}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    say "installing portrace into .venv (with test extras)"
+    say "installing portrace into .venv (with extras $extras)"
     # PIP_* settings pass through (e.g. PIP_NO_INDEX/PIP_FIND_LINKS for an offline VM).
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
         | grep -v '^WARNING: Location' || true
     .venv/bin/python -c 'import portrace.launch, portrace.commands.cli, bcc, pyroute2, psutil, click, elftools'
+    if [ "$WITH_TESTS" -eq 1 ]; then .venv/bin/python -c 'import grpc, cri_api.v1.api_pb2_grpc'; fi
     touch "$stamp"
 fi
 say "ready: .venv/bin/portrace"

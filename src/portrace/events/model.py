@@ -354,7 +354,9 @@ class Owner:
         elif self.pod is not None and self.pod.container is not None:
             parts.append(f"container {self.pod.container}")
         elif self.container_id is not None:
-            named = self.container or self.container_id[:12]
+            generated = len(self.container_id) == 64  # a runtime's hex id, not a chosen one
+            named = self.container or (self.container_id[:12] if generated
+                                       else self.container_id)
             where = f" in containerd namespace {self.runtime_namespace}" \
                 if self.runtime_namespace and self.pod is None else ""
             parts.append(f"container {named}{where}")

@@ -143,7 +143,7 @@ def observe(engine: Engine, attempt: SocketCall, binders: Binders,
     with lookup.failing_place(attempt) as place:
         process = context.process_facts(place.attempt.pid)
         # A process that failed and exited at once (a container's entrypoint)
-        # is named by its cgroup while that lives (core: the kernel's cgroup id).
+        # is named by the cgroup the kernel saw it fail in, while that lives.
         gone = None
         if process is None and (path := cgroups.path(attempt.cgroup_id)) is not None:
             gone = owners.owner_of_cgroup(path)
