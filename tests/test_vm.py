@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI, need_root
 
+from portrace.kernel import capabilities
+
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +127,25 @@ def test_vm_lookup_walks_the_ports_own_bucket_on_each_kernel(console, suite):
     demo = section(console, "demo")
     assert "sockets from the port's bind-hash bucket" in demo
     assert "sockets from sock_diag" in section(console, "demo-bcc")
+
+
+def test_vm_recorder_unit_runs_as_its_own_user_with_only_its_capabilities(console):
+    """systemd/portrace-record.service under the VM's systemd: DynamicUser=,
+    AmbientCapabilities= and nothing else; it records a staged conflict with
+    its blocker named (scripts/vm/unit.sh)."""
+    text = section(console, "unit")
+    assert "=== unit-exit 0" in console, text[-1500:]
+    [row] = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    unit = (ROOT / "systemd" / "portrace-record.service").read_text()
+    granted = next(line.split("=", 1)[1].split() for line in unit.splitlines()
+                   if line.startswith("AmbientCapabilities="))
+    assert row["uid"] != 0, row
+    assert int(row["cap_eff"], 16) == sum(1 << capabilities.BY_NAME[c].number
+                                          for c in granted), row
+    assert row["engine"] == "core" and row["probes"] == "fexit", row
+    assert row["cause"] == "listener" and row["holders"] == ["python3"], row
+    assert set(row["left_out"]) == {"CAP_SYS_ADMIN"}, row
+    assert "Overall exposure level for portrace-record.service" in text, text[-600:]
 
 
 def test_vm_lab_agrees_with_the_kernel(console):

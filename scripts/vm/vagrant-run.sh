@@ -3,7 +3,8 @@
 # from build-image.sh's image (box.sh), `vagrant up` one VM from
 # vagrant/Vagrantfile (provisioned by vagrant/provision.sh, i.e. the README's
 # `make setup`), run `portrace demo` on both engines, the CO-RE engine's port
-# lookup (scripts/vm/lookup.py) and a lab comparison, then
+# lookup (scripts/vm/lookup.py), the recorder's systemd unit run by systemd
+# as a user of its own (scripts/vm/unit.sh) and a lab comparison, then
 # validate-sysctl.sh for each sysctl file in turn through `vagrant ssh`, each
 # file's changes put back before the next (PORTRACE_RESTORE=1), copy the
 # results back, and `vagrant destroy -f`. One VM for all files, not one each as
@@ -125,6 +126,7 @@ if step "up-$vm" in_vagrant vagrant up --provider=libvirt "$vm" &&
     step demo on "$vm" "cd /vagrant && sudo .venv/bin/portrace demo"
     step demo-bcc on "$vm" "cd /vagrant && sudo .venv/bin/portrace demo --engine bcc"
     step lookup on "$vm" "cd /vagrant && sudo .venv/bin/python scripts/vm/lookup.py"
+    step unit on "$vm" "sudo bash /vagrant/scripts/vm/unit.sh"
     step lab-json on "$vm" "cd /vagrant && sudo .venv/bin/portrace lab restart-timewait" \
         "connect-exhaustion --compare net.ipv4.tcp_tw_reuse=0,1 --within 4 --json"
     for file in "${files[@]}"; do

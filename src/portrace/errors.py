@@ -42,7 +42,8 @@ EXIT_TEXT: dict[ExitStatus, str] = {
     ExitStatus.OK: "success (also after Ctrl-C / SIGTERM)",
     ExitStatus.BLOCKED: "portrace check: a port would not bind now (its blockers are named)",
     ExitStatus.USAGE: "bad arguments (e.g. a port outside 1-65535)",
-    ExitStatus.NEEDS_ROOT: "not running as root",
+    ExitStatus.NEEDS_ROOT: "neither root nor holding the capabilities portrace needs (the "
+                           "message names those missing)",
     ExitStatus.NO_TRACEFS: "tracefs is not mounted (sudo make setup mounts it)",
     ExitStatus.NO_KERNEL_HEADERS: "kernel headers missing: bcc cannot compile the probes",
     ExitStatus.BPF_UNAVAILABLE: "the kernel refused the BPF programs",

@@ -25,7 +25,7 @@ from typing import Any
 from portrace import errors
 from portrace.events import Check, Netns, SocketCall, SockOpts
 from portrace.judge import diagnose, judgement, phrases
-from portrace.kernel import chooser, engine, lookup, namespaces, sockdiag
+from portrace.kernel import capabilities, chooser, engine, lookup, namespaces, sockdiag
 from portrace.observe import observation
 
 POLL_S = 0.25  # --wait: how often the port is looked at again
@@ -62,7 +62,7 @@ class Looker:
     or sock_diag (``engine`` after open: ``core`` | ``sock_diag``).
 
     ``netns_fd``: the namespace (None: portrace's own); the caller keeps it open.
-    Raises, from open(), what engine.require_bpf and the CO-RE engine raise
+    Raises, from open(), what capabilities.require and the CO-RE engine raise
     when ``core`` was asked for; ``auto`` falls back to sock_diag instead.
     """
 
@@ -77,8 +77,8 @@ class Looker:
         if self.requested == "sock_diag":
             return self
         if self.requested == "core":
-            engine.require_bpf()
-        elif os.geteuid() != 0 or not engine.can_load_tracing_bpf(engine.effective_caps()):
+            capabilities.require("core")
+        elif capabilities.missing("core"):
             return self  # auto without the right to load BPF: sock_diag, asked nothing else
         why_not = chooser.core_unavailable()
         if why_not is not None:

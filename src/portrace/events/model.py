@@ -474,8 +474,9 @@ class Netns:
     another process in it), for the inode the kernel reported (CO-RE engine);
     ``gone`` when nothing held that namespace any more (nothing looked up);
     ``tracer`` when the engine could not tell the namespace (bcc) and
-    portrace's own was used instead. ``name``: its name under /run/netns
-    (``ip netns``), if it has one.
+    portrace's own was used instead; ``closed`` when it exists but portrace
+    runs without CAP_SYS_ADMIN, which setns() into it takes (nothing looked
+    up). ``name``: its name under /run/netns (``ip netns``), if it has one.
     """
 
     inode: int = on_wire(kinds=INT, absent=0)
@@ -486,7 +487,7 @@ class Netns:
     def searchable(self) -> bool:
         """Whether this is the failing socket's namespace, entered: only then
         may a blocker be named from it."""
-        return self.source not in ("gone", "tracer")
+        return self.source not in ("gone", "tracer", "closed")
 
 
 @dataclass(frozen=True)

@@ -514,6 +514,11 @@ NOT_LOOKED_UP = {
                "Now: retry it; this engine (bcc) cannot read a gone process's namespace, and "
                "naming a socket of another namespace could blame the wrong process. "
                "--engine core reads the namespace in the kernel at the failure."),
+    "closed": ("the failure was in another network namespace, which portrace may not enter "
+               "without CAP_SYS_ADMIN (kernel/nsproxy.c: setns), so nothing was looked up for "
+               "{ep}",
+               "Now: `portrace check --pid {pid} {port}` as root names its blockers; or grant "
+               "CAP_SYS_ADMIN to look in every namespace (README, \"Least privilege\")."),
 }
 
 
@@ -522,7 +527,8 @@ def _gone(req: Request, attempt: SocketCall, last_seen: StateChange | None,
     ep = Endpoint(req.addr, req.port)
     if netns_source in NOT_LOOKED_UP:
         why, now = NOT_LOOKED_UP[netns_source]
-        return Verdict(cause="unknown", summary=why.format(ep=ep), advice=(now,))
+        return Verdict(cause="unknown", summary=why.format(ep=ep),
+                       advice=(now.format(pid=attempt.pid, port=attempt.port),))
     summary = (f"nothing on port {req.port} blocks {ep} any more: the blocker was gone by "
                "lookup")
     if last_seen is not None:

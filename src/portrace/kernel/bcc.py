@@ -56,7 +56,7 @@ def require_bcc() -> Path:
     Raises NeedsRoot, BpfUnavailable, NoBcc, NoTracefs, MissingTracepoint,
     NoKernelHeaders.
     """
-    tracefs = engine.require_tracing(TRACEPOINTS)
+    tracefs = engine.require_tracing(TRACEPOINTS, "bcc")
     try:
         import bcc  # noqa: F401
     except ImportError as exc:

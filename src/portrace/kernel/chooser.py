@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from portrace import errors
-from portrace.kernel import libbpf
+from portrace.kernel import capabilities, libbpf
 from portrace.kernel.bcc import BccEngine
 from portrace.kernel.core import CoreEngine
-from portrace.kernel.engine import KERNEL_BTF, Choice, Engine, core_object, require_root
+from portrace.kernel.engine import KERNEL_BTF, Choice, Engine, core_object
 
 
 def core_unavailable() -> errors.NoKernelBtf | errors.NoLibbpf | None:
@@ -42,9 +42,10 @@ def core_required(why_not: errors.NoKernelBtf | errors.NoLibbpf) -> errors.Portr
 
 
 def choose(requested: str) -> Choice:
-    """The engine to run for ``--engine requested``. Raises NeedsRoot, and
-    NoKernelBtf or NoLibbpf when ``core`` is asked for and cannot run."""
-    require_root()  # before anything else is read
+    """The engine to run for ``--engine requested``. Raises NeedsRoot or
+    BpfUnavailable (the capabilities every engine needs), and NoKernelBtf or
+    NoLibbpf when ``core`` is asked for and cannot run."""
+    capabilities.require("bcc" if requested == "bcc" else "core")  # before anything is read
     if requested == "bcc":
         return Choice("bcc", "asked for with --engine bcc")
     why_not = core_unavailable()

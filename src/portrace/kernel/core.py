@@ -41,7 +41,7 @@ from portrace.events import (
     Task,
     tcp_state_name,
 )
-from portrace.kernel import cgroups, engine, header, libbpf, namespaces
+from portrace.kernel import capabilities, cgroups, engine, header, libbpf, namespaces
 from portrace.kernel.btf import BtfError
 from portrace.kernel.records import (
     PT_OPT_ALL,
@@ -126,9 +126,9 @@ class CoreEngine:
 
     def open(self) -> None:
         if self.attach:
-            engine.require_tracing(TRACEPOINTS)
+            engine.require_tracing(TRACEPOINTS, "core")
         else:
-            engine.require_bpf()
+            capabilities.require("core")
         path = str(engine.core_object())
         try:
             obj = self._obj = self._load(path)

@@ -29,14 +29,13 @@ from typing import Protocol
 
 from portrace import errors
 from portrace.events import Closer, Endpoint, SnapshotSource, SockOpts, StateChange, Task
-from portrace.kernel import header
+from portrace.kernel import capabilities, header
 
 ENGINES = ("auto", "core", "bcc")
 # Overridable, as PORTRACE_TRACEFS is, to point at another kernel's files.
 KERNEL_BTF = Path(os.environ.get("PORTRACE_KERNEL_BTF", "/sys/kernel/btf/vmlinux"))
 CORE_OBJECT = "core.bpf.o"
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39  # include/uapi/linux/capability.h
 
 
 # What an engine's snapshot holds: the port's sockets and who holds them.
@@ -192,47 +191,14 @@ def find_tracefs() -> Path:
     )
 
 
-def effective_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-def can_load_tracing_bpf(caps: int) -> bool:
-    """CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN (kernel/bpf/syscall.c: bpf_prog_load)."""
-    def has(cap: int) -> bool:
-        return bool(caps >> cap & 1)
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
-
-
-def require_root() -> None:
-    """Raises NeedsRoot unless running as root: the first check of all."""
-    if os.geteuid() != 0:
-        raise errors.NeedsRoot(
-            "needs root to load BPF programs and read other processes' sockets: run with sudo"
-        )
-
-
-def require_bpf() -> None:
-    """Root with the capabilities to load tracing BPF programs.
-    Raises NeedsRoot, BpfUnavailable."""
-    require_root()
-    if not can_load_tracing_bpf(effective_caps()):
-        raise errors.BpfUnavailable(
-            "root, but without CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN: the kernel will refuse "
-            "the BPF programs (a container or capability bounding set dropped them)"
-        )
-
-
-def require_tracing(tracepoints: Iterable[str]) -> Path:
-    """What every engine needs, cheapest first: root, the capabilities, tracefs
-    and these tracepoints (``group/name``). Returns the tracefs root.
+def require_tracing(tracepoints: Iterable[str], engine: str) -> Path:
+    """What every engine needs, cheapest first: the capabilities ``engine``
+    cannot run without, tracefs and these tracepoints (``group/name``).
+    Returns the tracefs root.
 
     Raises NeedsRoot, BpfUnavailable, NoTracefs, MissingTracepoint.
     """
-    require_bpf()
+    capabilities.require(engine)
     tracefs = find_tracefs()
     for tp in tracepoints:
         if not (tracefs / "events" / tp).is_dir():

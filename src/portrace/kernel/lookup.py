@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from portrace.events import Closer, Endpoint, Netns, SocketCall, SockOpts, StateChange
-from portrace.kernel import namespaces, sockdiag
+from portrace.kernel import capabilities, namespaces, sockdiag
 from portrace.kernel.engine import Engine, Snapshot, SocketEntry
 
 RECENT_S = 60  # transitions on the port kept in a failure's evidence
@@ -59,6 +59,10 @@ def failing_place(attempt: SocketCall) -> Iterator[Place]:
         netns_fd, netns = namespaces.open_netns_inode(attempt.netns, attempt.pid, attempt.tid)
     else:
         netns_fd, netns = namespaces.open_netns(attempt.pid, attempt.tid)
+    if netns_fd is not None and not namespaces.is_own(netns_fd) \
+            and not capabilities.held("CAP_SYS_ADMIN"):
+        os.close(netns_fd)
+        netns_fd, netns = None, dataclasses.replace(netns, source="closed")
     try:
         if attempt.opts_source != "kernel" or attempt.protocol == "unknown":
             protocol = sockdiag.socket_protocol(attempt.pid, attempt.fd) or attempt.protocol

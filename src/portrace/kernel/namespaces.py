@@ -102,8 +102,14 @@ def _setns(fd: int) -> None:
 @contextlib.contextmanager
 def entered(netns_fd: int | None) -> Iterator[None]:
     """Run the body with this thread in ``netns_fd`` (None: stay where we are).
+    The thread's own namespace is not entered again: setns() needs
+    CAP_SYS_ADMIN (kernel/nsproxy.c: validate_nsset, net/core/net_namespace.c:
+    netns_install), which a failure in the tracer's own namespace does not.
     Raises OSError if the namespace cannot be entered."""
     if netns_fd is None:
+        yield
+        return
+    if is_own(netns_fd):
         yield
         return
     home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
@@ -115,6 +121,13 @@ def entered(netns_fd: int | None) -> Iterator[None]:
             _setns(home)
     finally:
         os.close(home)
+
+
+def is_own(netns_fd: int) -> bool:
+    """Whether ``netns_fd`` is the calling thread's own network namespace."""
+    there = os.fstat(netns_fd)
+    here = os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net")
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _read_sysctl(name: str) -> str | None:

@@ -44,6 +44,7 @@ NETNS_NOTES = {
     "pinned": " (the process had exited; entered by its ip netns name)",
     "member": " (the process had exited; entered through another process in it)",
     "gone": " (gone by lookup: nothing left in it to enter)",
+    "closed": " (not entered: CAP_SYS_ADMIN is not held)",
 }
 
 
@@ -121,7 +122,9 @@ def format_event(ev: Event, states: bool) -> list[str]:
     if isinstance(ev, Ready):
         where = ", ".join(map(str, ev.ports)) if ev.ports else "every port (failures only)"
         return [_styled(f"portrace: watching bind() on {where} "
-                            f"(engine {ev.engine}, kernel {ev.kernel}); Ctrl-C to stop", dim=True)]
+                        f"(engine {ev.engine}, kernel {ev.kernel}); Ctrl-C to stop", dim=True)
+                ] + [_styled(f"portrace: without {name}: {lost}", fg="yellow")
+                     for name, lost in ev.left_out.items() if name.startswith("CAP_")]
     if isinstance(ev, Lost):
         where = LOST_WHERE.get(ev.source, ev.source)
         return [_styled(f"portrace: {ev.count} records lost ({where})", fg="red")]

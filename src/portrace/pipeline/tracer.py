@@ -33,7 +33,7 @@ from portrace.events import (
     failure_summary,
 )
 from portrace.judge import diagnose, judgement
-from portrace.kernel import chooser, engine
+from portrace.kernel import capabilities, chooser, engine
 from portrace.observe import context, observation
 from portrace.pipeline.inbox import FailureKey, Inbox, Waiting, failure_key
 
@@ -94,7 +94,9 @@ class Tracer:
             self._engine = self._open(choice)
         ready = Ready(ts=datetime.now(timezone.utc), engine=choice.name,
                       engine_reason=choice.reason, probes=self._engine.probes,
-                      left_out=dict(self._engine.off), ports=self.ports,
+                      left_out={**self._engine.off, **{
+                          c.name: c.without for c in capabilities.lacking()}},
+                      ports=self.ports,
                       kernel=os.uname().release, host=self.host, options=self.options)
         self._emit(ready)
         return ready
