@@ -2,7 +2,7 @@
 # sudo make test   set up (with the test tools), then the whole suite (lint + tests)
 # make check       no root, no apt: ruff, mypy and the tests that need no root,
 #                  in their own venv (.venv-check) from any python3 >= 3.9
-.PHONY: setup setup-test demo test lint check bench clean core-object test-objects
+.PHONY: setup setup-test demo test lint check bench clean core-object test-objects image
 
 VENV := .venv
 # Judging is pure functions of an observation: held to mypy --strict.
@@ -67,6 +67,10 @@ check: $(CHECK_VENV)/.installed
 	$(CHECK_VENV)/bin/python -m mypy
 	$(CHECK_VENV)/bin/python -m mypy --strict $(STRICT)
 	$(CHECK_VENV)/bin/python -m pytest -m "not root and not vm"
+
+# portrace's container image (deploy/kubernetes/), offline: build/portrace-image.tar
+image: setup
+	bash scripts/image.sh
 
 bench: setup bench/churn test-objects
 	bash scripts/setup.sh --bench

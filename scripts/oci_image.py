@@ -29,16 +29,35 @@ CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 
+def _xattrs(path: Path) -> dict[str, str]:
+    """A file's extended attributes as PAX records (SCHILY.xattr.NAME, as GNU
+    tar and Go's archive/tar write them; containerd sets them when it
+    unpacks): file capabilities (security.capability) among them. Values are
+    bytes, carried through tarfile as surrogate-escaped text."""
+    if not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return {f"SCHILY.xattr.{name}": os.getxattr(path, name, follow_symlinks=False)
+            .decode("utf-8", "surrogateescape") for name in names}
+
+
 def _layer(rootfs: Path) -> bytes:
-    """The directory as a tar with root ownership and fixed times, so the
-    same tree gives the same digest."""
+    """The directory as a tar (owners by number, fixed times, so the same
+    tree gives the same digest; extended attributes kept); sockets, which
+    tar cannot hold, left out."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as tar:
         for path in sorted(rootfs.rglob("*")):
             info = tar.gettarinfo(str(path), arcname=str(path.relative_to(rootfs)))
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
+            if info is None:
+                continue
+            info.uname = info.gname = ""
             info.mtime = 0
+            info.pax_headers = _xattrs(path)
             if info.isreg():
                 with open(path, "rb") as f:
                     tar.addfile(info, f)

@@ -9,7 +9,8 @@
 #     vagrant-libvirt + libvirt-daemon-system + libvirt-daemon-driver-qemu +
 #     qemu-system-x86 (the VM test's `vagrant up`), containerd + runc +
 #     busybox-static (a Kubernetes node's runtime and the pods' images,
-#     tests/cri.py), and clang + libbpf-dev to
+#     tests/cri.py), libcap2-bin (setcap: the portrace image's file
+#     capabilities, scripts/image.sh), and clang + libbpf-dev to
 #     build the tests' own BPF programs (tests/bpf/); with --bench,
 #     bpfcc-tools (bcc's tcpstates, the benchmarks' anchor) and bpftool;
 #  2. the CO-RE engine's object, bpf/core.bpf.o, when missing or stale: clang,
@@ -20,7 +21,8 @@
 #  4. tracefs (and debugfs) mounted;
 #  5. .venv from the interpreter bcc belongs to, with --system-site-packages,
 #     and portrace installed into it with its test extras (with --test, also
-#     the CRI API's stubs the Kubernetes tests drive containerd with).
+#     the k8s extras: the CRI API's stubs the Kubernetes tests drive containerd
+#     with, and the Kubernetes API's schemas the DaemonSet is checked against).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -59,7 +61,7 @@ missing() {
 packages="python3-bpfcc python3-venv iproute2 procps libbpf1 make"
 # tcpstates (the anchor) and bpftool (programs' run time)
 [ "$WITH_BENCH" -eq 1 ] && packages="$packages bpfcc-tools bpftool"
-[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx qemu-utils vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu containerd runc busybox-static"
+[ "$WITH_TESTS" -eq 1 ] && packages="$packages chromium systemd vagrant shellcheck debootstrap qemu-system-x86 e2fsprogs pipx qemu-utils vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu containerd runc busybox-static libcap2-bin"
 # shellcheck disable=SC2086
 need=$(missing $packages)
 if [ -n "$need" ]; then
@@ -158,7 +160,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
     "$SYS_PY" -m venv --system-site-packages .venv
 fi
 extras="test"
-[ "$WITH_TESTS" -eq 1 ] && extras="test,cri"
+[ "$WITH_TESTS" -eq 1 ] && extras="test,k8s"
 stamp=.venv/.portrace-installed-${extras/,/-}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing portrace into .venv (with extras $extras)"
@@ -166,7 +168,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
         | grep -v '^WARNING: Location' || true
     .venv/bin/python -c 'import portrace.launch, portrace.commands.cli, bcc, pyroute2, psutil, click, elftools'
-    if [ "$WITH_TESTS" -eq 1 ]; then .venv/bin/python -c 'import grpc, cri_api.v1.api_pb2_grpc'; fi
+    if [ "$WITH_TESTS" -eq 1 ]; then
+        .venv/bin/python -c 'import grpc, cri_api.v1.api_pb2_grpc, yaml, kubernetes_validate'
+    fi
     touch "$stamp"
 fi
 say "ready: .venv/bin/portrace"

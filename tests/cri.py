@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import IN_CI
@@ -128,9 +129,10 @@ class Containerd:
             raise AssertionError(f"ctr {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
-    def pod(self, namespace: str, name: str) -> Pod:
+    def pod(self, namespace: str, name: str, host_pid: bool = False) -> Pod:
         """A host-network pod (its sandbox running), as kubelet's cgroupfs
-        driver places it: /kubepods/besteffort/pod<uid>."""
+        driver places it: /kubepods/besteffort/pod<uid>; ``host_pid``: in
+        the node's pid namespace (hostPID)."""
         pb = self.pb
         uid = str(uuid.uuid4())
         logs = self.dir / "logs" / name
@@ -142,18 +144,20 @@ class Containerd:
             linux=pb.LinuxPodSandboxConfig(
                 cgroup_parent=cgroup,
                 security_context=pb.LinuxSandboxSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER,
-                                                         ipc=pb.POD))))
+                    namespace_options=pb.NamespaceOption(
+                        network=pb.NODE, pid=pb.NODE if host_pid else pb.CONTAINER,
+                        ipc=pb.POD))))
         sandbox = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
         pod = Pod(sandbox.pod_sandbox_id, namespace, name, uid, config)
         self.pods.append(pod)
         self.cgroups.add(cgroup)
         return pod
 
-    def start(self, pod: Pod, name: str, argv: Sequence[str]) -> str:
-        """A container of ``pod`` running ``argv``, started; its id."""
+    def start(self, pod: Pod, name: str, argv: Sequence[str], config: object = None) -> str:
+        """A container of ``pod`` running ``argv`` (or made from ``config``,
+        a CRI ContainerConfig), started; its id."""
         pb = self.pb
-        config = pb.ContainerConfig(
+        config = config or pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name=name), image=pb.ImageSpec(image=IMAGE),
             command=list(argv[:1]), args=list(argv[1:]), log_path=f"{name}.log")
         made = self.rt.CreateContainer(pb.CreateContainerRequest(
@@ -161,6 +165,12 @@ class Containerd:
         self.rt.StartContainer(pb.StartContainerRequest(container_id=made.container_id),
                                timeout=60)
         return str(made.container_id)
+
+    def log(self, pod: Pod, name: str) -> str:
+        """What container ``name`` of ``pod`` wrote, CRI's log format stripped."""
+        path = self.dir / "logs" / pod.name / f"{name}.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return "\n".join(line.split(" ", 3)[-1] for line in lines)
 
     def state(self, container_id: str) -> tuple[str, int]:
         """(CONTAINER_RUNNING/EXITED/..., exit code)."""
@@ -242,3 +252,31 @@ def node() -> Iterator[Containerd]:
         yield runtime
     finally:
         runtime.stop()
+
+
+def container_config(pb: Any, spec: dict[str, Any], image: str, mounts: dict[str, str],
+                     log: str) -> Any:
+    """A Kubernetes container spec (a DaemonSet's, as read from its YAML) as
+    the kubelet turns it into a CRI ContainerConfig: command/args, the
+    securityContext (uid, gid, read-only root, capabilities without their
+    CAP_ prefix, no_new_privs from allowPrivilegeEscalation), and each
+    volumeMount bound from ``mounts``: volume name -> host path."""
+    sc = spec.get("securityContext", {})
+    caps = sc.get("capabilities", {})
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=spec["name"]),
+        image=pb.ImageSpec(image=image),
+        command=spec.get("command", []), args=spec.get("args", []), log_path=log,
+        mounts=[pb.Mount(container_path=m["mountPath"],
+                         host_path=mounts[m["name"]], readonly=m.get("readOnly", False))
+                for m in spec.get("volumeMounts", [])],
+        linux=pb.LinuxContainerConfig(
+            security_context=pb.LinuxContainerSecurityContext(
+                run_as_user=pb.Int64Value(value=sc["runAsUser"]),
+                run_as_group=pb.Int64Value(
+                    value=sc.get("runAsGroup", sc["runAsUser"])),
+                readonly_rootfs=sc.get("readOnlyRootFilesystem", False),
+                no_new_privs=not sc.get("allowPrivilegeEscalation", True),
+                capabilities=pb.Capability(
+                    add_capabilities=caps.get("add", []),
+                    drop_capabilities=caps.get("drop", [])))))

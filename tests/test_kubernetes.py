@@ -14,19 +14,26 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import psutil
 import pytest
+import yaml
 from conftest import TracerProcess, need_root
-from cri import Containerd, node
+from cri import CRI_NS, ROOT, Containerd, Pod, container_config, node
+from prometheus_client.parser import text_string_to_metric_families
 
+from portrace import errors
 from portrace.commands.stage import Staged
+from portrace.kernel import capabilities
 from portrace.observe import runtimes
 
 DATA = Path(__file__).resolve().parent / "data"
+KUBERNETES = "1.31"  # the API version the manifest is checked against
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +207,126 @@ def test_crio_conmon_above_a_holder_names_its_pod(tmp_path, port):
         proc.wait(10)
     assert r is not None and r.runtime == "cri-o" and r.container_id == "b1c4"
     assert (r.pod_namespace, r.pod_name, r.container) == ("shop", "web-1", "server")
+
+
+# The DaemonSet: deploy/kubernetes/portrace.yaml, checked, then its pod run.
+MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "portrace.yaml"
+METRICS = "http://127.0.0.1:9464/metrics"
+
+
+def manifest() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+
+
+def daemonset() -> dict[str, Any]:
+    [ds] = [d for d in manifest() if d["kind"] == "DaemonSet"]
+    return ds
+
+
+def test_the_daemonset_validates_against_the_kubernetes_api_schema():
+    for doc in manifest():
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    broken = daemonset()
+    broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsUsr"] = 0
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
+def test_the_daemonset_is_least_privilege():
+    pod = daemonset()["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    sc = c["securityContext"]
+    assert not sc.get("privileged") and sc["runAsUser"] != 0 and sc["runAsNonRoot"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {f"CAP_{a}" for a in sc["capabilities"]["add"]} == \
+        {cap.name for cap in capabilities.CAPABILITIES}
+    assert pod["hostPID"] and pod["hostNetwork"]
+    assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] != "evidence")
+    ann = daemonset()["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and f":{ann['prometheus.io/port']}" in METRICS
+
+
+@pytest.fixture(scope="module")
+def image(node_runtime: Containerd, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`make image`'s archive, imported as a node imports it."""
+    out = tmp_path_factory.mktemp("image") / "portrace-image.tar"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "image.sh"), str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-1500:]
+    node_runtime.ctr(CRI_NS, "images", "import", str(out))
+    return str(daemonset()["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def run_daemonset_pod(runtime: Containerd, image: str, evidence: Path,
+                      drop: str | None = None) -> tuple[Pod, str]:
+    """The DaemonSet's pod as the kubelet would run it on this node: its
+    init container to the end, then portrace (``drop``: one capability taken
+    out of its spec). Its hostPath volumes are the node's own paths."""
+    pod_spec = daemonset()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod_spec["volumes"]}
+    volumes["evidence"] = str(evidence)
+    for path in list(volumes.values()):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    pod = runtime.pod("portrace", f"portrace-{len(runtime.pods)}", host_pid=True)
+    [init] = pod_spec["initContainers"]
+    done = runtime.start(pod, init["name"], [], container_config(
+        runtime.pb, init, image, volumes, f"{init['name']}.log"))
+    assert runtime.wait_exited(done, 60) == 0, runtime.log(pod, init["name"])
+    [spec] = pod_spec["containers"]
+    if drop is not None:
+        spec["securityContext"]["capabilities"]["add"].remove(drop)
+    cid = runtime.start(pod, spec["name"], [], container_config(
+        runtime.pb, spec, image, volumes, f"{spec['name']}.log"))
+    return pod, cid
+
+
+def scrape() -> str | None:
+    try:
+        with urllib.request.urlopen(METRICS, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+@CORE_ONLY
+def test_the_daemonset_pod_records_a_conflict_between_two_pods(tracer, containerd, image,
+                                                               port, tmp_path):
+    evidence = tmp_path / "evidence"
+    pod, cid = run_daemonset_pod(containerd, image, evidence)
+    deadline = time.monotonic() + 60
+    while scrape() is None:
+        assert containerd.state(cid)[0] == "CONTAINER_RUNNING", containerd.log(pod, "portrace")
+        assert time.monotonic() < deadline, "no metrics from the portrace pod"
+        time.sleep(0.3)
+    web1 = containerd.pod("shop", "web-1")
+    containerd.start(web1, "server", ["/bin/httpd", "-f", "-p", str(port)])
+    web2 = containerd.pod("shop", "web-2")
+    containerd.wait_exited(containerd.start(web2, "server", ["/bin/httpd", "-f", "-p",
+                                                              str(port)]))
+    ev = None
+    while ev is None and time.monotonic() < deadline + 30:
+        events = [json.loads(line) for f in evidence.glob("*.jsonl") for line in f.open()]
+        ev = next((e for e in events if e["type"] == "bind_error" and e["port"] == port), None)
+        time.sleep(0.3)
+    assert ev is not None, containerd.log(pod, "portrace")[-1500:]
+    assert "(pod shop/web-1, container server)" in ev["verdict"]["summary"], ev["verdict"]
+    mine = failing_owner(ev)
+    assert mine is not None and mine["pod"]["name"] == "web-2", ev
+    ready = next(e for e in events if e["type"] == "ready")
+    assert ready["engine"] == "core" and ready["left_out"].keys() <= {"fexit", "walk"}, ready
+    metrics = scrape() or ""
+    counted = [s.value for fam in text_string_to_metric_families(metrics) for s in fam.samples
+               if s.name == "portrace_failures_total" and s.labels.get("port") == str(port)
+               and s.labels.get("cause") == "listener"]
+    assert counted == [1.0], metrics[-1500:]
+    assert containerd.state(cid)[0] == "CONTAINER_RUNNING"
+
+
+def test_the_daemonset_pod_without_one_capability_says_which(containerd, image, tmp_path):
+    # (Not CAP_BPF or CAP_PERFMON: the spec's CAP_SYS_ADMIN stands in for both.)
+    pod, cid = run_daemonset_pod(containerd, image, tmp_path / "evidence",
+                                 drop="DAC_READ_SEARCH")
+    code = containerd.wait_exited(cid, 60)
+    log = containerd.log(pod, "portrace").strip().splitlines()
+    assert code == errors.ExitStatus.NEEDS_ROOT, log
+    assert len(log) == 1 and log[0].startswith("portrace: without CAP_DAC_READ_SEARCH (to "), log

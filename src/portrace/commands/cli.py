@@ -27,6 +27,7 @@ from portrace.commands import check as check_mod
 from portrace.commands.cli_types import Address, ByteSize, Finite, HostPort, PrivateFile, Timestamp
 from portrace.errors import ExitStatus
 from portrace.events import Check, Event, SocketCall, SockOpts, StateChange, to_json
+from portrace.kernel import capabilities
 from portrace.kernel.engine import ENGINES
 from portrace.output.evidence import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EvidenceDir, JsonLinesSink
 from portrace.output.outputs import Fanout, Sink
@@ -413,6 +414,8 @@ def demo(engine_name: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Before any thread: a thread inherits the capabilities it is made with.
+    capabilities.raise_permitted()
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="portrace",
                  standalone_mode=False)

@@ -7,6 +7,7 @@ refusal says which one is missing and what it would have done."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -56,6 +57,40 @@ def effective() -> int:
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
     return 0
+
+
+class _CapHeader(ctypes.Structure):
+    """include/uapi/linux/capability.h: struct __user_cap_header_struct."""
+
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+CAPABILITY_VERSION_3 = 0x20080522  # two _CapData: capabilities 0-31, 32-63
+
+
+def raise_permitted() -> None:
+    """Make every permitted capability effective. A non-root process in a
+    container gets none at exec unless its executable carries them as file
+    capabilities (security/commoncap.c: cap_bprm_creds_from_file; Kubernetes
+    has no ambient capabilities); portrace's image grants them permitted
+    only, so that one the container withholds is named by :func:`require`
+    instead of failing the exec with EPERM. Does nothing where nothing is
+    gained or the call is refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        return
+    if all(d.effective == d.permitted for d in data):
+        return
+    for d in data:
+        d.effective = d.permitted
+    libc.capset(ctypes.byref(header), data)
 
 
 def held(name: str, caps: int | None = None) -> bool:

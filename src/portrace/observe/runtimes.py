@@ -12,8 +12,11 @@ The bundle is found through the runtime's process above the container:
   (containerd runtime/v2/README.md: "all binary calls to the shim [have] the
   bundle for the container set as the cwd"); the other containers of that
   namespace are its siblings,
-  ``<state>/io.containerd.runtime.v2.task/<namespace>/<id>/``. Without access
-  to the shim's cwd, containerd's default state directory is read;
+  ``<state>/io.containerd.runtime.v2.task/<namespace>/<id>/``, reached as
+  ``/proc/<shim>/cwd/..``, which leads there from any mount namespace (a
+  DaemonSet's pod sees the node's state directory without mounting it).
+  Without access to the shim's cwd (ptrace), containerd's default state
+  directory is read;
 - CRI-O's ``conmon`` is given the container's own bundle (``-b``), by default
   ``/run/containers/storage/overlay-containers/<id>/userdata``.
 Parsing is pure; :func:`record_of` does the reading and finds nothing rather
@@ -136,14 +139,11 @@ def _containerd(shim: psutil.Process, container_id: str | None) -> RuntimeRecord
     namespace, first = flag(argv, "-namespace", "--namespace"), flag(argv, "-id", "--id")
     if namespace is None or first is None:
         return None
-    try:
-        tasks = Path(os.readlink(f"/proc/{shim.pid}/cwd")).parent
-    except OSError:  # its cwd needs ptrace access: containerd's default place
-        tasks = CONTAINERD_TASKS / namespace
     # A pod's shim serves all its containers; the cgroup names which one.
-    for cid in (container_id, first):
-        if cid and (found := _read_annotations(tasks / cid)) is not None:
-            return parse_annotations("containerd", cid, namespace, found)
+    for tasks in _tasks_of(shim.pid, namespace):
+        for cid in (container_id, first):
+            if cid and (found := _read_annotations(tasks / cid)) is not None:
+                return parse_annotations("containerd", cid, namespace, found)
     return None
 
 
@@ -159,10 +159,17 @@ def _crio(conmon: psutil.Process) -> RuntimeRecord | None:
     return None
 
 
+def _tasks_of(shim: int, namespace: str) -> tuple[Path, ...]:
+    """Where the task directory a shim serves may be read: through its cwd
+    (ptrace access: not asked with access(2), which ignores a non-root
+    caller's capabilities), then containerd's default place."""
+    return Path(f"/proc/{shim}/cwd/.."), CONTAINERD_TASKS / namespace
+
+
 def _task_dirs() -> list[tuple[Path, str]]:
-    """Each containerd namespace's task directory a running shim serves, with
-    the namespace; containerd's default place for those whose cwd is closed."""
-    found: dict[Path, str] = {}
+    """Where each containerd namespace's task directory a running shim serves
+    may be read (see _tasks_of), with the namespace."""
+    found: dict[Path, tuple[tuple[Path, ...], str]] = {}
     for proc in psutil.process_iter(["name"]):
         try:
             if not (proc.info["name"] or "").startswith("containerd-shim"):
@@ -170,14 +177,14 @@ def _task_dirs() -> list[tuple[Path, str]]:
             namespace = flag(proc.cmdline(), "-namespace", "--namespace")
             if namespace is None:
                 continue
-            try:
-                tasks = Path(os.readlink(f"/proc/{proc.pid}/cwd")).parent
+            try:  # one entry per directory: a pod's shims share one
+                key = Path(os.readlink(f"/proc/{proc.pid}/cwd")).parent
             except OSError:
-                tasks = CONTAINERD_TASKS / namespace
-            found[tasks] = namespace
+                key = CONTAINERD_TASKS / namespace
+            found.setdefault(key, (_tasks_of(proc.pid, namespace), namespace))
         except psutil.Error:
             continue
-    return list(found.items())
+    return [(tasks, namespace) for ways, namespace in found.values() for tasks in ways]
 
 
 def record_in(container_id: str, pod_uid: str | None) -> RuntimeRecord | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
@@ -64,10 +63,11 @@ class Metrics:
         self.engine = Info("portrace_engine", "The engine recording, and the kernel.",
                            registry=r)
 
-    def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics on HOST:PORT from a daemon thread; returns the server."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+    def serve(self, host: str, port: int) -> None:
+        """Serve /metrics on HOST:PORT from a daemon thread, for the life of
+        the process. (prometheus_client 0.16, Debian 12's, returns nothing
+        from start_http_server; 0.17+ the server and its thread.)"""
+        start_http_server(port, addr=host, registry=self.registry)
 
     def _port(self, port: int) -> str:
         if self.ports:
