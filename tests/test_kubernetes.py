@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from portrace import errors
 from portrace.commands.stage import Staged
 from portrace.kernel import capabilities
-from portrace.observe import runtimes
+from portrace.observe import owners, runtimes
 
 DATA = Path(__file__).resolve().parent / "data"
 KUBERNETES = "1.31"  # the API version the manifest is checked against
@@ -131,6 +131,19 @@ def test_kube_proxy_holding_a_node_port(tracer, containerd, port):
     assert holder(ev)["owner"]["pod"]["container"] == "kube-proxy"
     now = ev["verdict"]["advice"][0]
     assert "NodePort" in now and "kubectl get svc -A" in now and "`kill" not in now, now
+
+
+def test_a_pods_sandbox_is_named_as_its_pause_container(containerd):
+    """The pause process of a live pod, named from containerd's own record
+    of it (a sandbox holds the pod's namespaces; deleting the pod frees them)."""
+    pod = containerd.pod("shop", "web-9")
+    [pause] = [p for p in psutil.process_iter(["cmdline"])
+               if p.info["cmdline"] == ["/bin/sleep", "2147483647"]
+               and pod.uid in (owners.cgroup_of(p.pid) or "")]
+    owner = owners.owner_of(pause.pid, "sleep", owners.cgroup_of(pause.pid), None)
+    assert owner is not None and owner.sandbox and owner.container_id == pod.id
+    assert owner.label() == "pod shop/web-9, its sandbox (pause) container"
+    assert owner.pod is not None and owner.pod.uid == pod.uid
 
 
 def test_a_ctr_run_container(tracer, containerd, port):

@@ -26,6 +26,11 @@ LP_PORTS = list(range(PORTS[-1] + 51, PORTS[-1] + 61))
 NOBODY = 65534
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEMO = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_DAC_OVERRIDE")  # it makes /run/netns/*
+# Nobody with no capability at all: imported as root first (CI's clone is
+# closed to other users), then the uid dropped, then portrace's CLI.
+AS_NOBODY = ("import os, sys, portrace.commands.cli\n"
+             f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
+             "portrace.commands.cli.main(sys.argv[1:])\n")
 
 
 def needed(engine: str) -> list[str]:
@@ -117,6 +122,23 @@ def test_without_cap_sys_admin_another_namespace_is_said_closed():
     assert f"`portrace check --pid {ev['pid']} {port}`" in ev["verdict"]["advice"][0]
 
 
+def test_check_with_sock_diag_as_nobody_without_any_capability():
+    """`check --engine sock_diag` reads portrace's own namespace over
+    sock_diag, which asks no capability; the holders' fds need ptrace."""
+    need_root()
+    port = LP_PORTS[6]
+    holder = Staged("listen", "127.0.0.1", port, "--hold", name="holder")
+    try:
+        done = subprocess.run([sys.executable, "-c", AS_NOBODY, "check", "--json", "--engine",
+                               "sock_diag", "--addr", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        holder.release()
+    assert done.returncode == errors.ExitStatus.BLOCKED, done.stderr
+    [ans] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert ans["engine"] == "sock_diag" and ans["blockers"][0]["state"] == "LISTEN", ans
+
+
 def test_check_as_nobody():
     need_root()
     port = LP_PORTS[3]
@@ -133,15 +155,17 @@ def test_check_as_nobody():
     assert [p["pid"] for p in ans["blockers"][0]["processes"]] == [holder.pid]
 
 
-def test_record_as_nobody(tmp_path):
+def test_record_as_nobody(engine):
     need_root()
-    port = LP_PORTS[4]
+    port = LP_PORTS[4] if engine == "core" else LP_PORTS[5]
     evidence = Path(tempfile.mkdtemp(prefix="portrace-lp-"))
     os.chown(evidence, NOBODY, NOBODY)
-    w = Watching(as_nobody(needed("core"), "record", "--dir", str(evidence), str(port)))
+    w = Watching(as_nobody(needed(engine), "record", "--engine", engine, "--dir",
+                           str(evidence), str(port)))
     try:
         deadline = time.monotonic() + 60
-        while not list(evidence.glob("*.jsonl")) and time.monotonic() < deadline:
+        while not any('"type":"ready"' in f.read_text() for f in evidence.glob("*.jsonl")):
+            assert time.monotonic() < deadline, "the recorder never got ready"
             time.sleep(0.2)
         with conflict(port):
             time.sleep(1.5)
@@ -154,21 +178,18 @@ def test_record_as_nobody(tmp_path):
     evidence.rmdir()
 
 
-def test_demo_as_nobody_with_its_capabilities():
+def test_demo_as_nobody_with_its_capabilities(engine):
     need_root()
-    done = subprocess.run(as_nobody(needed("core") + list(DEMO), "demo"), capture_output=True,
-                          text=True, timeout=300, cwd="/")
+    done = subprocess.run(as_nobody(needed(engine) + list(DEMO), "demo", "--engine", engine),
+                          capture_output=True, text=True, timeout=300, cwd="/")
     assert done.returncode == 0, done.stderr[-800:] + done.stdout[-800:]
     assert "2 of 2 staged conflicts diagnosed" in done.stdout
 
 
 def test_without_any_capability_one_line_names_them():
     need_root()
-    drop = ("import os, sys, portrace.commands.cli\n"
-            f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
-            "portrace.commands.cli.main(['--engine', 'core', '9090'])\n")
-    done = subprocess.run([sys.executable, "-c", drop], capture_output=True, text=True,
-                          timeout=60, cwd="/")
+    done = subprocess.run([sys.executable, "-c", AS_NOBODY, "--engine", "core", "9090"],
+                          capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == errors.ExitStatus.NEEDS_ROOT, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("portrace: without CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH"), line

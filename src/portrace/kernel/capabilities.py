@@ -125,10 +125,22 @@ def require(engine: str) -> None:
         return
     names = " ".join(c.name for c in gone)
     all_of = " ".join(c.name for c in CAPABILITIES if engine in c.required_by)
+    paranoid = _paranoid() if "CAP_PERFMON" in names else None
+    sysctl = (f"; kernel.perf_event_paranoid is {paranoid}, which only CAP_PERFMON "
+              "passes (kernel/events/core.c: perf_allow_kernel)") \
+        if paranoid is not None and paranoid > 1 else ""
     if os.geteuid() == 0:
         raise errors.BpfUnavailable(
             f"root, but without {names} (to {gone[0].used_for}): a container or "
-            f"capability bounding set dropped it; the {engine} engine needs {all_of}")
+            f"capability bounding set dropped it; the {engine} engine needs {all_of}{sysctl}")
     raise errors.NeedsRoot(
         f"without {names} (to {gone[0].used_for}): run as root, or with {all_of} "
-        "(README, \"Least privilege\")")
+        f"(README, \"Least privilege\"){sysctl}")
+
+
+def _paranoid() -> int | None:
+    try:
+        with open("/proc/sys/kernel/perf_event_paranoid") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
