@@ -7,6 +7,9 @@
 set -euo pipefail
 port=9310
 unit=/etc/systemd/system/portrace-record.service
+# The service's own user must reach the checkout, as it reaches /opt/portrace
+# (README): CI clones into a 0700 directory, and rsync keeps that mode.
+chmod o+x /vagrant
 sed 's#/opt/portrace/.venv/bin/portrace#/vagrant/.venv/bin/portrace#' \
     /vagrant/systemd/portrace-record.service > "$unit"
 echo "PORTRACE_PORTS=$port" > /etc/default/portrace-record
@@ -14,10 +17,17 @@ systemctl daemon-reload
 systemctl start portrace-record
 trap 'systemctl stop portrace-record; rm -f "$unit" /etc/default/portrace-record; systemctl daemon-reload' EXIT
 evidence=/var/lib/portrace
+ready=0
 for _ in $(seq 120); do
-    grep -qs '"type":"ready"' "$evidence"/*.jsonl && break
+    grep -qs '"type":"ready"' "$evidence"/*.jsonl && { ready=1; break; }
     sleep 0.5
 done
+if [ "$ready" -eq 0 ]; then
+    echo "unit: no ready event in $evidence after 60 s"
+    systemctl status --no-pager portrace-record || true
+    journalctl -u portrace-record --no-pager -o cat | tail -n 30
+    exit 1
+fi
 pid=$(systemctl show -p MainPID --value portrace-record)
 python3 - "$port" <<'EOF'
 import socket, sys, time
