@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import PORTS, need_root
+from test_check import AS_USER
 
 from portrace import errors
 from portrace.commands.stage import ScratchNetns, Staged
@@ -26,11 +27,9 @@ LP_PORTS = list(range(PORTS[-1] + 51, PORTS[-1] + 61))
 NOBODY = 65534
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEMO = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_DAC_OVERRIDE")  # it makes /run/netns/*
-# Nobody with no capability at all: imported as root first (CI's clone is
-# closed to other users), then the uid dropped, then portrace's CLI.
-AS_NOBODY = ("import os, sys, portrace.commands.cli\n"
-             f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
-             "portrace.commands.cli.main(sys.argv[1:])\n")
+# Nobody with no capability at all: what runs imported as root first (CI's
+# clone is closed to other users), then the uid dropped, then portrace's CLI.
+AS_NOBODY = AS_USER.format(uid=NOBODY)
 
 
 def needed(engine: str) -> list[str]:
