@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,8 @@ def run_daemonset_pod(runtime: Containerd, image: str, evidence: Path,
     volumes["evidence"] = str(evidence)
     for path in list(volumes.values()):
         Path(path).mkdir(parents=True, exist_ok=True)
-    pod = runtime.pod("portrace", f"portrace-{len(runtime.pods)}", host_pid=True)
+    # A name of its own: a container's CRI log is appended to, never replaced.
+    pod = runtime.pod("portrace", f"portrace-{uuid.uuid4().hex[:5]}", host_pid=True)
     [init] = pod_spec["initContainers"]
     done = runtime.start(pod, init["name"], [], container_config(
         runtime.pb, init, image, volumes, f"{init['name']}.log"))

@@ -49,6 +49,7 @@ UNIT = re.compile(r"^[^/]+\.(service|scope|socket|mount|swap|timer|path)$")
 API_SOCKETS = (("docker", "/run/docker.sock"), ("podman", "/run/podman/podman.sock"))
 API_VARIABLES = (("docker", "DOCKER_HOST"), ("podman", "CONTAINER_HOST"))
 API_TIMEOUT_S = 0.5
+DOCKER_NAMESPACE = "moby"  # containerd's namespace for Docker Engine's containers
 K8S_LABELS = ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name",
               "io.kubernetes.container.name")
 
@@ -244,7 +245,11 @@ def container_at(addr: str, sockets: tuple[tuple[str, str], ...]) -> str | None:
 def _containers(names: CgroupNames, record: runtimes.RuntimeRecord | None
                 ) -> dict[str, Any]:
     """The Owner fields of a container and its pod: from the runtime's record
-    when there is one, else from a Docker-compatible API by the cgroup's id."""
+    when there is one, else from a Docker-compatible API by the cgroup's id.
+    Docker's containers live in containerd's ``moby`` namespace, whose records
+    carry no names: Docker's API names them."""
+    if record is not None and record.namespace == DOCKER_NAMESPACE:
+        record = None
     if record is not None:  # the runtime's own record: no API needed
         pod = None
         if record.pod_name or record.pod_uid or names.pod_uid:
@@ -270,7 +275,12 @@ def owner_of(pid: int, comm: str, cgroup: str | None, argv: Sequence[str] | None
     own record (containerd, CRI-O: portrace.observe.runtimes) where one is
     above the process, else from a Docker-compatible API."""
     names = parse_cgroup(cgroup or "")
-    containers = _containers(names, runtimes.record_of(pid, names.container_id))
+    record = runtimes.record_of(pid, names.container_id)
+    if record is None and names.container_id is not None and names.pod_uid is not None:
+        # Gone while its parents were read (a container's entrypoint failing):
+        # its runtime's record by the ids its cgroup gives.
+        record = runtimes.record_in(names.container_id, names.pod_uid)
+    containers = _containers(names, record)
     activates = None
     if local is not None and comm == "systemd" and pid == 1:
         activates = socket_unit(local)
