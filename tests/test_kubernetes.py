@@ -24,7 +24,7 @@ import kubernetes_validate
 import psutil
 import pytest
 import yaml
-from conftest import TracerProcess, need_root
+from conftest import READY_TIMEOUT_S, TracerProcess, bpf_unavailable, need_root
 from cri import CRI_NS, ROOT, Containerd, Pod, container_config, node
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,6 +35,10 @@ from portrace.observe import owners, runtimes
 
 DATA = Path(__file__).resolve().parent / "data"
 KUBERNETES = "1.31"  # the API version the manifest is checked against
+# This module's own ports, watched by its own tracer (the session's pool is
+# spoken for): outside conftest.PORTS and every other module's.
+K8S_PORTS = list(range(19260, 19270))
+_next: dict[str, Iterator[int]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,24 @@ def node_runtime() -> Iterator[Containerd]:
     need_root()
     with node() as runtime:
         yield runtime
+
+
+@pytest.fixture(scope="module")
+def tracer(engine: str) -> Iterator[TracerProcess]:
+    """portrace watching K8S_PORTS, once per engine."""
+    need_root()
+    t = TracerProcess(K8S_PORTS, engine=engine)
+    if t.wait_for(lambda e: e["type"] == "ready", timeout=READY_TIMEOUT_S) is None:
+        code, err = t.stop()
+        bpf_unavailable(f"portrace --engine {engine} exited {code}: {err.strip()[-800:]}")
+    yield t
+    t.stop()
+
+
+@pytest.fixture
+def port(engine: str) -> int:
+    """One of K8S_PORTS no other test of this engine here uses."""
+    return next(_next.setdefault(engine, iter(K8S_PORTS)))
 
 
 @pytest.fixture
@@ -304,8 +326,8 @@ def scrape() -> str | None:
 
 
 @CORE_ONLY
-def test_the_daemonset_pod_records_a_conflict_between_two_pods(tracer, containerd, image,
-                                                               port, tmp_path):
+def test_the_daemonset_pod_records_a_conflict_between_two_pods(containerd, image, port,
+                                                               tmp_path):
     evidence = tmp_path / "evidence"
     pod, cid = run_daemonset_pod(containerd, image, evidence)
     deadline = time.monotonic() + 60
