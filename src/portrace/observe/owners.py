@@ -275,7 +275,11 @@ def owner_of(pid: int, comm: str, cgroup: str | None, argv: Sequence[str] | None
     own record (containerd, CRI-O: portrace.observe.runtimes) where one is
     above the process, else from a Docker-compatible API."""
     names = parse_cgroup(cgroup or "")
-    record = runtimes.record_of(pid, names.container_id)
+    # Only a cgroup that may be a container's is worth a walk up the process
+    # tree (a failure's own process is named at every failure): not the root
+    # cgroup, not a systemd unit's.
+    maybe = names.container_id is not None or (names.unit is None and cgroup not in (None, "/"))
+    record = runtimes.record_of(pid, names.container_id) if maybe else None
     if record is None and names.container_id is not None and names.pod_uid is not None:
         # Gone while its parents were read (a container's entrypoint failing):
         # its runtime's record by the ids its cgroup gives.
