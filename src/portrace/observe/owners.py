@@ -50,8 +50,9 @@ API_SOCKETS = (("docker", "/run/docker.sock"), ("podman", "/run/podman/podman.so
 API_VARIABLES = (("docker", "DOCKER_HOST"), ("podman", "CONTAINER_HOST"))
 API_TIMEOUT_S = 0.5
 DOCKER_NAMESPACE = "moby"  # containerd's namespace for Docker Engine's containers
-K8S_LABELS = ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name",
-              "io.kubernetes.container.name")
+# The kubelet's labels a Docker-compatible API gives back, as (pod namespace,
+# pod name, container name): the same keys CRI-O records (runtimes).
+K8S_LABELS = tuple(runtimes.KUBELET_LABELS[k] for k in ("pod_namespace", "pod_name", "container"))
 
 
 def cgroup_of(pid: int) -> str | None:
