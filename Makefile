@@ -59,7 +59,7 @@ test: lint
 CHECK_VENV := .venv-check
 $(CHECK_VENV)/.installed: pyproject.toml
 	test -x $(CHECK_VENV)/bin/python || python3 -m venv $(CHECK_VENV)
-	$(CHECK_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(CHECK_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test,k8s]'
 	touch $@
 
 check: $(CHECK_VENV)/.installed
